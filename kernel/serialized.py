@@ -1,0 +1,183 @@
+"""Turning Python objects into opaque blobs and back.
+
+One scheme for everything: cloudpickle (so functions, closures, lambdas and
+classes defined in ``__main__`` travel by value) at pickle protocol 5, with
+large buffers (NumPy arrays, ``bytes``/``bytearray`` wrapped in
+:class:`pickle.PickleBuffer`) kept *out of band*: they are not copied into the
+pickle stream but carried beside it as separate frames, so a transport can
+write them to a socket without copying.
+
+A :class:`Serialized` is what travels between client and engine. The
+controller routes it and never calls :func:`deserialize` on it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import cloudpickle
+
+from kernel.error import SerializationError
+
+PROTOCOL = 5
+
+#: Buffers smaller than this stay inside the pickle stream: for small data a
+#: separate frame costs more than the copy it saves.
+OUT_OF_BAND_THRESHOLD = 64 * 1024
+
+BufferLike = bytes | bytearray | memoryview
+
+
+class Serialized:
+    """An opaque serialized object: a pickle stream plus out-of-band buffers.
+
+    :ivar data: the pickle stream (bytes).
+    :ivar buffers: tuple of buffer-like objects the stream refers to.
+    """
+
+    __slots__ = ("data", "buffers")
+
+    def __init__(self, data: bytes, buffers: Sequence[BufferLike] = ()):
+        self.data = data
+        self.buffers = tuple(buffers)
+
+    @property
+    def nbytes(self) -> int:
+        """Total size in bytes of the stream and its buffers."""
+        return len(self.data) + sum(memoryview(b).nbytes for b in self.buffers)
+
+    def frames(self) -> list[BufferLike]:
+        """The stream followed by each buffer: what a transport writes."""
+        return [self.data, *self.buffers]
+
+    @classmethod
+    def from_frames(cls, frames: Iterable[BufferLike]) -> Serialized:
+        """Inverse of :meth:`frames`."""
+        frames = list(frames)
+        if not frames:
+            raise SerializationError("a serialized object needs at least one frame")
+        return cls(bytes(frames[0]), frames[1:])
+
+    def to_bytes(self) -> bytes:
+        """One contiguous blob (for transports that carry only bytes).
+
+        Layout: a count ``n`` then ``n`` lengths (unsigned 64-bit, big-endian),
+        then the frames back to back.
+        """
+        frames = self.frames()
+        sizes = [memoryview(f).nbytes for f in frames]
+        header = struct.pack(f">Q{len(sizes)}Q", len(sizes), *sizes)
+        return b"".join([header, *frames])
+
+    @classmethod
+    def from_bytes(cls, blob: BufferLike) -> Serialized:
+        """Inverse of :meth:`to_bytes`; buffers are zero-copy views of ``blob``."""
+        view = memoryview(blob)
+        try:
+            (count,) = struct.unpack_from(">Q", view, 0)
+            sizes = struct.unpack_from(f">{count}Q", view, 8)
+        except struct.error as e:
+            raise SerializationError(f"truncated serialized blob: {e}") from None
+        offset = 8 + 8 * count
+        frames = []
+        for size in sizes:
+            if offset + size > len(view):
+                raise SerializationError("truncated serialized blob: a frame runs past the end")
+            frames.append(view[offset : offset + size])
+            offset += size
+        return cls.from_frames(frames)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Serialized):
+            return NotImplemented
+        return self.data == other.data and [bytes(b) for b in self.buffers] == [
+            bytes(b) for b in other.buffers
+        ]
+
+    def __hash__(self) -> int:
+        return hash(self.data)
+
+    def __repr__(self) -> str:
+        return f"<Serialized {self.nbytes} bytes, {len(self.buffers)} out-of-band buffers>"
+
+    def __reduce__(self):
+        # Pickling a Serialized (e.g. inside a task record) keeps it opaque.
+        return (Serialized.from_bytes, (self.to_bytes(),))
+
+
+class _OutOfBandBytes:
+    """Pickles a large ``bytes``/``bytearray`` with its payload out of band.
+
+    The C pickler writes ``bytes`` itself before any hook can see them, so a
+    large top-level value is wrapped in this before pickling.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: bytes | bytearray):
+        self.value = value
+
+    def __reduce_ex__(self, protocol: int):
+        return type(self.value), (pickle.PickleBuffer(self.value),)
+
+
+def serialize(obj: Any) -> Serialized:
+    """Serialize ``obj``; large buffers are kept out of band.
+
+    :raises SerializationError: naming the object's type when it cannot be pickled.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+
+    def keep_large(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes >= OUT_OF_BAND_THRESHOLD:
+            buffers.append(buf)
+            return False  # out of band
+        return True  # small: serialize in band
+
+    if type(obj) in (bytes, bytearray) and len(obj) >= OUT_OF_BAND_THRESHOLD:
+        obj = _OutOfBandBytes(obj)
+    stream = io.BytesIO()
+    try:
+        cloudpickle.Pickler(stream, protocol=PROTOCOL, buffer_callback=keep_large).dump(obj)
+    except Exception as e:
+        raise SerializationError(
+            f"cannot serialize an object of type {type(obj).__name__}: {e}. "
+            "Only picklable objects can be sent to engines."
+        ) from e
+    return Serialized(stream.getvalue(), [b.raw() for b in buffers])
+
+
+def deserialize(s: Serialized) -> Any:
+    """Rebuild the object from a :class:`Serialized`."""
+    if not isinstance(s, Serialized):
+        raise SerializationError(f"expected a Serialized, got {type(s).__name__}")
+    return pickle.loads(s.data, buffers=s.buffers)
+
+
+def dumps(obj: Any) -> bytes:
+    """Serialize ``obj`` to one contiguous bytes blob."""
+    return serialize(obj).to_bytes()
+
+
+def loads(blob: BufferLike) -> Any:
+    """Inverse of :func:`dumps`."""
+    return deserialize(Serialized.from_bytes(blob))
+
+
+def serialize_namespace(namespace: dict[str, Any]) -> dict[str, Serialized]:
+    """Serialize each value of a ``name: object`` dict (keys must be str)."""
+    out = {}
+    for key, value in namespace.items():
+        if not isinstance(key, str):
+            raise TypeError(f"namespace keys must be str, got {key!r}")
+        out[key] = serialize(value)
+    return out
+
+
+def deserialize_namespace(namespace: dict[str, Serialized]) -> dict[str, Any]:
+    """Inverse of :func:`serialize_namespace`."""
+    return {key: deserialize(value) for key, value in namespace.items()}

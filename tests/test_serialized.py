@@ -1,0 +1,93 @@
+"""Round trips through kernel.serialized, and what stays out of band."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from kernel import serialized
+from kernel.error import SerializationError
+from kernel.serialized import OUT_OF_BAND_THRESHOLD, Serialized
+
+
+def roundtrip(obj):
+    return serialized.deserialize(serialized.serialize(obj))
+
+
+def test_closure_lambda_defaults_and_name_survive():
+    scale = 3
+    f = lambda x, y=2: scale * x + y  # noqa: E731
+    g = roundtrip(f)
+    assert g(1) == 5 and g(1, y=10) == 13
+    assert g.__name__ == "<lambda>"
+
+
+def test_nested_function_keeps_its_name_and_closure():
+    def outer(n):
+        def inner(x):
+            return x**n
+
+        return inner
+
+    cube = roundtrip(outer(3))
+    assert cube(2) == 8
+    assert cube.__name__ == "inner"
+
+
+def test_numpy_array_travels_out_of_band_without_copy_into_stream():
+    a = np.arange(100_000, dtype="float64")
+    s = serialized.serialize(a)
+    assert len(s.buffers) == 1
+    assert len(s.data) < 1024, "the array data must not be copied into the pickle stream"
+    b = serialized.deserialize(s)
+    assert b.dtype == a.dtype and np.array_equal(a, b)
+
+
+def test_small_array_stays_in_band():
+    s = serialized.serialize(np.arange(10))
+    assert s.buffers == ()
+    assert np.array_equal(serialized.deserialize(s), np.arange(10))
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray])
+def test_large_bytes_travel_out_of_band(kind):
+    blob = kind(b"z" * (OUT_OF_BAND_THRESHOLD * 2))
+    s = serialized.serialize(blob)
+    assert len(s.buffers) == 1 and len(s.data) < 256
+    back = serialized.deserialize(s)
+    assert type(back) is kind and back == blob
+
+
+def test_to_bytes_and_from_bytes_roundtrip_with_buffers():
+    obj = {"a": np.ones(50_000), "b": [1, "two", None]}
+    s = serialized.serialize(obj)
+    blob = s.to_bytes()
+    back = serialized.deserialize(Serialized.from_bytes(blob))
+    assert np.array_equal(back["a"], obj["a"]) and back["b"] == obj["b"]
+    assert Serialized.from_bytes(blob) == s
+
+
+def test_truncated_blob_is_a_clear_error():
+    blob = serialized.dumps(list(range(100)))
+    with pytest.raises(SerializationError, match="truncated"):
+        Serialized.from_bytes(blob[:-5])
+
+
+def test_serialized_pickles_opaquely():
+    s = serialized.serialize({"x": np.arange(70_000)})
+    s2 = pickle.loads(pickle.dumps(s))
+    assert s2 == s
+
+
+def test_unpicklable_object_names_its_type():
+    import threading
+
+    with pytest.raises(SerializationError, match="lock"):
+        serialized.serialize(threading.Lock())
+
+
+def test_namespace_helpers_require_str_keys():
+    ns = serialized.serialize_namespace({"a": 1, "b": [2]})
+    assert serialized.deserialize_namespace(ns) == {"a": 1, "b": [2]}
+    with pytest.raises(TypeError, match="str"):
+        serialized.serialize_namespace({1: "x"})
