@@ -1,0 +1,206 @@
+"""One dedicated thread that runs an engine's commands, in order.
+
+The reactor thread submits callables and gets Deferreds back; results return
+through ``reactor.callFromThread``. A running callable can be interrupted:
+:meth:`ThreadExecutor.interrupt` raises ``KeyboardInterrupt`` in the thread
+with ``PyThreadState_SetAsyncExc``. Python checks for such an exception
+between bytecodes, so a thread blocked in one long C call (``time.sleep``,
+a blocking ``socket.recv``, a long NumPy operation) is interrupted only when
+that call returns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+_STOP = object()
+
+
+def _set_async_exc(ident: int, exc: type[BaseException] | None) -> int:
+    """Raise ``exc`` in thread ``ident`` (None clears a pending one)."""
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(ident), ctypes.py_object(exc) if exc is not None else None
+    )
+
+
+class ExecutorStopped(Exception):
+    """Work was submitted to, or left queued in, a stopped executor."""
+
+
+class ThreadExecutor:
+    """Runs submitted callables one at a time on its own thread.
+
+    The thread starts with the first submission and is a daemon thread, so a
+    command stuck in C code cannot keep the process alive.
+    """
+
+    def __init__(
+        self,
+        name: str = "txkernel-executor",
+        reactor=None,
+        on_start: Callable[[], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ):
+        """
+        :param name: the thread's name.
+        :param reactor: the reactor results are delivered through.
+        :param on_start: called on the new thread before its first command.
+        :param on_exit: called on the reactor thread once the thread has exited.
+        """
+        if reactor is None:
+            from twisted.internet import reactor
+        self._reactor = reactor
+        self.name = name
+        self._on_start = on_start
+        self._on_exit = on_exit
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._running = False  # a submitted callable is executing now
+        self._interrupted = False  # an interrupt was sent to the running callable
+        self._stopping = False
+        self._exited = False
+        self._exit_waiters: list[Deferred] = []
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker thread, or None before the first submission."""
+        return self._thread
+
+    @property
+    def busy(self) -> bool:
+        """True while a submitted callable is executing."""
+        return self._running
+
+    def submit(self, fn: Callable[[], Any]) -> Deferred:
+        """Queue ``fn`` to run on the thread.
+
+        :returns: a Deferred firing with ``fn()``'s return value, or failing
+            with what it raised (:class:`ExecutorStopped` if the executor
+            stops before ``fn`` runs).
+        """
+        d: Deferred = Deferred()
+        if self._stopping:
+            d.errback(Failure(ExecutorStopped(f"{self.name} has stopped")))
+            return d
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+            self._thread.start()
+        self._queue.put((fn, d))
+        return d
+
+    def interrupt(self) -> bool:
+        """Raise ``KeyboardInterrupt`` in the running callable.
+
+        At most one interrupt is sent per callable.
+
+        :returns: True if a callable was running and has been sent the
+            interrupt, False if the thread was idle.
+        """
+        with self._lock:
+            if not self._running or self._interrupted or self._thread is None:
+                return False
+            self._interrupted = True
+            _set_async_exc(self._thread.ident, KeyboardInterrupt)
+            return True
+
+    def stop(self, reason: BaseException | None = None) -> list[Deferred]:
+        """Stop after the running callable; queued callables do not run.
+
+        :param reason: what the queued callables' Deferreds fail with
+            (default :class:`ExecutorStopped`).
+        :returns: the Deferreds of the callables that were dropped (already
+            failed).
+        """
+        if self._stopping:
+            return []
+        self._stopping = True
+        dropped = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            dropped.append(item[1])
+        self._queue.put(_STOP)
+        if self._thread is None:
+            self._exit()
+        for d in dropped:
+            d.errback(Failure(reason or ExecutorStopped(f"{self.name} has stopped")))
+        return dropped
+
+    def when_stopped(self) -> Deferred:
+        """A Deferred firing None once the thread has exited after :meth:`stop`."""
+        d: Deferred = Deferred()
+        if self._exited:
+            d.callback(None)
+        else:
+            self._exit_waiters.append(d)
+        return d
+
+    # -- the worker thread ------------------------------------------------
+
+    def _loop(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    break
+                fn, d = item
+                ok, value = self._call(fn)
+                self._reactor.callFromThread(self._deliver, d, ok, value)
+        finally:
+            self._reactor.callFromThread(self._exit)
+
+    def _call(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        # An interrupt can only be sent while _running is set, and _disarm
+        # clears both the flag and any not-yet-delivered interrupt under the
+        # lock, so no KeyboardInterrupt escapes past this method.
+        try:
+            with self._lock:
+                self._running = True
+                self._interrupted = False
+            try:
+                value = fn()
+            finally:
+                self._disarm()
+            return True, value
+        except BaseException:
+            self._disarm()
+            f = Failure()
+            f.cleanFailure()
+            return False, f
+
+    def _disarm(self) -> None:
+        with self._lock:
+            if self._running and self._interrupted:
+                _set_async_exc(threading.get_ident(), None)
+            self._running = False
+
+    # -- the reactor thread -----------------------------------------------
+
+    @staticmethod
+    def _deliver(d: Deferred, ok: bool, value: Any) -> None:
+        if ok:
+            d.callback(value)
+        else:
+            d.errback(value)
+
+    def _exit(self) -> None:
+        if self._exited:
+            return
+        self._exited = True
+        if self._on_exit is not None:
+            self._on_exit()
+        waiters, self._exit_waiters = self._exit_waiters, []
+        for d in waiters:
+            d.callback(None)
