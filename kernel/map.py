@@ -54,13 +54,13 @@ class BlockDistribution:
 
     def get_partition(self, seq: Sequence, p: int, q: int) -> Sequence:
         """Block ``p`` (0-based) of ``seq`` split into ``q`` blocks."""
-        seq = _as_sliceable(seq)
+        seq = as_sliceable(seq)
         start, stop = self.bounds(len(seq), q)[p]
         return seq[start:stop]
 
     def partition(self, seq: Sequence, q: int) -> list[Sequence]:
         """All ``q`` blocks of ``seq``, in order."""
-        seq = _as_sliceable(seq)
+        seq = as_sliceable(seq)
         return [seq[start:stop] for start, stop in self.bounds(len(seq), q)]
 
     def join_partitions(self, partitions: list[Any]) -> Any:
@@ -98,7 +98,7 @@ def _join_arrays(partitions: list[Any]) -> Any:
     return np.concatenate(blocks)
 
 
-def _as_sliceable(seq: Any) -> Any:
+def as_sliceable(seq: Any) -> Any:
     """``seq`` itself if it supports ``len`` and slicing, else a list of it."""
     if isinstance(seq, (list, tuple, range, str, bytes)) or _is_array(seq):
         if _is_array(seq) and seq.ndim == 0:

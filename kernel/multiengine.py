@@ -1,0 +1,592 @@
+"""The multiengine interface: a controller's engines addressed by id.
+
+:class:`MultiEngine` multiplexes every engine method over a ``targets``
+argument (an int, a list of ints, or ``'all'``), fires one result per target
+in target order, and collects the failures of every failing engine into one
+:class:`~kernel.error.CompositeError` (the other engines' work completes
+first). It also coordinates work over engines (``scatter``, ``gather``,
+``raw_map``, ``map``, ``mapper``, ``parallel``) and offers ``zip_pull`` and
+``run``.
+
+:class:`SynchronousMultiEngine` is one client's view of a MultiEngine: every
+method takes a keyword-only ``block``; with ``block=False`` it fires a pending
+id at once, redeemed later with ``get_pending_deferred``. Each client has its
+own, so its pending results are its own.
+
+Where user data is opened. ``push``, ``push_function`` and ``scatter``
+serialize each value once, here, and send the same blobs to every target with
+``push_serialized``; ``pull``, ``pull_function``, ``gather`` and ``zip_pull``
+fetch blobs with ``pull_serialized`` and deserialize them here. Partitioning
+and joining also happen here. So this module is the *caller's* side: in
+process it runs in the client, and a network adapter's client half does the
+same work in the client process while its server half calls only the
+``*_serialized`` methods, so the controller routes opaque
+:class:`~kernel.serialized.Serialized` blobs and never unpickles user data.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.components import registerAdapter
+from zope.interface import implementer
+
+from kernel import map as kmap
+from kernel import parallelfunction
+from kernel.error import InvalidEngineID, NoEnginesRegistered, collect_exceptions
+from kernel.interfaces import (
+    IMultiEngine,
+    IMultiEngineCoordinator,
+    IMultiEngineExtras,
+    ISynchronousMultiEngine,
+)
+from kernel.mapper import MultiEngineMapper
+from kernel.pendingdeferred import PendingDeferredManager
+from kernel.serialized import deserialize, serialize, serialize_namespace
+
+__all__ = ["MultiEngine", "SynchronousMultiEngine"]
+
+#: Prefix of the temporary names ``raw_map`` binds on engines (removed afterwards).
+MAP_NAME_PREFIX = "_txkernel_map_"
+
+
+def _deferred(f: Callable) -> Callable[..., defer.Deferred]:
+    """Run the coroutine function ``f`` as a Deferred-returning method.
+
+    Anything ``f`` raises, even before its first await, becomes the
+    Deferred's failure.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> defer.Deferred:
+        return defer.ensureDeferred(f(*args, **kwargs))
+
+    return wrapper
+
+
+def _stop_reactor() -> None:
+    """Stop the process's reactor shortly, so replies in flight can be sent."""
+    from twisted.internet import reactor
+
+    reactor.callLater(0.5, reactor.stop)
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
+@implementer(IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
+class MultiEngine:
+    """The engines of a controller, addressed by id.
+
+    :param controller: an :class:`~kernel.interfaces.IControllerCore`; its
+        ``engines`` dict (id → queued engine) is read at each call.
+    :param stop_controller: called by ``kill(controller=True)`` after the
+        engines are killed; the default stops the reactor half a second later.
+    """
+
+    def __init__(self, controller: Any, stop_controller: Callable[[], Any] | None = None):
+        self.controller = controller
+        self._stop_controller = stop_controller or _stop_reactor
+
+    # -- targets ---------------------------------------------------------
+
+    def engine_ids(self, targets: Any = "all") -> list[int]:
+        """Resolve ``targets`` to a list of registered engine ids.
+
+        :raises NoEnginesRegistered: ``'all'`` while no engine is registered.
+        :raises InvalidEngineID: for anything but an int, a non-empty
+            list/tuple of ints or ``'all'``, or for an unregistered id.
+        """
+        engines = self.controller.engines
+        if isinstance(targets, str) and targets == "all":
+            if not engines:
+                raise NoEnginesRegistered()
+            return sorted(engines)
+        if _is_id(targets):
+            ids = [int(targets)]
+        elif isinstance(targets, (list, tuple)) and targets and all(_is_id(t) for t in targets):
+            ids = [int(t) for t in targets]
+        else:
+            raise InvalidEngineID(
+                f"invalid targets {targets!r}: use an engine id (int), a non-empty list "
+                "of ids, or 'all'"
+            )
+        missing = [t for t in ids if t not in engines]
+        if missing:
+            which = ", ".join(str(t) for t in missing)
+            known = sorted(engines)
+            hint = (
+                f"registered engines: {known}"
+                if known
+                else "no engines are registered (start some with `txkernel cluster start -n 4`)"
+            )
+            raise InvalidEngineID(f"no engine with id {which}: {hint}")
+        return ids
+
+    # -- multiplexing ----------------------------------------------------
+
+    async def _collect(self, method: str, ids: list[int], calls: list[defer.Deferred]) -> list:
+        """Wait for every call, then raise one CompositeError for all failures."""
+        results = await defer.DeferredList(calls, consumeErrors=True)
+        return collect_exceptions([r for _, r in results], method, engine_ids=ids)
+
+    async def _each(self, method: str, ids: list[int], engine_method: str, *args: Any) -> list:
+        """Call ``engine_method(*args)`` on each engine in ``ids``."""
+        engines = self.controller.engines
+        calls = [defer.maybeDeferred(getattr(engines[i], engine_method), *args) for i in ids]
+        return await self._collect(method, ids, calls)
+
+    async def _pull_serialized(self, method: str, keys: Any, targets: Any) -> list:
+        ids = self.engine_ids(targets)
+        blobs = await self._each(method, ids, "pull_serialized", keys)
+        if isinstance(keys, str):
+            return [deserialize(b) for b in blobs]
+        return [[deserialize(b) for b in per_engine] for per_engine in blobs]
+
+    # -- IEngineMultiplexer ------------------------------------------------
+
+    @_deferred
+    async def execute(self, lines: str, targets: Any = "all") -> list[dict]:
+        """Run ``lines`` on each target; fire the result dicts."""
+        if not isinstance(lines, str):
+            raise TypeError(f"execute takes Python source as a str, not {type(lines).__name__}")
+        return await self._each("execute", self.engine_ids(targets), "execute", lines)
+
+    @_deferred
+    async def push(self, namespace: dict[str, Any], targets: Any = "all") -> list[None]:
+        """Bind ``namespace``'s items on each target (each value serialized once)."""
+        ids = self.engine_ids(targets)
+        blobs = serialize_namespace(namespace)
+        return await self._each("push", ids, "push_serialized", blobs)
+
+    @_deferred
+    async def pull(self, keys: str | list[str], targets: Any = "all") -> list:
+        """Fire one value (``keys`` a str) or list of values per target."""
+        return await self._pull_serialized("pull", keys, targets)
+
+    @_deferred
+    async def push_function(self, namespace: dict[str, Callable], targets: Any = "all") -> list:
+        """As :meth:`push`, for functions only (closures and lambdas included)."""
+        for name, value in namespace.items():
+            if not callable(value):
+                raise TypeError(
+                    f"push_function: {name!r} is a {type(value).__name__}, not a function; "
+                    "use push for other objects"
+                )
+        ids = self.engine_ids(targets)
+        blobs = serialize_namespace(namespace)
+        return await self._each("push_function", ids, "push_serialized", blobs)
+
+    @_deferred
+    async def pull_function(self, keys: str | list[str], targets: Any = "all") -> list:
+        """As :meth:`pull`, refusing values that are not functions."""
+        results = await self._pull_serialized("pull_function", keys, targets)
+        names = [keys] if isinstance(keys, str) else list(keys)
+        for per_engine in results:
+            values = [per_engine] if isinstance(keys, str) else per_engine
+            for name, value in zip(names, values, strict=True):
+                if not callable(value):
+                    raise TypeError(
+                        f"pull_function: {name!r} is a {type(value).__name__}, not a "
+                        "function; use pull for other objects"
+                    )
+        return results
+
+    @_deferred
+    async def push_serialized(self, namespace: dict[str, Any], targets: Any = "all") -> list:
+        """Send ``name: Serialized`` pairs to each target, unopened."""
+        return await self._each(
+            "push_serialized", self.engine_ids(targets), "push_serialized", namespace
+        )
+
+    @_deferred
+    async def pull_serialized(self, keys: str | list[str], targets: Any = "all") -> list:
+        """Fire one Serialized (or list of them) per target, unopened."""
+        return await self._each(
+            "pull_serialized", self.engine_ids(targets), "pull_serialized", keys
+        )
+
+    @_deferred
+    async def get_result(self, i: int | None = None, targets: Any = "all") -> list[dict]:
+        """Fire each target's result dict of command ``i`` (None: the latest)."""
+        return await self._each("get_result", self.engine_ids(targets), "get_result", i)
+
+    @_deferred
+    async def reset(self, targets: Any = "all") -> list[None]:
+        """Clear each target's namespace."""
+        return await self._each("reset", self.engine_ids(targets), "reset")
+
+    @_deferred
+    async def keys(self, targets: Any = "all") -> list[list[str]]:
+        """Fire each target's sorted list of names."""
+        return await self._each("keys", self.engine_ids(targets), "keys")
+
+    @_deferred
+    async def kill(self, controller: bool = False, targets: Any = "all") -> list[None]:
+        """Kill the targets; with ``controller``, kill every engine and then the controller."""
+        ids = self.engine_ids("all" if controller else targets)
+        results = await self._each("kill", ids, "kill")
+        if controller:
+            self._stop_controller()
+        return results
+
+    @_deferred
+    async def clear_queue(self, targets: Any = "all") -> list[None]:
+        """Drop the commands waiting in each target's queue."""
+        return await self._each("clear_queue", self.engine_ids(targets), "clear_queue")
+
+    @_deferred
+    async def queue_status(self, targets: Any = "all") -> list[tuple[int, dict]]:
+        """Fire ``(engine_id, status)`` pairs, ``status`` a dict with ``queue``
+        (waiting commands) and ``pending`` (the running one, or None)."""
+        ids = self.engine_ids(targets)
+        statuses = await self._each("queue_status", ids, "queue_status")
+        return list(zip(ids, statuses, strict=True))
+
+    @_deferred
+    async def set_properties(self, properties: dict[str, Any], targets: Any = "all") -> list:
+        """Update each target's properties with the plain-data dict ``properties``."""
+        return await self._each(
+            "set_properties", self.engine_ids(targets), "set_properties", properties
+        )
+
+    @_deferred
+    async def get_properties(self, keys: list[str] | None = None, targets: Any = "all") -> list:
+        """Fire each target's properties dict (only ``keys`` when given)."""
+        return await self._each("get_properties", self.engine_ids(targets), "get_properties", keys)
+
+    @_deferred
+    async def del_properties(self, keys: list[str], targets: Any = "all") -> list:
+        """Remove the named properties on each target."""
+        return await self._each("del_properties", self.engine_ids(targets), "del_properties", keys)
+
+    @_deferred
+    async def has_properties(self, keys: list[str], targets: Any = "all") -> list[list[bool]]:
+        """Fire, per target, one bool per key: is it set?"""
+        return await self._each("has_properties", self.engine_ids(targets), "has_properties", keys)
+
+    @_deferred
+    async def clear_properties(self, targets: Any = "all") -> list:
+        """Remove every property on each target."""
+        return await self._each("clear_properties", self.engine_ids(targets), "clear_properties")
+
+    def get_ids(self) -> defer.Deferred:
+        """Fire the sorted list of registered engine ids."""
+        return defer.succeed(sorted(self.controller.engines))
+
+    # -- IMultiEngineCoordinator -------------------------------------------
+
+    @_deferred
+    async def scatter(
+        self, key: str, seq: Any, dist: str = "b", flatten: bool = False, targets: Any = "all"
+    ) -> None:
+        """Bind block ``i`` of ``seq`` to ``key`` on target ``i``.
+
+        With ``flatten`` a block of one item is bound as that item. Fires None.
+        """
+        ids = self.engine_ids(targets)
+        blocks = kmap.partition(seq, len(ids), dist)
+        engines = self.controller.engines
+        calls = []
+        for engine_id, block in zip(ids, blocks, strict=True):
+            value = block[0] if flatten and len(block) == 1 else block
+            calls.append(
+                defer.maybeDeferred(engines[engine_id].push_serialized, {key: serialize(value)})
+            )
+        await self._collect("scatter", ids, calls)
+        return None
+
+    @_deferred
+    async def gather(self, key: str, dist: str = "b", targets: Any = "all") -> Any:
+        """Pull ``key`` from each target and join the blocks in target order."""
+        kmap.distribution(dist)
+        parts = await self._pull_serialized("gather", key, targets)
+        return kmap.join(parts, dist)
+
+    @_deferred
+    async def raw_map(
+        self, func: Callable, seqs: list | tuple, dist: str = "b", targets: Any = "all"
+    ) -> list:
+        """``map(func, *seqs)`` spread over the targets; fire the results in order.
+
+        Each target gets one block of every sequence (sequences are cut to the
+        shortest, as the builtin ``map`` does). ``func`` and the blocks are
+        bound under unique temporary names, mapped with one ``execute``, the
+        result pulled, and the names deleted again; so each engine's
+        ``get_result`` history gains two commands.
+        """
+        if not callable(func):
+            raise TypeError(f"raw_map needs a function, not a {type(func).__name__}")
+        if not isinstance(seqs, (list, tuple)) or not seqs:
+            raise TypeError(
+                "raw_map takes its sequences as a non-empty list or tuple: seqs=[s1, s2]"
+            )
+        distribution = kmap.distribution(dist)
+        ids = self.engine_ids(targets)
+        seqs = [kmap.as_sliceable(s) for s in seqs]
+        n = min(len(s) for s in seqs)
+        blocks = [distribution.partition(s[:n], len(ids)) for s in seqs]
+        func_blob = serialize(func)
+        work_ids = []
+        calls = []
+        for j, engine_id in enumerate(ids):
+            args = [b[j] for b in blocks]
+            if len(args[0]) == 0:
+                continue  # more engines than items: this one has nothing to do
+            work_ids.append(engine_id)
+            calls.append(defer.ensureDeferred(self._map_on(engine_id, func_blob, args)))
+        results = await self._collect("raw_map", work_ids, calls)
+        return [x for r in results for x in r]
+
+    async def _map_on(self, engine_id: int, func_blob: Any, args: list) -> list:
+        """Map on one engine: push, execute, pull, clean up."""
+        engine = self.controller.engines[engine_id]
+        tag = MAP_NAME_PREFIX + uuid.uuid4().hex
+        fname, rname = f"{tag}_f", f"{tag}_r"
+        argnames = [f"{tag}_a{k}" for k in range(len(args))]
+        namespace = {fname: func_blob}
+        namespace.update((a, serialize(b)) for a, b in zip(argnames, args, strict=True))
+        await engine.push_serialized(namespace)
+        bound = ", ".join([fname, *argnames])
+        await engine.execute(f"try:\n    {rname} = list(map({bound}))\nfinally:\n    del {bound}\n")
+        try:
+            blob = await engine.pull_serialized(rname)
+        finally:
+            await engine.execute(f"del {rname}")
+        return deserialize(blob)
+
+    def map(self, func: Callable, *seqs: Any) -> defer.Deferred:
+        """``map(func, *seqs)`` over every engine; fire the results in order."""
+        return self.mapper().map(func, *seqs)
+
+    def mapper(self, dist: str = "b", targets: Any = "all") -> MultiEngineMapper:
+        """An :class:`~kernel.interfaces.IMapper` over ``targets`` (its ``map``
+        returns a Deferred)."""
+        return MultiEngineMapper(self, dist, targets)
+
+    def parallel(self, dist: str = "b", targets: Any = "all") -> Callable:
+        """A decorator making a function map itself over ``targets``."""
+        return parallelfunction.parallel(self.mapper(dist, targets))
+
+    # -- IMultiEngineExtras ------------------------------------------------
+
+    @_deferred
+    async def zip_pull(self, keys: str | list[str], targets: Any = "all") -> list[tuple]:
+        """Pull ``keys`` and fire one tuple per key of its value on each target."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        per_engine = await self._pull_serialized("zip_pull", keys, targets)
+        return list(zip(*per_engine, strict=True))
+
+    @_deferred
+    async def run(self, filename: str, targets: Any = "all") -> list[dict]:
+        """Execute the source of the local file ``filename`` on each target."""
+        try:
+            with open(filename, encoding="utf-8") as f:
+                source = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"run: no file {filename!r} on this machine (run reads the file here "
+                "and sends its source to the engines; check the path)"
+            ) from None
+        return await self._each("run", self.engine_ids(targets), "execute", source)
+
+
+@implementer(ISynchronousMultiEngine)
+class SynchronousMultiEngine:
+    """One client's view of a multiengine, with ``block`` on every method.
+
+    With ``block=True`` (the default) a method returns the multiengine's
+    Deferred. With ``block=False`` it fires at once with an int pending id;
+    the result is kept here until :meth:`get_pending_deferred` takes it. Make
+    one per client: :meth:`clear_pending_deferreds` clears only this one's
+    results. ``ISynchronousMultiEngine(multiengine)`` makes a new one.
+
+    :param multiengine: an :class:`~kernel.interfaces.IMultiEngine` that also
+        provides the coordinator and extras methods.
+    """
+
+    def __init__(self, multiengine: Any):
+        self.multiengine = multiengine
+        self.pending = PendingDeferredManager()
+
+    def _two_phase(self, d: defer.Deferred, block: bool) -> defer.Deferred:
+        if block:
+            return d
+        return defer.succeed(self.pending.save_pending_deferred(d))
+
+    # -- pending results ---------------------------------------------------
+
+    def get_pending_deferred(self, deferred_id: int, block: bool) -> defer.Deferred:
+        """Fire the result of pending id ``deferred_id``, exactly once (see
+        :meth:`PendingDeferredManager.get_pending_deferred`)."""
+        return self.pending.get_pending_deferred(deferred_id, block)
+
+    def clear_pending_deferreds(self) -> defer.Deferred:
+        """Forget every result this client has not fetched. Fires None."""
+        self.pending.clear_pending_deferreds()
+        return defer.succeed(None)
+
+    # -- multiplexed engine methods ---------------------------------------
+
+    def execute(self, lines: str, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.execute` with ``block``."""
+        return self._two_phase(self.multiengine.execute(lines, targets), block)
+
+    def push(self, namespace: dict, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.push` with ``block``."""
+        return self._two_phase(self.multiengine.push(namespace, targets), block)
+
+    def pull(self, keys: Any, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.pull` with ``block``."""
+        return self._two_phase(self.multiengine.pull(keys, targets), block)
+
+    def push_function(
+        self, namespace: dict, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.push_function` with ``block``."""
+        return self._two_phase(self.multiengine.push_function(namespace, targets), block)
+
+    def pull_function(
+        self, keys: Any, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.pull_function` with ``block``."""
+        return self._two_phase(self.multiengine.pull_function(keys, targets), block)
+
+    def push_serialized(
+        self, namespace: dict, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.push_serialized` with ``block``."""
+        return self._two_phase(self.multiengine.push_serialized(namespace, targets), block)
+
+    def pull_serialized(
+        self, keys: Any, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.pull_serialized` with ``block``."""
+        return self._two_phase(self.multiengine.pull_serialized(keys, targets), block)
+
+    def get_result(
+        self, i: int | None = None, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.get_result` with ``block``."""
+        return self._two_phase(self.multiengine.get_result(i, targets), block)
+
+    def reset(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.reset` with ``block``."""
+        return self._two_phase(self.multiengine.reset(targets), block)
+
+    def keys(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.keys` with ``block``."""
+        return self._two_phase(self.multiengine.keys(targets), block)
+
+    def kill(
+        self, controller: bool = False, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.kill` with ``block``."""
+        return self._two_phase(self.multiengine.kill(controller, targets), block)
+
+    def clear_queue(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.clear_queue` with ``block``."""
+        return self._two_phase(self.multiengine.clear_queue(targets), block)
+
+    def queue_status(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.queue_status` with ``block``."""
+        return self._two_phase(self.multiengine.queue_status(targets), block)
+
+    def set_properties(
+        self, properties: dict, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.set_properties` with ``block``."""
+        return self._two_phase(self.multiengine.set_properties(properties, targets), block)
+
+    def get_properties(
+        self, keys: Any = None, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.get_properties` with ``block``."""
+        return self._two_phase(self.multiengine.get_properties(keys, targets), block)
+
+    def del_properties(
+        self, keys: Any, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.del_properties` with ``block``."""
+        return self._two_phase(self.multiengine.del_properties(keys, targets), block)
+
+    def has_properties(
+        self, keys: Any, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.has_properties` with ``block``."""
+        return self._two_phase(self.multiengine.has_properties(keys, targets), block)
+
+    def clear_properties(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.clear_properties` with ``block``."""
+        return self._two_phase(self.multiengine.clear_properties(targets), block)
+
+    def get_ids(self, *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.get_ids` with ``block``."""
+        return self._two_phase(self.multiengine.get_ids(), block)
+
+    # -- coordinator -------------------------------------------------------
+
+    def scatter(
+        self,
+        key: str,
+        seq: Any,
+        dist: str = "b",
+        flatten: bool = False,
+        targets: Any = "all",
+        *,
+        block: bool = True,
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.scatter` with ``block``."""
+        return self._two_phase(self.multiengine.scatter(key, seq, dist, flatten, targets), block)
+
+    def gather(
+        self, key: str, dist: str = "b", targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.gather` with ``block``."""
+        return self._two_phase(self.multiengine.gather(key, dist, targets), block)
+
+    def raw_map(
+        self,
+        func: Callable,
+        seqs: list | tuple,
+        dist: str = "b",
+        targets: Any = "all",
+        *,
+        block: bool = True,
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.raw_map` with ``block``."""
+        return self._two_phase(self.multiengine.raw_map(func, seqs, dist, targets), block)
+
+    def map(self, func: Callable, *seqs: Any, block: bool = True) -> defer.Deferred:
+        """``map(func, *seqs)`` over every engine, with ``block``."""
+        return self.mapper(block=block).map(func, *seqs)
+
+    def mapper(
+        self, dist: str = "b", targets: Any = "all", block: bool = True
+    ) -> MultiEngineMapper:
+        """An :class:`~kernel.interfaces.IMapper` whose ``map`` fires the
+        results (``block`` true) or a pending id."""
+        return MultiEngineMapper(self, dist, targets, block)
+
+    def parallel(self, dist: str = "b", targets: Any = "all", block: bool = True) -> Callable:
+        """A decorator making a function map itself over ``targets``."""
+        return parallelfunction.parallel(self.mapper(dist, targets, block))
+
+    # -- extras ------------------------------------------------------------
+
+    def zip_pull(self, keys: Any, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.zip_pull` with ``block``."""
+        return self._two_phase(self.multiengine.zip_pull(keys, targets), block)
+
+    def run(self, filename: str, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
+        """:meth:`MultiEngine.run` with ``block``."""
+        return self._two_phase(self.multiengine.run(filename, targets), block)
+
+
+registerAdapter(SynchronousMultiEngine, IMultiEngine, ISynchronousMultiEngine)
