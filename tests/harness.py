@@ -57,10 +57,22 @@ class InProcessHarness:
         The multiengine and task front ends add their construction here, e.g.
         ``self.multiengine = SynchronousMultiEngine(MultiEngine(self.controller))``.
         """
+        from kernel.multiengine import MultiEngine, SynchronousMultiEngine
+
+        # kill(controller=True) stops the controller service, not the reactor.
+        self.multiengine_core = MultiEngine(
+            self.controller, stop_controller=self.controller.stopService
+        )
+        # One SynchronousMultiEngine per client: each keeps its own pending results.
+        self.multiengine = SynchronousMultiEngine(self.multiengine_core)
+        self.other_multiengine = SynchronousMultiEngine(self.multiengine_core)
 
     async def _reset_frontends(self) -> None:
         """Clear front-end state between tests (pending results, tasks);
         extended by the front ends as they land."""
+        for me in (self.multiengine, self.other_multiengine):
+            if me is not None:
+                await me.clear_pending_deferreds()
 
     async def add_engine(self) -> int:
         """Start one more engine; return its id once it is registered."""
