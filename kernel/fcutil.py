@@ -1,0 +1,294 @@
+"""What the Foolscap adapters share: wire forms, size limits, failure packaging.
+
+Three things cross the wire between a Foolscap client half and a server half:
+
+- **Serialized blobs** travel as a Foolscap *copyable* (``txkernel.Serialized``)
+  whose state is the list of frames (the pickle stream, then the out-of-band
+  buffers). The receiving side rebuilds a :class:`~kernel.serialized.Serialized`
+  from the frames without opening it, so the controller routes user data it
+  never unpickles. Frame sizes and counts are limited by the copyable's state
+  schema, which Foolscap enforces token by token as the bytes arrive.
+- **Plain data** (ids, names, result dicts, properties) travels as Foolscap's
+  own lists, tuples, dicts, strings and numbers.
+- **Outcomes**: every remote method answers with an envelope,
+  ``("ok", value)`` or ``("error", failure_dict)``
+  (:func:`package_success`, :func:`package_failure`), because a Foolscap
+  failure reaches the caller only as a type *name* and a string. The failure
+  dict is plain data (:meth:`kernel.error.RemoteError.to_dict`, or a composite
+  of them); :func:`unpackage` turns it back into the original exception type
+  with the remote traceback attached.
+
+Size limits
+-----------
+Foolscap has no default limits. Byte strings are limited per frame
+(:data:`MAX_FRAME_BYTES`, so a 100 MB push fits with room to spare), frame
+counts per blob (:data:`MAX_FRAMES`), names per call (:data:`MAX_NAMES`),
+source code per ``execute`` (:data:`MAX_SOURCE_CHARS`). Arguments whose type
+varies (``targets`` is an int, a list or ``'all'``; ``keys`` a str or a list)
+use Foolscap's ``Any`` constraint: Foolscap 24 cannot taste a choice between a
+string and a container, so the core validates those (and raises the
+documented errors) instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any as AnyType
+
+from foolscap.api import (
+    Any,
+    DeadReferenceError,
+    DictOf,
+    ListOf,
+    Violation,
+    registerCopier,
+    registerRemoteCopyFactory,
+)
+from foolscap.call import CopiedFailure
+from foolscap.constraint import ByteStringConstraint
+from foolscap.copyable import AttributeDictConstraint
+from foolscap.schema import UnicodeConstraint
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.python.failure import Failure
+
+from kernel.error import (
+    CompositeError,
+    ConnectionError,
+    KernelError,
+    ProtocolError,
+    RemoteError,
+    engine_failure_info,
+)
+from kernel.serialized import Serialized
+
+__all__ = [
+    "MAX_FRAME_BYTES",
+    "MAX_FRAMES",
+    "MAX_NAMES",
+    "MAX_NAME_CHARS",
+    "MAX_SOURCE_CHARS",
+    "SERIALIZED_TYPE",
+    "Anything",
+    "Name",
+    "NameList",
+    "SerializedNamespace",
+    "Source",
+    "package_failure",
+    "package_success",
+    "unpackage",
+    "unpackage_failure",
+    "call_remote",
+    "translate_transport_failure",
+]
+
+#: Largest single frame (pickle stream or out-of-band buffer) accepted, in bytes.
+MAX_FRAME_BYTES = 2**31
+#: Most frames in one Serialized blob (the stream plus out-of-band buffers).
+MAX_FRAMES = 10_000
+#: Most names in one push/pull.
+MAX_NAMES = 100_000
+#: Longest variable name.
+MAX_NAME_CHARS = 1_000
+#: Longest source text for one ``execute``.
+MAX_SOURCE_CHARS = 64 * 2**20
+
+#: The Foolscap copyable type name of a Serialized blob.
+SERIALIZED_TYPE = "txkernel.Serialized.v1"
+
+# -- constraints used by the RemoteInterfaces ---------------------------------
+
+#: Any value; used for plain data whose type varies (``targets``, ``keys``) and
+#: for replies (envelopes of plain data and Serialized blobs).
+Anything = Any()
+#: A variable name.
+Name = UnicodeConstraint(maxLength=MAX_NAME_CHARS)
+#: A list of variable names.
+NameList = ListOf(Name, maxLength=MAX_NAMES)
+#: Python source text.
+Source = UnicodeConstraint(maxLength=MAX_SOURCE_CHARS)
+
+_Frames = ListOf(ByteStringConstraint(maxLength=MAX_FRAME_BYTES), maxLength=MAX_FRAMES)
+
+#: ``{name: Serialized}``. The values are checked by the copyable's own state
+#: schema as they arrive, so the value constraint itself is ``Any``.
+SerializedNamespace = DictOf(Name, Anything, maxKeys=MAX_NAMES)
+
+
+# -- Serialized as a Foolscap copyable ----------------------------------------
+
+
+def _copy_serialized(s: Serialized) -> tuple[str, dict[str, AnyType]]:
+    # Foolscap sends bytes only: buffers that are views are copied once here.
+    frames = [f if type(f) is bytes else bytes(f) for f in s.frames()]
+    return SERIALIZED_TYPE, {"frames": frames}
+
+
+def _build_serialized(state: dict[str, AnyType]) -> Serialized:
+    frames = state.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise ProtocolError("a Serialized blob arrived without frames")
+    return Serialized.from_frames(frames)
+
+
+_registered = False
+
+
+def register_serialized_copyable() -> None:
+    """Teach Foolscap to send and receive :class:`Serialized` (idempotent).
+
+    Called when this module is imported; the state schema bounds what a peer
+    may send (:data:`MAX_FRAMES` frames of at most :data:`MAX_FRAME_BYTES`).
+    """
+    global _registered
+    if _registered:
+        return
+    registerCopier(Serialized, _copy_serialized)
+    registerRemoteCopyFactory(
+        SERIALIZED_TYPE,
+        _build_serialized,
+        stateSchema=AttributeDictConstraint(("frames", _Frames)),
+        cyclic=False,
+    )
+    _registered = True
+
+
+register_serialized_copyable()
+
+
+# -- outcomes -----------------------------------------------------------------
+
+_OK = "ok"
+_ERROR = "error"
+
+
+def package_success(value: AnyType) -> tuple[str, AnyType]:
+    """The envelope of a successful call: ``("ok", value)``."""
+    return (_OK, value)
+
+
+def package_failure(f: Failure | BaseException) -> tuple[str, dict[str, AnyType]]:
+    """The envelope of a failed call, as plain data.
+
+    A :class:`~kernel.error.CompositeError` keeps each engine's
+    :class:`~kernel.error.RemoteError`; anything else is described by
+    :func:`kernel.error.engine_failure_info` (a RemoteError passes through
+    unchanged, so an engine's exception is never unpickled on the way).
+
+    :returns: ``("error", failure_dict)``.
+    """
+    exc = f.value if isinstance(f, Failure) else f
+    if isinstance(exc, CompositeError):
+        return (
+            _ERROR,
+            {
+                "kind": "composite",
+                "message": exc.message,
+                "elist": [e.to_dict() for e in exc.elist],
+            },
+        )
+    info = engine_failure_info(f)
+    return (_ERROR, {"kind": "remote", **info.to_dict()})
+
+
+def unpackage_failure(d: dict[str, AnyType]) -> BaseException:
+    """Rebuild the exception a failure dict describes.
+
+    :returns: a :class:`~kernel.error.CompositeError` of RemoteErrors, or the
+        original exception (its type unpickled here, the remote traceback
+        attached and added as a note), or a RemoteError if the original type
+        cannot be rebuilt in this process.
+    """
+    if not isinstance(d, dict):
+        return ProtocolError(f"malformed failure from the controller: {d!r}")
+    if d.get("kind") == "composite":
+        elist = [RemoteError.from_dict(e) for e in d.get("elist", [])]
+        return CompositeError(d.get("message", "remote failure"), elist)
+    remote = RemoteError.from_dict(d)
+    exc = remote.original()
+    if exc is not remote:
+        _add_remote_traceback_note(exc, remote)
+    return exc
+
+
+def _add_remote_traceback_note(exc: BaseException, remote: RemoteError) -> None:
+    """Show the remote traceback of a user's exception when it is printed."""
+    if isinstance(exc, KernelError) or not remote.traceback or not hasattr(exc, "add_note"):
+        return
+    where = "an engine" if remote.engine_id is None else f"engine {remote.engine_id}"
+    try:
+        exc.add_note(f"Remote traceback (from {where}):\n{remote.traceback.rstrip()}")
+    except Exception:  # pragma: no cover - exotic exception types
+        pass
+
+
+def unpackage(r: AnyType) -> AnyType:
+    """Open an envelope made by :func:`package_success`/:func:`package_failure`.
+
+    :returns: the value of a success.
+    :raises: the rebuilt exception of a failure;
+        :class:`~kernel.error.ProtocolError` for anything else.
+    """
+    if isinstance(r, tuple) and len(r) == 2:
+        tag, body = r
+        if tag == _OK:
+            return body
+        if tag == _ERROR:
+            raise unpackage_failure(body)
+    raise ProtocolError(
+        f"unexpected reply from the controller: {r!r:.200}; are the client and "
+        "controller running the same txkernel version?"
+    )
+
+
+# -- calling the far side -----------------------------------------------------
+
+
+def translate_transport_failure(f: Failure, method: str = "?") -> Failure:
+    """Turn Foolscap's own failures into txkernel errors a user can act on.
+
+    A lost connection becomes :class:`~kernel.error.ConnectionError`; a call
+    refused by a schema (a size limit, a wrong argument type), on either side,
+    becomes :class:`~kernel.error.ProtocolError`; any other failure that
+    Foolscap copied from the far side (its exception reduced to a type name
+    and a string) becomes a ProtocolError carrying that text. Anything else
+    passes through.
+    """
+    if f.check(DeadReferenceError, ConnectionLost, ConnectionDone):
+        return Failure(
+            ConnectionError(
+                f"lost the connection to the controller during {method}: {f.value}. "
+                "Is the controller still running? Reconnect with a new client."
+            )
+        )
+    if isinstance(f, CopiedFailure):
+        if f.check(Violation):
+            return Failure(
+                ProtocolError(
+                    f"the controller refused the call {method}: {f.value} "
+                    "(see the size limits in kernel.fcutil)"
+                )
+            )
+        return Failure(ProtocolError(f"the controller failed in {method}: {f.type}: {f.value}"))
+    if f.check(Violation):
+        return Failure(
+            ProtocolError(
+                f"the call {method} was not sent: {f.value} (see the size limits in kernel.fcutil)"
+            )
+        )
+    return f
+
+
+def call_remote(reference: AnyType, method: str, *args: AnyType, **kwargs: AnyType):
+    """Call ``method`` on a Foolscap reference and open the reply's envelope.
+
+    :returns: Deferred firing the value of the remote call.
+    :raises: (errback) the remote failure rebuilt by :func:`unpackage`, or a
+        transport failure translated by :func:`translate_transport_failure`.
+    """
+    try:
+        d = reference.callRemote(method, *args, **kwargs)
+    except Exception:
+        d = defer.fail()
+    d.addErrback(translate_transport_failure, method)
+    d.addCallback(unpackage)
+    return d
