@@ -1,0 +1,726 @@
+"""Engines over Foolscap: exposing an engine, registering it, and using it remotely.
+
+Three pieces, following the adapter split of the design (server half exposes a
+core interface, client half implements the *same* interface remotely):
+
+- :class:`FCEngineReferenceFromService` (runs in the engine process): a
+  ``Referenceable`` exposing an :class:`~kernel.interfaces.IEngineBase`
+  engine as :class:`RIEngine`. Data moves only as serialized blobs
+  (``push_serialized``/``pull_serialized``); plain ``push``/``pull`` never
+  cross the wire.
+- :class:`EngineFromReference` (runs in the controller): implements
+  ``IEngineBase``, ``IEngineInterrupt`` and ``IEngineTasks`` over the remote
+  reference. Payloads stay :class:`~kernel.serialized.Serialized`, so the
+  controller never unpickles user data; an engine's exception arrives as a
+  :class:`~kernel.error.RemoteError` built from plain data; a lost connection
+  fails the call with :class:`~kernel.error.EngineError`.
+- :class:`FCEngineRegistrar` (controller, exposed as ``engine.furl``) and
+  :class:`EngineConnector` (engine): the engine connects, registers (asking
+  for its previous id on re-registration), and reconnects with exponential
+  backoff when the controller goes away. The controller watches each engine
+  with a :class:`~kernel.heartbeat.HeartMonitor` and unregisters it on
+  connection loss or missed heartbeats.
+
+Every remote method answers with an envelope, ``("ok", value)`` or
+``("error", info)`` where ``info`` is :meth:`RemoteError.to_dict` plain data:
+Foolscap's own failure transport would lose the pickled exception and mix
+engine errors with transport errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from foolscap.api import (
+    Any as AnyConstraint,
+)
+from foolscap.api import (
+    ChoiceOf,
+    DeadReferenceError,
+    DictOf,
+    Referenceable,
+    RemoteInterface,
+)
+from foolscap.constraint import ByteStringConstraint
+from foolscap.slicers.unicode import UnicodeConstraint
+from twisted.application import service
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IReactorTime
+from twisted.python import log
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kernel import serialized
+from kernel.error import ConnectionError, EngineError, RemoteError, engine_failure_info
+from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
+from kernel.serialized import Serialized
+
+#: Largest serialized blob (one pushed value, one task body) accepted over
+#: the wire. Large pushes (hundreds of MB) must work; a bound still stops a
+#: confused peer from exhausting memory.
+MAX_BLOB = 2**31 - 1
+#: Longest source text ``execute`` accepts, in characters.
+MAX_SOURCE = 64 * 2**20
+#: Most names in one push/pull.
+MAX_KEYS = 100_000
+#: Longest variable or property name.
+MAX_NAME = 1000
+
+Blob = ByteStringConstraint(maxLength=MAX_BLOB)
+Name = UnicodeConstraint(maxLength=MAX_NAME)
+# A name or a list of names. (Foolscap's ChoiceOf cannot hold a
+# UnicodeConstraint, so this one is open; the engine checks the names.)
+Names = AnyConstraint()
+# Replies are plain data of any size (an envelope around results and blobs).
+Reply = AnyConstraint()
+Source = UnicodeConstraint(maxLength=MAX_SOURCE)
+BlobNamespace = DictOf(Name, Blob, maxKeys=MAX_KEYS)
+OptionalInt = ChoiceOf(int, None)
+PlainData = AnyConstraint()
+
+
+class RIEngine(RemoteInterface):
+    """An engine as the controller sees it over Foolscap.
+
+    Every method returns an envelope: ``("ok", value)`` or ``("error", info)``.
+    Serialized values travel as :meth:`Serialized.to_bytes` blobs.
+    """
+
+    __remote_name__ = "RIEngine.txkernel"
+
+    def execute(lines=Source):
+        return Reply
+
+    def push_serialized(namespace=BlobNamespace):
+        return Reply
+
+    def pull_serialized(keys=Names):
+        return Reply
+
+    def get_result(i=OptionalInt):
+        return Reply
+
+    def reset():
+        return Reply
+
+    def keys():
+        return Reply
+
+    def kill():
+        return Reply
+
+    def interrupt():
+        return Reply
+
+    def set_properties(properties=PlainData):
+        return Reply
+
+    def get_properties(keys=Names):
+        return Reply
+
+    def del_properties(keys=Names):
+        return Reply
+
+    def has_properties(keys=Names):
+        return Reply
+
+    def clear_properties():
+        return Reply
+
+    def run_task(payload=Blob, clear_before=bool, clear_after=bool):
+        return Reply
+
+    def ping():
+        return Reply
+
+
+class RIEngineRegistrar(RemoteInterface):
+    """What a controller offers to engines (the object behind ``engine.furl``)."""
+
+    __remote_name__ = "RIEngineRegistrar.txkernel"
+
+    def register_engine(
+        engine_reference=RIEngine,
+        id=OptionalInt,
+        pid=OptionalInt,
+        properties=PlainData,
+    ):
+        """Register the engine; return its int id."""
+        return int
+
+
+# ---------------------------------------------------------------------------
+# Envelopes
+# ---------------------------------------------------------------------------
+
+
+def _ok(value: Any) -> tuple:
+    return ("ok", value)
+
+
+def _error(f: Failure) -> tuple:
+    return ("error", engine_failure_info(f).to_dict())
+
+
+def _open(reply: Any) -> Any:
+    """Unwrap an envelope: the value, or raise the engine's :class:`RemoteError`."""
+    try:
+        status, value = reply
+    except (TypeError, ValueError):
+        raise EngineError(f"malformed reply from an engine: {reply!r:.200}") from None
+    if status == "ok":
+        return value
+    if status == "error":
+        raise RemoteError.from_dict(value)
+    raise EngineError(f"malformed reply from an engine: {reply!r:.200}")
+
+
+def _blob(s: Serialized) -> bytes:
+    return s.to_bytes()
+
+
+def _unblob(b: bytes) -> Serialized:
+    return Serialized.from_bytes(b)
+
+
+# ---------------------------------------------------------------------------
+# Server half: in the engine process
+# ---------------------------------------------------------------------------
+
+
+@implementer(RIEngine)
+class FCEngineReferenceFromService(Referenceable):
+    """Expose an engine (``IEngineBase`` + ``IEngineInterrupt`` + ``IEngineTasks``)
+    to a controller over Foolscap.
+
+    Only delegates: each ``remote_*`` method calls the engine and wraps the
+    outcome in an envelope.
+
+    :param engine: the engine service.
+    :param on_kill: called (with no arguments) after the engine has been
+        killed remotely; an engine process uses it to stop its reactor.
+    """
+
+    def __init__(self, engine: Any, on_kill: Callable[[], Any] | None = None):
+        self.engine = engine
+        self.on_kill = on_kill
+
+    def _call(self, method: str, *args: Any, convert: Callable | None = None, **kwargs: Any):
+        d = defer.maybeDeferred(getattr(self.engine, method), *args, **kwargs)
+        if convert is not None:
+            d.addCallback(convert)
+        d.addCallbacks(_ok, _error)
+        return d
+
+    def remote_execute(self, lines):
+        return self._call("execute", lines)
+
+    def remote_push_serialized(self, namespace):
+        try:
+            ns = {k: _unblob(v) for k, v in namespace.items()}
+        except Exception:
+            return _error(Failure())
+        return self._call("push_serialized", ns)
+
+    def remote_pull_serialized(self, keys):
+        def convert(result):
+            if isinstance(keys, str):
+                return _blob(result)
+            return [_blob(s) for s in result]
+
+        return self._call("pull_serialized", keys, convert=convert)
+
+    def remote_get_result(self, i=None):
+        return self._call("get_result", i)
+
+    def remote_reset(self):
+        return self._call("reset")
+
+    def remote_keys(self):
+        return self._call("keys")
+
+    def remote_kill(self):
+        d = self._call("kill")
+        if self.on_kill is not None:
+            # Answer first, then go away.
+            from twisted.internet import reactor
+
+            d.addBoth(lambda r: (reactor.callLater(0.05, self.on_kill), r)[1])
+        return d
+
+    def remote_interrupt(self):
+        return self._call("interrupt")
+
+    def remote_set_properties(self, properties):
+        return self._call("set_properties", properties)
+
+    def remote_get_properties(self, keys=None):
+        return self._call("get_properties", keys)
+
+    def remote_del_properties(self, keys):
+        return self._call("del_properties", keys)
+
+    def remote_has_properties(self, keys):
+        return self._call("has_properties", keys)
+
+    def remote_clear_properties(self):
+        return self._call("clear_properties")
+
+    def remote_run_task(self, payload, clear_before=False, clear_after=False):
+        def convert(result):
+            result = dict(result)
+            result["result"] = _blob(result["result"])
+            return result
+
+        try:
+            body = _unblob(payload)
+        except Exception:
+            return _error(Failure())
+        return self._call(
+            "run_task", body, clear_before=clear_before, clear_after=clear_after, convert=convert
+        )
+
+    def remote_ping(self):
+        return _ok("pong")
+
+
+# ---------------------------------------------------------------------------
+# Client half: in the controller
+# ---------------------------------------------------------------------------
+
+#: Failures that mean the engine's connection is gone.
+_CONNECTION_LOST = (
+    DeadReferenceError,
+    error.ConnectionLost,
+    error.ConnectionDone,
+    error.ConnectionRefusedError,
+)
+
+
+@implementer(IEngineBase, IEngineInterrupt, IEngineTasks)
+class EngineFromReference:
+    """An engine in another process, used through its Foolscap reference.
+
+    Implements the engine interfaces over :class:`RIEngine`. Data methods move
+    :class:`~kernel.serialized.Serialized` blobs and never open them, so the
+    controller can route user data it cannot import. Plain :meth:`push` and
+    :meth:`pull` exist for completeness (they serialize on *this* side);
+    the controller uses only the serialized forms.
+
+    :param reference: the engine's ``RemoteReference`` (``RIEngine``).
+    :param properties: the properties the engine advertised when it registered.
+    """
+
+    def __init__(self, reference: Any, properties: dict | None = None):
+        self.reference = reference
+        self.id: int | None = None
+        self.properties: dict = dict(properties or {})
+
+    def __repr__(self) -> str:
+        return f"<EngineFromReference id={self.id}>"
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:
+        d = defer.maybeDeferred(self.reference.callRemote, method, *args, **kwargs)
+        d.addCallbacks(_open, self._translate)
+        return d
+
+    def _translate(self, f: Failure):
+        if f.check(*_CONNECTION_LOST):
+            raise EngineError(
+                f"engine {self.id} disconnected ({f.getErrorMessage()}); "
+                "its work was lost — resubmit it to another engine"
+            )
+        return f
+
+    # IEngineCore
+    def execute(self, lines: str) -> defer.Deferred:
+        """Run ``lines`` on the engine; fires the result dict."""
+        return self._call("execute", lines)
+
+    def push(self, namespace: dict) -> defer.Deferred:
+        """Serialize ``namespace`` here and push it (see :meth:`push_serialized`)."""
+        try:
+            ns = serialized.serialize_namespace(namespace)
+        except Exception:
+            return defer.fail()
+        return self.push_serialized(ns)
+
+    def pull(self, keys: str | list[str]) -> defer.Deferred:
+        """Pull and deserialize here (see :meth:`pull_serialized`)."""
+        d = self.pull_serialized(keys)
+        if isinstance(keys, str):
+            d.addCallback(serialized.deserialize)
+        else:
+            d.addCallback(lambda ss: [serialized.deserialize(s) for s in ss])
+        return d
+
+    push_function = push
+    pull_function = pull
+
+    def get_result(self, i: int | None = None) -> defer.Deferred:
+        """Fire the engine's result dict of command ``i``."""
+        return self._call("get_result", i)
+
+    def reset(self) -> defer.Deferred:
+        """Clear the engine's namespace."""
+        return self._call("reset")
+
+    def keys(self) -> defer.Deferred:
+        """Fire the sorted names in the engine's namespace."""
+        return self._call("keys")
+
+    def kill(self) -> defer.Deferred:
+        """Stop the engine process. Fires None (a connection lost while it
+        stops counts as success)."""
+        d = self._call("kill")
+        d.addErrback(lambda f: f.trap(EngineError) and None)
+        return d
+
+    # IEngineSerialized
+    def push_serialized(self, namespace: dict[str, Serialized]) -> defer.Deferred:
+        """Push ``name: Serialized`` pairs, unopened."""
+        try:
+            wire = {k: _blob(v) for k, v in namespace.items()}
+        except Exception:
+            return defer.fail()
+        return self._call("push_serialized", wire)
+
+    def pull_serialized(self, keys: str | list[str]) -> defer.Deferred:
+        """Fire a Serialized (``keys`` a str) or a list of them, unopened."""
+        d = self._call("pull_serialized", keys if isinstance(keys, str) else list(keys))
+        if isinstance(keys, str):
+            d.addCallback(_unblob)
+        else:
+            d.addCallback(lambda bs: [_unblob(b) for b in bs])
+        return d
+
+    # IEngineProperties
+    def set_properties(self, properties: dict) -> defer.Deferred:
+        """Update the engine's properties (plain data)."""
+        d = self._call("set_properties", properties)
+        d.addCallback(lambda r: (self.properties.update(properties), r)[1])
+        return d
+
+    def get_properties(self, keys: list[str] | None = None) -> defer.Deferred:
+        """Fire a dict of the named properties (all when ``keys`` is None)."""
+        return self._call("get_properties", None if keys is None else _names(keys))
+
+    def del_properties(self, keys: list[str]) -> defer.Deferred:
+        """Remove the named properties."""
+        d = self._call("del_properties", _names(keys))
+
+        def forget(r):
+            for k in [keys] if isinstance(keys, str) else keys:
+                self.properties.pop(k, None)
+            return r
+
+        d.addCallback(forget)
+        return d
+
+    def has_properties(self, keys: list[str]) -> defer.Deferred:
+        """Fire a list of bools, one per key."""
+        return self._call("has_properties", _names(keys))
+
+    def clear_properties(self) -> defer.Deferred:
+        """Remove every property."""
+        d = self._call("clear_properties")
+        d.addCallback(lambda r: (self.properties.clear(), r)[1])
+        return d
+
+    # IEngineInterrupt
+    def interrupt(self) -> defer.Deferred:
+        """Interrupt the engine's running command; fires True if there was one."""
+        return self._call("interrupt")
+
+    # IEngineTasks
+    def run_task(
+        self, payload: Serialized, clear_before: bool = False, clear_after: bool = False
+    ) -> defer.Deferred:
+        """Run a task body on the engine; fires its result dict with
+        ``result`` a Serialized (unopened)."""
+
+        def convert(result):
+            result = dict(result)
+            result["result"] = _unblob(result["result"])
+            return result
+
+        try:
+            wire = _blob(payload)
+        except Exception:
+            return defer.fail()
+        d = self._call(
+            "run_task", wire, clear_before=bool(clear_before), clear_after=bool(clear_after)
+        )
+        d.addCallback(convert)
+        return d
+
+    # liveness
+    def ping(self) -> defer.Deferred:
+        """Fire when the engine answers (used by the heartbeat monitor)."""
+        return self._call("ping")
+
+    def disconnect(self) -> None:
+        """Drop the connection to the engine (after it was declared dead), so
+        that a merely paused engine notices and registers again."""
+        try:
+            transport = self.reference.tracker.broker.transport
+        except AttributeError:
+            return
+        abort = getattr(transport, "abortConnection", None)
+        (abort or transport.loseConnection)()
+
+
+def _names(keys: str | list[str]) -> str | list[str]:
+    return keys if isinstance(keys, str) else list(keys)
+
+
+# ---------------------------------------------------------------------------
+# Registration: controller side
+# ---------------------------------------------------------------------------
+
+
+@implementer(RIEngineRegistrar)
+class FCEngineRegistrar(Referenceable):
+    """The controller's registration desk for engines (behind ``engine.furl``).
+
+    Each registering engine is wrapped as
+    ``QueuedEngine(EngineFromReference(ref))`` and registered with the
+    controller; it is unregistered (so its queued and running work fails with
+    :class:`~kernel.error.EngineError`) when its connection drops or, if a
+    ``monitor`` is given, when it misses heartbeats.
+
+    :param controller: an :class:`~kernel.interfaces.IControllerCore`.
+    :param monitor: a :class:`~kernel.heartbeat.HeartMonitor`, or None.
+    :param wrap: turns an :class:`EngineFromReference` into what gets
+        registered (default: :class:`kernel.engineservice.QueuedEngine`).
+    :param on_change: an object told of each change, with methods
+        ``engine_added(engine_id, info)`` (``info`` a plain dict: ``pid``,
+        ``ip``, ``port``) and ``engine_removed(engine_id)``; or None.
+    """
+
+    def __init__(
+        self,
+        controller: Any,
+        monitor: Any = None,
+        wrap: Callable | None = None,
+        on_change: Any = None,
+    ):
+        self.controller = controller
+        self.monitor = monitor
+        self.on_change = on_change
+        if monitor is not None:
+            monitor.on_dead = self._dead
+        self._wrap = wrap
+        # engine id -> (registered object, EngineFromReference)
+        self._connected: dict[int, tuple[Any, EngineFromReference]] = {}
+
+    def _wrapper(self) -> Callable:
+        if self._wrap is None:
+            from kernel.engineservice import QueuedEngine
+
+            self._wrap = QueuedEngine
+        return self._wrap
+
+    def remote_register_engine(self, engine_reference, id=None, pid=None, properties=None):
+        remote = EngineFromReference(engine_reference, properties)
+        engine = self._wrapper()(remote)
+        try:
+            peer = engine_reference.getPeer()
+            ip, port = getattr(peer, "host", None), getattr(peer, "port", None)
+        except Exception:
+            ip = port = None
+        engine_id = self.controller.register_engine(engine, id=id, ip=ip, port=port, pid=pid)["id"]
+        remote.id = engine_id
+        self._connected[engine_id] = (engine, remote)
+        engine_reference.notifyOnDisconnect(self._disconnected, engine_id, engine)
+        if self.monitor is not None:
+            self.monitor.add(engine_id, remote.ping)
+        if self.on_change is not None:
+            self.on_change.engine_added(engine_id, {"pid": pid, "ip": ip, "port": port})
+        log.msg(f"engine {engine_id} registered (pid {pid}, from {ip}:{port})")
+        return engine_id
+
+    def _disconnected(self, engine_id: int, engine: Any) -> None:
+        self._forget(engine_id, engine, f"engine {engine_id} lost its connection")
+
+    def _dead(self, engine_id: int, reason: Failure) -> None:
+        entry = self._connected.get(engine_id)
+        if entry is None:
+            return
+        engine, remote = entry
+        self._forget(engine_id, engine, reason.getErrorMessage())
+        remote.disconnect()
+
+    def _forget(self, engine_id: int, engine: Any, why: str) -> None:
+        if self._connected.get(engine_id, (None,))[0] is not engine:
+            return  # already handled, or the id now belongs to a newer engine
+        del self._connected[engine_id]
+        if self.monitor is not None:
+            self.monitor.remove(engine_id)
+        log.msg(f"unregistering engine {engine_id}: {why}")
+        if self.controller.engines.get(engine_id) is engine:
+            self.controller.unregister_engine(engine_id)
+        if self.on_change is not None:
+            self.on_change.engine_removed(engine_id)
+
+    def connected_engines(self) -> list[int]:
+        """The ids of the engines registered through this registrar, sorted."""
+        return sorted(self._connected)
+
+
+# ---------------------------------------------------------------------------
+# Registration: engine side
+# ---------------------------------------------------------------------------
+
+
+def is_refused_furl(f: Failure) -> bool:
+    """Does this connection failure mean the controller refused the FURL
+    itself (an unknown swissnum), so retrying cannot help?"""
+    text = f"{f.getErrorMessage()} {f.type}"
+    return "unable to find reference for name" in text or f.check(KeyError) is not None
+
+
+class EngineConnector(service.Service):
+    """Keep an engine registered with a controller.
+
+    Connects to the controller's ``engine.furl``, registers the engine
+    (asking for its previous id after a reconnection), and when the
+    connection drops or cannot be made, tries again after a delay that
+    doubles from ``initial_delay`` up to ``max_delay``.
+
+    :param tub: a running (or soon running) Foolscap ``Tub``.
+    :param get_furl: returns the controller's engine FURL; called before each
+        attempt, so a rewritten connection file is picked up. May raise
+        (e.g. :class:`~kernel.error.SecurityError`): the attempt then fails
+        and is retried.
+    :param engine: the engine service to expose.
+    :param on_fatal: called with a Failure when the controller refuses the
+        FURL (wrong or stale swissnum): retrying cannot help.
+    :param on_kill: passed to :class:`FCEngineReferenceFromService`.
+    """
+
+    def __init__(
+        self,
+        tub: Any,
+        get_furl: Callable[[], str],
+        engine: Any,
+        on_fatal: Callable[[Failure], Any] | None = None,
+        on_kill: Callable[[], Any] | None = None,
+        initial_delay: float = 0.2,
+        max_delay: float = 5.0,
+        clock: IReactorTime | None = None,
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.tub = tub
+        self.get_furl = get_furl
+        self.engine = engine
+        self.reference = FCEngineReferenceFromService(engine, on_kill=on_kill)
+        self.on_fatal = on_fatal
+        self.initial_delay = initial_delay
+        self.max_delay = max_delay
+        self.clock = clock
+        self.delay = initial_delay
+        self.engine_id: int | None = None
+        self.controller: Any = None
+        self.registrations = 0
+        self._call = None
+        self._waiters: list[defer.Deferred] = []
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._attempt()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def when_registered(self) -> defer.Deferred:
+        """Fire with the engine id once registered (at once if it is now)."""
+        if self.controller is not None:
+            return defer.succeed(self.engine_id)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _attempt(self) -> None:
+        self._call = None
+        if not self.running:
+            return
+        d = defer.maybeDeferred(self.get_furl)
+        d.addCallback(self.tub.getReference)
+        d.addCallback(self._register)
+        d.addErrback(self._failed)
+
+    def _register(self, controller):
+        d = controller.callRemote(
+            "register_engine",
+            self.reference,
+            id=self.engine_id,
+            pid=os.getpid(),
+            properties=_plain_properties(self.engine),
+        )
+
+        def registered(engine_id):
+            if not self.running:
+                return
+            self.engine_id = engine_id
+            self.engine.id = engine_id
+            self.controller = controller
+            self.registrations += 1
+            self.delay = self.initial_delay
+            controller.notifyOnDisconnect(self._lost)
+            log.msg(f"registered with the controller as engine {engine_id}")
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                w.callback(engine_id)
+
+        d.addCallback(registered)
+        return d
+
+    def _failed(self, f: Failure) -> None:
+        if not self.running:
+            return
+        if is_refused_furl(f):
+            err = Failure(
+                ConnectionError(
+                    "the controller refused this engine's FURL (unknown name): the FURL "
+                    "is wrong or stale. Use the engine.furl the running controller wrote "
+                    "(restart with `txkernel cluster start`)."
+                )
+            )
+            log.msg(err.getErrorMessage())
+            if self.on_fatal is not None:
+                self.on_fatal(err)
+            waiters, self._waiters = self._waiters, []
+            for w in waiters:
+                w.errback(err)
+            return
+        log.msg(
+            f"cannot register with the controller ({f.getErrorMessage()}); "
+            f"retrying in {self.delay:.1f} s"
+        )
+        self._schedule()
+
+    def _lost(self) -> None:
+        self.controller = None
+        if not self.running:
+            return
+        log.msg("lost the controller; reconnecting")
+        self.delay = self.initial_delay
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._call is not None and self._call.active():
+            return
+        self._call = self.clock.callLater(self.delay, self._attempt)
+        self.delay = min(self.delay * 2, self.max_delay)
+
+
+def _plain_properties(engine: Any) -> dict:
+    props = getattr(engine, "properties", None)
+    return dict(props) if isinstance(props, dict) else {}

@@ -1,0 +1,446 @@
+"""twistd plugins: ``twistd -n txkernel-controller`` and ``twistd -n txkernel-engine``.
+
+Twisted's ``tap.py`` pattern: option classes and ``makeService`` functions,
+referenced lazily by ``twisted/plugins/txkernel_plugins.py`` as
+``kernel.tap.controller`` and ``kernel.tap.engine``.
+
+The controller process runs the core services (ControllerService, MultiEngine,
+TaskController), a heartbeat monitor and two Foolscap Tubs on loopback by
+default: one for engines (``engine.furl``) and one for clients
+(``multiengine.furl``, ``task.furl``). The Tubs' certificates and ports are
+kept in the cluster directory, so a restarted controller has the same FURLs
+and its engines find it again by themselves.
+
+The engine process runs an :class:`~kernel.engineservice.EngineService` and an
+:class:`~kernel.enginefc.EngineConnector` that registers it with the
+controller named by ``engine.furl``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import types
+from typing import Any
+
+from twisted.application import service
+from twisted.python import log, usage
+
+from kernel import clusterdir
+from kernel.clusterdir import ClusterDir
+
+#: Load-balancing schemes the task controller understands.
+SCHEMES = ("lru", "plainrandom", "twobin", "weighted", "leastload")
+ADAPTERS = ("fc", "pb")
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError(port)
+    return port
+
+
+def _positive(value: str) -> float:
+    x = float(value)
+    if not x > 0:
+        raise ValueError(x)
+    return x
+
+
+class ControllerOptions(usage.Options):
+    """Options of ``twistd txkernel-controller``."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run a txkernel controller: engines register with it through the "
+        "engine.furl connection file and clients find it through "
+        "multiengine.furl and task.furl, all in the cluster directory."
+    )
+    optParameters = [
+        [
+            "cluster-dir",
+            "d",
+            None,
+            "Cluster directory [default: $TXKERNEL_CLUSTER_DIR or ~/.txkernel/default].",
+        ],
+        ["interface", "i", "127.0.0.1", "Interface to listen on (loopback by default)."],
+        [
+            "engine-port",
+            None,
+            0,
+            "Port for engines (0: the port of the last run, else a free one).",
+            _port,
+        ],
+        [
+            "client-port",
+            None,
+            0,
+            "Port for clients (0: the port of the last run, else a free one).",
+            _port,
+        ],
+        ["adapter", "a", "fc", "Client transport: fc (Foolscap) or pb (Perspective Broker)."],
+        ["heartbeat", None, 3.0, "Seconds between engine heartbeats.", _positive],
+        ["max-missed", None, 3, "Heartbeats an engine may miss before it is declared dead.", int],
+        ["scheme", None, "leastload", "Task scheduling scheme: " + ", ".join(SCHEMES) + "."],
+        ["hwm", None, 0, "Most tasks outstanding on one engine (0: no limit).", int],
+        ["task-db", None, "sqlite", "Task database: sqlite (in the cluster directory) or memory."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["adapter"] not in ADAPTERS:
+            raise usage.UsageError(
+                f"unknown adapter {self['adapter']!r}: use --adapter fc or --adapter pb"
+            )
+        if self["scheme"] not in SCHEMES:
+            raise usage.UsageError(
+                f"unknown scheme {self['scheme']!r}: choose one of {', '.join(SCHEMES)}"
+            )
+        if self["hwm"] < 0:
+            raise usage.UsageError(f"--hwm must be 0 (no limit) or positive, got {self['hwm']}")
+        if self["max-missed"] < 1:
+            raise usage.UsageError(f"--max-missed must be at least 1, got {self['max-missed']}")
+        if self["task-db"] not in ("sqlite", "memory"):
+            raise usage.UsageError(
+                f"unknown task database {self['task-db']!r}: use --task-db sqlite or memory"
+            )
+        ports = [p for p in (self["engine-port"], self["client-port"]) if p]
+        if len(ports) == 2 and ports[0] == ports[1]:
+            raise usage.UsageError("--engine-port and --client-port must differ")
+
+
+class EngineOptions(usage.Options):
+    """Options of ``twistd txkernel-engine``."""
+
+    synopsis = "[options]"
+    longdesc = "Run a txkernel engine that registers with the controller of a cluster."
+    optParameters = [
+        [
+            "cluster-dir",
+            "d",
+            None,
+            "Cluster directory holding engine.furl [default: "
+            "$TXKERNEL_CLUSTER_DIR or ~/.txkernel/default].",
+        ],
+        ["furl-file", "f", None, "The controller's engine.furl (overrides --cluster-dir)."],
+        ["max-delay", None, 5.0, "Longest wait between reconnection attempts, seconds.", _positive],
+    ]
+
+    def postOptions(self) -> None:
+        f = self["furl-file"]
+        if f is not None and os.path.isdir(f):
+            raise usage.UsageError(
+                f"--furl-file {f} is a directory: give the engine.furl file, or use --cluster-dir"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Tubs
+# ---------------------------------------------------------------------------
+
+
+def free_port(interface: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``interface`` right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((interface, 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(interface: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((interface, port))
+        except OSError:
+            return False
+    return True
+
+
+def make_tub(cd: ClusterDir, name: str, interface: str = "127.0.0.1", port: int = 0) -> Any:
+    """A Foolscap Tub with a certificate kept in the cluster directory.
+
+    :param name: the listener's name (``engine``, ``client``): its certificate
+        is ``<name>.pem`` and its port is remembered in ``ports.json``.
+    :param port: the port to listen on; 0 for the remembered one if it is
+        still free, else a free one.
+    :returns: the Tub (not yet started), listening on ``interface:port``.
+    """
+    from foolscap.api import Tub
+
+    cert = cd.read_cert(name)
+    tub = Tub(certData=cert)
+    if cert is None:
+        cd.write_cert(name, tub.getCertData())
+    if not port:
+        remembered = cd.get_port(name)
+        port = remembered if remembered and _port_is_free(interface, remembered) else 0
+        port = port or free_port(interface)
+    tub.listenOn(f"tcp:{port}:interface={interface}")
+    host = socket.getfqdn() if interface in ("", "0.0.0.0") else interface
+    tub.setLocation(f"{host}:{port}")
+    tub.setOption("logLocalFailures", False)
+    cd.set_port(name, port)
+    return tub
+
+
+def register_furl(tub: Any, ref: Any, cd: ClusterDir, filename: str) -> str:
+    """Register ``ref`` on ``tub`` and write its FURL to ``filename``.
+
+    The swissnum of an existing connection file from the same Tub is reused,
+    so the FURL stays the same across controller restarts.
+    """
+    from foolscap.referenceable import SturdyRef
+
+    name = None
+    try:
+        old = SturdyRef(cd.read_furl(filename))
+        if old.tubID == tub.getTubID():
+            name = old.name
+    except Exception:
+        name = None
+    furl = tub.registerReference(ref, name=name)
+    cd.write_furl(filename, furl)
+    return furl
+
+
+# ---------------------------------------------------------------------------
+# The controller
+# ---------------------------------------------------------------------------
+
+
+class PidFile(service.Service):
+    """Writes ``<name>.pid`` in the cluster directory while running."""
+
+    def __init__(self, cd: ClusterDir, name: str):
+        self.cd = cd
+        self.name = name
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self.cd.write_file(f"{self.name}.pid", f"{os.getpid()}\n")
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self.cd.remove_file(f"{self.name}.pid")
+
+
+class EngineList(service.Service):
+    """Keeps ``engines.json`` (the registered engines) up to date while running.
+
+    Used as the ``on_change`` observer of an
+    :class:`~kernel.enginefc.FCEngineRegistrar`.
+    """
+
+    def __init__(self, cd: ClusterDir):
+        self.cd = cd
+        self.engines: dict[int, dict] = {}
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._write()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self.cd.remove_file(clusterdir.ENGINES_FILE)
+
+    def engine_added(self, engine_id: int, info: dict) -> None:
+        self.engines[engine_id] = info
+        self._write()
+
+    def engine_removed(self, engine_id: int) -> None:
+        self.engines.pop(engine_id, None)
+        self._write()
+
+    def _write(self) -> None:
+        if self.running:
+            engines = {str(k): v for k, v in sorted(self.engines.items())}
+            self.cd.write_json(
+                clusterdir.ENGINES_FILE, {"controller_pid": os.getpid(), "engines": engines}
+            )
+
+
+def _build_frontends(controller: Any, options: Any, cd: ClusterDir) -> tuple[Any, Any]:
+    """The MultiEngine and TaskController over ``controller`` (None for any
+    that is not available in this installation)."""
+    multiengine = task_controller = None
+    try:
+        from kernel.multiengine import MultiEngine
+    except ImportError:
+        log.msg("kernel.multiengine is not available: no multiengine interface")
+    else:
+        multiengine = MultiEngine(controller)
+    try:
+        from kernel import task
+    except ImportError:
+        log.msg("kernel.task is not available: no task interface")
+    else:
+        task_controller = task.TaskController(
+            controller,
+            **_task_kwargs(task.TaskController, options, cd),
+        )
+    return multiengine, task_controller
+
+
+def _task_kwargs(cls: Any, options: Any, cd: ClusterDir) -> dict:
+    """The TaskController keyword arguments this installation supports."""
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "scheme" in params:
+        kwargs["scheme"] = options["scheme"]
+    if "hwm" in params:
+        kwargs["hwm"] = options["hwm"] or None
+    db = _task_db(options, cd)
+    if db is not None:
+        for name in ("taskdb", "db", "task_db"):
+            if name in params:
+                kwargs[name] = db
+                break
+    return kwargs
+
+
+def _task_db(options: Any, cd: ClusterDir) -> Any:
+    """The task database the options ask for, or None for the task
+    controller's default."""
+    if options["task-db"] == "memory":
+        return None
+    try:
+        from kernel.taskdb.sqlite import SQLiteDB
+    except ImportError:
+        log.msg("kernel.taskdb.sqlite is not available: keeping tasks in memory")
+        return None
+    return SQLiteDB(cd.task_db_path)
+
+
+def _expose_clients(tub: Any, cd: ClusterDir, multiengine: Any, task_controller: Any) -> list[str]:
+    """Register the client-facing Foolscap objects and write their FURL files.
+
+    :returns: the names of the connection files written.
+    """
+    written = []
+    if multiengine is not None:
+        try:
+            from kernel import multienginefc
+        except ImportError:
+            multienginefc = None
+        factory = getattr(multienginefc, "make_client_referenceable", None)
+        if factory is not None:
+            register_furl(tub, factory(multiengine), cd, clusterdir.MULTIENGINE_FURL)
+            written.append(clusterdir.MULTIENGINE_FURL)
+    if task_controller is not None:
+        try:
+            from kernel import taskfc
+        except ImportError:
+            taskfc = None
+        factory = getattr(taskfc, "FCTaskControllerFromTaskController", None)
+        if factory is not None:
+            register_furl(tub, factory(task_controller), cd, clusterdir.TASK_FURL)
+            written.append(clusterdir.TASK_FURL)
+    return written
+
+
+def make_controller_service(options: ControllerOptions) -> service.MultiService:
+    """Build the controller process's service tree (see the module docstring).
+
+    :raises usage.UsageError: the cluster directory is not private, or the PB
+        adapter is asked for but not installed.
+    """
+    from kernel.controllerservice import ControllerService
+    from kernel.enginefc import FCEngineRegistrar
+    from kernel.error import SecurityError
+    from kernel.heartbeat import HeartMonitor
+
+    cd = ClusterDir(options["cluster-dir"])
+    try:
+        cd.create()
+    except SecurityError as e:
+        raise usage.UsageError(str(e))
+    if options["adapter"] == "pb":
+        raise usage.UsageError(
+            "the PB adapter is not available in this installation: use --adapter fc"
+        )
+
+    top = service.MultiService()
+    controller = ControllerService()
+    if service.IService.providedBy(controller):
+        controller.setServiceParent(top)
+    engine_list = EngineList(cd)
+
+    monitor = HeartMonitor(options["heartbeat"], on_dead=None, max_missed=options["max-missed"])
+    registrar = FCEngineRegistrar(controller, monitor, on_change=engine_list)
+    monitor.setServiceParent(top)
+
+    interface = options["interface"]
+    engine_tub = make_tub(cd, "engine", interface, options["engine-port"])
+    engine_tub.setServiceParent(top)
+    register_furl(engine_tub, registrar, cd, clusterdir.ENGINE_FURL)
+
+    multiengine, task_controller = _build_frontends(controller, options, cd)
+    for part in (multiengine, task_controller):
+        if service.IService.providedBy(part):
+            part.setServiceParent(top)
+    client_tub = make_tub(cd, "client", interface, options["client-port"])
+    client_tub.setServiceParent(top)
+    _expose_clients(client_tub, cd, multiengine, task_controller)
+
+    engine_list.setServiceParent(top)
+    PidFile(cd, "controller").setServiceParent(top)
+    top.controller = controller
+    top.multiengine = multiengine
+    top.task_controller = task_controller
+    top.registrar = registrar
+    top.cluster_dir = cd
+    return top
+
+
+# ---------------------------------------------------------------------------
+# The engine
+# ---------------------------------------------------------------------------
+
+
+def make_engine_service(options: EngineOptions) -> service.MultiService:
+    """Build an engine process's service tree: a Tub, an EngineService and an
+    EngineConnector that keeps it registered with the controller."""
+    from foolscap.api import Tub
+
+    from kernel.enginefc import EngineConnector
+    from kernel.engineservice import EngineService
+
+    if options["furl-file"]:
+        furl_dir, furl_name = os.path.split(os.path.abspath(options["furl-file"]))
+        cd = ClusterDir(furl_dir)
+    else:
+        cd = ClusterDir(options["cluster-dir"])
+        furl_name = clusterdir.ENGINE_FURL
+
+    from twisted.internet import reactor
+
+    def stop(*_):
+        if reactor.running:
+            reactor.stop()
+
+    top = service.MultiService()
+    tub = Tub()
+    tub.setOption("logLocalFailures", False)
+    tub.setServiceParent(top)
+    engine = EngineService()
+    connector = EngineConnector(
+        tub,
+        lambda: cd.read_furl(furl_name),
+        engine,
+        on_fatal=stop,
+        on_kill=stop,
+        max_delay=options["max-delay"],
+    )
+    connector.setServiceParent(top)
+    if cd.exists() and not options["furl-file"]:
+        PidFile(cd, f"engine-{os.getpid()}").setServiceParent(top)
+    top.engine = engine
+    top.connector = connector
+    return top
+
+
+#: What ``twisted/plugins/txkernel_plugins.py`` points twistd at.
+controller = types.SimpleNamespace(Options=ControllerOptions, makeService=make_controller_service)
+engine = types.SimpleNamespace(Options=EngineOptions, makeService=make_engine_service)
