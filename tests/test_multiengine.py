@@ -1,0 +1,173 @@
+"""The multiengine contract against in-process engines, plus in-process-only tests."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor
+from zope.interface.verify import verifyObject
+
+from kernel.controllerservice import ControllerService
+from kernel.error import InvalidEngineID, NoEnginesRegistered
+from kernel.interfaces import (
+    IMapper,
+    IMultiEngine,
+    IMultiEngineCoordinator,
+    IMultiEngineExtras,
+    IParallelFunction,
+    ISynchronousMultiEngine,
+)
+from kernel.mapper import MultiEngineMapper
+from kernel.multiengine import MultiEngine, SynchronousMultiEngine
+from kernel.parallelfunction import ParallelFunction
+from kernel.serialized import Serialized
+from tests.contract.multiengine import MultiEngineContract
+from tests.harness import InProcessHarness
+
+
+class KillableHarness(InProcessHarness):
+    """In-process harness whose engines leave the controller when killed,
+    as an engine process does when it exits (its connection drops)."""
+
+    async def add_engine(self) -> int:
+        engine_id = await super().add_engine()
+        engine = self.engine_services[engine_id]
+        engine.on_kill(reactor.callLater, 0, self._forget, engine_id, engine)
+        return engine_id
+
+    def _forget(self, engine_id: int, engine) -> None:
+        queued = self.controller.engines.get(engine_id)
+        if queued is not None and queued.engine is engine:
+            self.controller.unregister_engine(engine_id)
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster():
+    harness = await KillableHarness.start(n_engines=4)
+    try:
+        await harness.reset()
+        yield harness
+    finally:
+        await harness.stop()
+
+
+class TestMultiEngineInProcess(MultiEngineContract):
+    """Every multiengine contract test, on four in-process engines."""
+
+
+# -- in-process only -----------------------------------------------------------
+
+
+def test_implementations_provide_their_interfaces():
+    me = MultiEngine(ControllerService())
+    for iface in (IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras):
+        assert verifyObject(iface, me)
+    sme = SynchronousMultiEngine(me)
+    assert verifyObject(ISynchronousMultiEngine, sme)
+    assert verifyObject(IMapper, sme.mapper())
+    assert verifyObject(IMapper, me.mapper())
+    assert verifyObject(IParallelFunction, me.parallel()(abs))
+
+
+def test_adapting_makes_a_new_synchronous_multiengine_per_client():
+    me = MultiEngine(ControllerService())
+    a, b = ISynchronousMultiEngine(me), ISynchronousMultiEngine(me)
+    assert isinstance(a, SynchronousMultiEngine)
+    assert a is not b
+    assert a.pending is not b.pending
+    assert a.multiengine is me
+
+
+def test_engine_ids_resolution():
+    controller = ControllerService()
+    me = MultiEngine(controller)
+    with pytest.raises(NoEnginesRegistered, match="txkernel cluster start"):
+        me.engine_ids("all")
+    with pytest.raises(InvalidEngineID, match="no engines are registered"):
+        me.engine_ids(0)
+    for engine_id in (3, 1, 2):
+        controller.engines[engine_id] = object()
+    assert me.engine_ids() == [1, 2, 3]
+    assert me.engine_ids(2) == [2]
+    assert me.engine_ids((3, 1)) == [3, 1]
+    np = pytest.importorskip("numpy")
+    assert me.engine_ids(np.int64(2)) == [2]
+    with pytest.raises(
+        InvalidEngineID, match=r"no engine with id 7: registered engines: \[1, 2, 3\]"
+    ):
+        me.engine_ids([1, 7])
+    with pytest.raises(InvalidEngineID, match="use an engine id"):
+        me.engine_ids("ALL")
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_with_controller_kills_every_engine_then_stops_the_controller():
+    harness = await InProcessHarness.start(n_engines=2)
+    stopped = []
+    try:
+        ids = await harness.multiengine.get_ids()
+        me = MultiEngine(harness.controller, stop_controller=lambda: stopped.append(True))
+        # targets is ignored: killing the controller takes every engine with it
+        assert await me.kill(controller=True, targets=ids[0]) == [None, None]
+        assert stopped == [True]
+        for engine in harness.engine_services.values():
+            await engine.when_stopped().addTimeout(10, reactor)
+    finally:
+        await harness.stop()
+
+
+class _RecordingEngine:
+    """Records push_serialized calls; stands in for a queued engine."""
+
+    def __init__(self):
+        self.pushed = []
+
+    def push_serialized(self, namespace):
+        self.pushed.append(namespace)
+        return defer.succeed(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_serializes_each_value_once_and_sends_the_same_blob_to_every_engine():
+    controller = ControllerService()
+    engines = {i: _RecordingEngine() for i in range(3)}
+    controller.engines.update(engines)
+    me = MultiEngine(controller)
+    await me.push({"a": [1, 2, 3], "b": "x"})
+    blobs = [e.pushed[0] for e in engines.values()]
+    assert all(isinstance(b["a"], Serialized) for b in blobs)
+    assert blobs[0]["a"] is blobs[1]["a"] is blobs[2]["a"]
+    assert blobs[0]["b"] is blobs[2]["b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_mapper_passes_its_settings_to_raw_map():
+    calls = []
+
+    class Recorder:
+        def raw_map(self, func, seqs, **kwargs):
+            calls.append((func, seqs, kwargs))
+            return defer.succeed("mapped")
+
+    assert await MultiEngineMapper(Recorder(), targets=[1]).map(abs, [1], [2]) == "mapped"
+    assert calls == [(abs, ([1], [2]), {"dist": "b", "targets": [1]})]
+    await MultiEngineMapper(Recorder(), block=False).map(abs, [1])
+    assert calls[-1][2] == {"dist": "b", "targets": "all", "block": False}
+    with pytest.raises(ValueError, match="unknown distribution"):
+        MultiEngineMapper(Recorder(), dist="x")
+
+
+def test_parallel_function_wraps_and_refuses_non_functions():
+    class Echo:
+        def map(self, func, *seqs):
+            return [func(*args) for args in zip(*seqs, strict=False)]
+
+    def add(x, y):
+        """Add two numbers."""
+        return x + y
+
+    pf = ParallelFunction(add, Echo())
+    assert pf.__name__ == "add" and pf.__doc__ == "Add two numbers."
+    assert pf([1, 2], [10, 20]) == [11, 22]
+    with pytest.raises(TypeError, match="wraps functions"):
+        ParallelFunction(5, Echo())
