@@ -106,7 +106,14 @@ class Serialized:
 
     def __reduce__(self):
         # Pickling a Serialized (e.g. inside a task record) keeps it opaque.
-        return (Serialized.from_bytes, (self.to_bytes(),))
+        # A module-level function, not the bound classmethod: once
+        # twisted.persisted.styles is imported (twisted.application does),
+        # its copyreg hook for bound methods cannot pickle classmethods.
+        return (_serialized_from_bytes, (self.to_bytes(),))
+
+
+def _serialized_from_bytes(blob: bytes) -> Serialized:
+    return Serialized.from_bytes(blob)
 
 
 class _OutOfBandBytes:
