@@ -199,6 +199,9 @@ class ThreadExecutor:
         if self._exited:
             return
         self._exited = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            # The thread called us as its last act; let it finish returning.
+            self._thread.join(1.0)
         if self._on_exit is not None:
             self._on_exit()
         waiters, self._exit_waiters = self._exit_waiters, []
