@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
@@ -171,3 +178,24 @@ def test_parallel_function_wraps_and_refuses_non_functions():
     assert pf([1, 2], [10, 20]) == [11, 22]
     with pytest.raises(TypeError, match="wraps functions"):
         ParallelFunction(5, Echo())
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_inprocess_pi_example_prints_an_estimate_the_engines_and_the_time(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "inprocess_pi.py"), "--samples", "200000"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    estimate = re.search(r"pi is about (\d+\.\d+)", proc.stdout)
+    assert estimate, proc.stdout
+    # 800000 darts: the standard error is about 0.002, so 0.05 is 25 of them.
+    assert abs(float(estimate.group(1)) - math.pi) < 0.05
+    assert re.search(r"800000 samples on 4 engines \[0, 1, 2, 3\] in \d+\.\d+ s", proc.stdout)
