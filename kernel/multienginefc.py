@@ -1,0 +1,474 @@
+"""The multiengine interface over Foolscap.
+
+Server half (controller process)
+    :class:`FCSynchronousMultiEngineFromMultiEngine` is a Foolscap
+    ``Referenceable`` exposing one client's
+    :class:`~kernel.multiengine.SynchronousMultiEngine` as
+    :class:`RIMultiEngine`. The controller publishes one (build it with
+    :func:`make_client_referenceable` and register it as ``multiengine.furl``);
+    each client calls its ``connect`` method to get a session of its own, so
+    pending results and ``clear_pending_deferreds`` are per client. Only the
+    ``*_serialized`` data methods are exposed: the controller routes
+    :class:`~kernel.serialized.Serialized` blobs and never unpickles user data.
+
+Client half (client process)
+    :class:`FCFullSynchronousMultiEngineClient` implements
+    :class:`~kernel.interfaces.ISynchronousMultiEngine`,
+    :class:`~kernel.interfaces.IMultiEngineCoordinator` and
+    :class:`~kernel.interfaces.IMultiEngineExtras` over a RemoteReference to
+    the published object. It is the core's own caller-side code running in the
+    client: :class:`FCMultiEngine` is a :class:`~kernel.multiengine.MultiEngine`
+    whose engine calls cross the wire, so ``push`` serializes once here, ``pull``
+    and ``gather`` deserialize here, and ``scatter``/``raw_map``/``map``
+    partition here with :mod:`kernel.map` exactly as in process. Failures come
+    back as the original exception types (a
+    :class:`~kernel.error.CompositeError` holding each engine's
+    :class:`~kernel.error.RemoteError`, whose ``raise_exception`` re-raises the
+    engine's own exception type).
+
+Pending results (``block=False``) of this client are kept in the client, by
+the same :class:`~kernel.pendingdeferred.PendingDeferredManager` the core uses:
+they belong to the client that asked and cost the controller nothing. The
+server half also honours ``block=False`` and ``get_pending_deferred`` for
+clients that prefer to leave results on the controller.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from foolscap.api import Referenceable, RemoteInterface
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kernel import fcutil
+from kernel.error import CompositeError
+from kernel.fcutil import Anything, SerializedNamespace, Source
+from kernel.interfaces import (
+    IMultiEngine,
+    IMultiEngineCoordinator,
+    IMultiEngineExtras,
+    ISynchronousMultiEngine,
+)
+from kernel.multiengine import MultiEngine, SynchronousMultiEngine
+from kernel.serialized import Serialized, deserialize, serialize_namespace
+
+__all__ = [
+    "CLIENT_NAME",
+    "RIMultiEngine",
+    "FCSynchronousMultiEngineFromMultiEngine",
+    "make_client_referenceable",
+    "FCMultiEngine",
+    "FCFullSynchronousMultiEngineClient",
+]
+
+#: What ``get_client_name`` answers: the class a client builds over the reference.
+CLIENT_NAME = "kernel.multienginefc.FCFullSynchronousMultiEngineClient"
+
+
+class RIMultiEngine(RemoteInterface):
+    """One client's synchronous multiengine, as seen over Foolscap.
+
+    Every method but ``connect`` and ``get_client_name`` answers with an
+    envelope (:func:`kernel.fcutil.package_success` /
+    :func:`~kernel.fcutil.package_failure`). ``targets`` and ``keys`` vary in
+    type and are validated by the core.
+    """
+
+    __remote_name__ = "RIMultiEngine.txkernel"
+
+    def connect():
+        """A new session (an RIMultiEngine) with pending results of its own."""
+        return Anything
+
+    def get_client_name():
+        """The fully qualified name of the client class to use."""
+        return str
+
+    def execute(lines=Source, targets=Anything, block=bool):
+        return Anything
+
+    def push_serialized(namespace=SerializedNamespace, targets=Anything, block=bool):
+        return Anything
+
+    def pull_serialized(keys=Anything, targets=Anything, block=bool):
+        return Anything
+
+    def get_result(i=Anything, targets=Anything, block=bool):
+        return Anything
+
+    def reset(targets=Anything, block=bool):
+        return Anything
+
+    def keys(targets=Anything, block=bool):
+        return Anything
+
+    def kill(controller=bool, targets=Anything, block=bool):
+        return Anything
+
+    def clear_queue(targets=Anything, block=bool):
+        return Anything
+
+    def queue_status(targets=Anything, block=bool):
+        return Anything
+
+    def set_properties(properties=Anything, targets=Anything, block=bool):
+        return Anything
+
+    def get_properties(keys=Anything, targets=Anything, block=bool):
+        return Anything
+
+    def del_properties(keys=Anything, targets=Anything, block=bool):
+        return Anything
+
+    def has_properties(keys=Anything, targets=Anything, block=bool):
+        return Anything
+
+    def clear_properties(targets=Anything, block=bool):
+        return Anything
+
+    def get_ids(block=bool):
+        return Anything
+
+    def get_pending_deferred(deferred_id=Anything, block=bool):
+        return Anything
+
+    def clear_pending_deferreds():
+        return Anything
+
+
+# ---------------------------------------------------------------------------
+# Server half
+# ---------------------------------------------------------------------------
+
+
+@implementer(RIMultiEngine)
+class FCSynchronousMultiEngineFromMultiEngine(Referenceable):
+    """Expose a multiengine to one Foolscap client (server half).
+
+    :param multiengine: the controller's core
+        :class:`~kernel.multiengine.MultiEngine` (shared by every session).
+    :ivar smultiengine: this session's
+        :class:`~kernel.multiengine.SynchronousMultiEngine` (its own pending results).
+    """
+
+    def __init__(self, multiengine: Any):
+        self.multiengine = multiengine
+        self.smultiengine = SynchronousMultiEngine(multiengine)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:
+        d = defer.maybeDeferred(getattr(self.smultiengine, method), *args, **kwargs)
+        d.addCallbacks(fcutil.package_success, fcutil.package_failure)
+        return d
+
+    def remote_connect(self) -> FCSynchronousMultiEngineFromMultiEngine:
+        return FCSynchronousMultiEngineFromMultiEngine(self.multiengine)
+
+    def remote_get_client_name(self) -> str:
+        return CLIENT_NAME
+
+    def remote_execute(self, lines, targets="all", block=True):
+        return self._call("execute", lines, targets, block=block)
+
+    def remote_push_serialized(self, namespace, targets="all", block=True):
+        return self._call("push_serialized", namespace, targets, block=block)
+
+    def remote_pull_serialized(self, keys, targets="all", block=True):
+        return self._call("pull_serialized", keys, targets, block=block)
+
+    def remote_get_result(self, i=None, targets="all", block=True):
+        return self._call("get_result", i, targets, block=block)
+
+    def remote_reset(self, targets="all", block=True):
+        return self._call("reset", targets, block=block)
+
+    def remote_keys(self, targets="all", block=True):
+        return self._call("keys", targets, block=block)
+
+    def remote_kill(self, controller=False, targets="all", block=True):
+        return self._call("kill", controller, targets, block=block)
+
+    def remote_clear_queue(self, targets="all", block=True):
+        return self._call("clear_queue", targets, block=block)
+
+    def remote_queue_status(self, targets="all", block=True):
+        return self._call("queue_status", targets, block=block)
+
+    def remote_set_properties(self, properties, targets="all", block=True):
+        return self._call("set_properties", properties, targets, block=block)
+
+    def remote_get_properties(self, keys=None, targets="all", block=True):
+        return self._call("get_properties", keys, targets, block=block)
+
+    def remote_del_properties(self, keys, targets="all", block=True):
+        return self._call("del_properties", keys, targets, block=block)
+
+    def remote_has_properties(self, keys, targets="all", block=True):
+        return self._call("has_properties", keys, targets, block=block)
+
+    def remote_clear_properties(self, targets="all", block=True):
+        return self._call("clear_properties", targets, block=block)
+
+    def remote_get_ids(self, block=True):
+        return self._call("get_ids", block=block)
+
+    def remote_get_pending_deferred(self, deferred_id, block=True):
+        return self._call("get_pending_deferred", deferred_id, block)
+
+    def remote_clear_pending_deferreds(self):
+        return self._call("clear_pending_deferreds")
+
+
+def make_client_referenceable(multiengine: Any) -> FCSynchronousMultiEngineFromMultiEngine:
+    """The object a controller publishes as ``multiengine.furl``.
+
+    :param multiengine: the controller's :class:`~kernel.multiengine.MultiEngine`.
+    :returns: a Referenceable; clients connect to it and open their own sessions.
+    """
+    return FCSynchronousMultiEngineFromMultiEngine(multiengine)
+
+
+# ---------------------------------------------------------------------------
+# Client half
+# ---------------------------------------------------------------------------
+
+
+def _open(blob: Serialized) -> Any:
+    """Deserialize a blob that came over the wire, with writable buffers.
+
+    Foolscap delivers frames as immutable bytes; NumPy arrays built on them
+    would be read-only, unlike arrays pulled in process, so the out-of-band
+    buffers are copied into bytearrays first.
+    """
+    if blob.buffers:
+        blob = Serialized(blob.data, [bytearray(b) for b in blob.buffers])
+    return deserialize(blob)
+
+
+class _EngineView:
+    """The client's picture of the controller's engines (ids, refreshed per call).
+
+    :class:`~kernel.multiengine.MultiEngine` resolves ``targets`` against
+    ``engines``; each value forwards one engine's calls over the wire.
+    """
+
+    def __init__(self, client: FCMultiEngine):
+        self._client = client
+        self.engines: dict[int, _RemoteEngine] = {}
+
+    def update(self, ids: list[int]) -> None:
+        self.engines = {i: self.engines.get(i) or _RemoteEngine(self._client, i) for i in ids}
+
+
+class _RemoteEngine:
+    """One engine, reached through the multiengine session with ``targets=id``."""
+
+    def __init__(self, client: FCMultiEngine, engine_id: int):
+        self._client = client
+        self.id = engine_id
+
+    async def _one(self, method: str, *args: Any) -> Any:
+        try:
+            (result,) = await self._client._remote(method, *args, self.id)
+        except CompositeError as e:
+            if len(e.elist) == 1:
+                # Let the caller collect this engine's error with the others'.
+                raise e.elist[0] from None
+            raise
+        return result
+
+    def execute(self, lines: str) -> defer.Deferred:
+        return defer.ensureDeferred(self._one("execute", lines))
+
+    def push_serialized(self, namespace: dict[str, Serialized]) -> defer.Deferred:
+        return defer.ensureDeferred(self._one("push_serialized", namespace))
+
+    def pull_serialized(self, keys: Any) -> defer.Deferred:
+        return defer.ensureDeferred(self._one("pull_serialized", keys))
+
+
+@implementer(IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
+class FCMultiEngine(MultiEngine):
+    """A remote controller's multiengine, as a Deferred-returning MultiEngine.
+
+    Methods that send the same thing to every target (``execute``, ``push``,
+    properties, …) make one multiplexed call; the controller fans it out.
+    Methods that send each engine something different (``scatter``,
+    ``raw_map``) run the core's own code here over per-engine calls.
+
+    :param remote_reference: a RemoteReference to an :class:`RIMultiEngine`
+        (what ``multiengine.furl`` names); a private session is opened on it
+        at the first call.
+    """
+
+    def __init__(self, remote_reference: Any):
+        super().__init__(_EngineView(self), stop_controller=lambda: None)
+        self.remote_reference = remote_reference
+        self._session: Any = None
+        self._session_waiters: list[defer.Deferred] = []
+
+    # -- the wire ----------------------------------------------------------
+
+    async def _get_session(self) -> Any:
+        """This client's session reference (opened by ``connect`` on first use)."""
+        if self._session is not None:
+            return self._session
+        waiter: defer.Deferred = defer.Deferred()
+        self._session_waiters.append(waiter)
+        if len(self._session_waiters) == 1:
+            d = defer.maybeDeferred(self.remote_reference.callRemote, "connect")
+            d.addErrback(fcutil.translate_transport_failure, "connect")
+            d.addBoth(self._connected)
+        return await waiter
+
+    def _connected(self, result: Any) -> None:
+        waiters, self._session_waiters = self._session_waiters, []
+        if not isinstance(result, Failure):
+            self._session = result
+        for w in waiters:
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(result)
+
+    async def _remote(self, method: str, *args: Any) -> Any:
+        session = await self._get_session()
+        return await fcutil.call_remote(session, method, *args, block=True)
+
+    async def _refresh(self) -> None:
+        self.controller.update(await self._remote("get_ids"))
+
+    # -- one multiplexed call each ---------------------------------------
+
+    def _mux(self, method: str, *args: Any) -> defer.Deferred:
+        return defer.ensureDeferred(self._remote(method, *args))
+
+    def execute(self, lines: str, targets: Any = "all") -> defer.Deferred:
+        """Run ``lines`` on each target; fire the result dicts."""
+        if not isinstance(lines, str):
+            return defer.fail(
+                TypeError(f"execute takes Python source as a str, not {type(lines).__name__}")
+            )
+        return self._mux("execute", lines, targets)
+
+    def push(self, namespace: dict[str, Any], targets: Any = "all") -> defer.Deferred:
+        """Serialize each value once, here, and push the blobs to every target."""
+        try:
+            blobs = serialize_namespace(namespace)
+        except Exception:
+            return defer.fail()
+        return self._mux("push_serialized", blobs, targets)
+
+    def push_serialized(self, namespace: dict[str, Any], targets: Any = "all") -> defer.Deferred:
+        """Send ``name: Serialized`` pairs to each target, unopened."""
+        return self._mux("push_serialized", namespace, targets)
+
+    def pull_serialized(self, keys: Any, targets: Any = "all") -> defer.Deferred:
+        """Fire one Serialized (or list of them) per target, unopened."""
+        return self._mux("pull_serialized", keys, targets)
+
+    async def _pull_serialized(self, method: str, keys: Any, targets: Any) -> list:
+        # Used by pull, pull_function, gather and zip_pull: one call, opened here.
+        blobs = await self._remote("pull_serialized", keys, targets)
+        if isinstance(keys, str):
+            return [_open(b) for b in blobs]
+        return [[_open(b) for b in per_engine] for per_engine in blobs]
+
+    def get_result(self, i: int | None = None, targets: Any = "all") -> defer.Deferred:
+        """Fire each target's result dict of command ``i`` (None: the latest)."""
+        return self._mux("get_result", i, targets)
+
+    def reset(self, targets: Any = "all") -> defer.Deferred:
+        """Clear each target's namespace."""
+        return self._mux("reset", targets)
+
+    def keys(self, targets: Any = "all") -> defer.Deferred:
+        """Fire each target's sorted list of names."""
+        return self._mux("keys", targets)
+
+    def kill(self, controller: bool = False, targets: Any = "all") -> defer.Deferred:
+        """Kill the targets (and then the controller, when ``controller``)."""
+        return self._mux("kill", controller, targets)
+
+    def clear_queue(self, targets: Any = "all") -> defer.Deferred:
+        """Drop the commands waiting in each target's queue."""
+        return self._mux("clear_queue", targets)
+
+    def queue_status(self, targets: Any = "all") -> defer.Deferred:
+        """Fire ``(engine_id, status)`` pairs."""
+        return self._mux("queue_status", targets)
+
+    def set_properties(self, properties: dict[str, Any], targets: Any = "all") -> defer.Deferred:
+        """Update each target's properties (plain data only)."""
+        return self._mux("set_properties", properties, targets)
+
+    def get_properties(self, keys: Any = None, targets: Any = "all") -> defer.Deferred:
+        """Fire each target's properties dict."""
+        return self._mux("get_properties", keys, targets)
+
+    def del_properties(self, keys: Any, targets: Any = "all") -> defer.Deferred:
+        """Remove the named properties on each target."""
+        return self._mux("del_properties", keys, targets)
+
+    def has_properties(self, keys: Any, targets: Any = "all") -> defer.Deferred:
+        """Fire, per target, one bool per key."""
+        return self._mux("has_properties", keys, targets)
+
+    def clear_properties(self, targets: Any = "all") -> defer.Deferred:
+        """Remove every property on each target."""
+        return self._mux("clear_properties", targets)
+
+    def get_ids(self) -> defer.Deferred:
+        """Fire the sorted list of registered engine ids."""
+        return self._mux("get_ids")
+
+    # -- the core's caller-side code over per-engine calls ----------------
+
+    def _with_fresh_ids(self, method: Any, *args: Any) -> defer.Deferred:
+        async def run() -> Any:
+            await self._refresh()
+            return await method(*args)
+
+        return defer.ensureDeferred(run())
+
+    def push_function(self, namespace: dict[str, Any], targets: Any = "all") -> defer.Deferred:
+        """As :meth:`MultiEngine.push_function` (functions only)."""
+        return self._with_fresh_ids(super().push_function, namespace, targets)
+
+    def scatter(
+        self, key: str, seq: Any, dist: str = "b", flatten: bool = False, targets: Any = "all"
+    ) -> defer.Deferred:
+        """As :meth:`MultiEngine.scatter`: partitioned here, one block per engine."""
+        return self._with_fresh_ids(super().scatter, key, seq, dist, flatten, targets)
+
+    def raw_map(
+        self, func: Any, seqs: Any, dist: str = "b", targets: Any = "all"
+    ) -> defer.Deferred:
+        """As :meth:`MultiEngine.raw_map`: partitioned and joined here."""
+        return self._with_fresh_ids(super().raw_map, func, seqs, dist, targets)
+
+    def run(self, filename: str, targets: Any = "all") -> defer.Deferred:
+        """Read the local file ``filename`` and execute it on each target."""
+        return self._with_fresh_ids(super().run, filename, targets)
+
+
+@implementer(ISynchronousMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
+class FCFullSynchronousMultiEngineClient(SynchronousMultiEngine):
+    """The multiengine of a remote controller, for Twisted code (client half).
+
+    Every method of :class:`~kernel.interfaces.ISynchronousMultiEngine`, the
+    coordinator (``scatter``, ``gather``, ``raw_map``, ``map``, ``mapper``,
+    ``parallel``) and the extras (``zip_pull``, ``run``), each returning a
+    Deferred; ``block=False`` fires a pending id kept in this client.
+
+    :param remote_reference: a RemoteReference to the controller's
+        :class:`RIMultiEngine` (from ``multiengine.furl``).
+    """
+
+    def __init__(self, remote_reference: Any):
+        super().__init__(FCMultiEngine(remote_reference))
+        self.remote_reference = remote_reference
+
+    def __repr__(self) -> str:
+        return f"<FCFullSynchronousMultiEngineClient {self.remote_reference!r}>"
