@@ -80,7 +80,16 @@ class InProcessHarness:
         queued = QueuedEngine(engine)
         engine_id = self.controller.register_engine(queued)["id"]
         self.engine_services[engine_id] = engine
+        # A killed engine leaves the controller, as an engine process does
+        # when it exits and its connection drops.
+        from twisted.internet import reactor
+
+        engine.on_kill(reactor.callLater, 0, self._forget_killed, engine_id, queued)
         return engine_id
+
+    def _forget_killed(self, engine_id: int, queued: QueuedEngine) -> None:
+        if self.controller.engines.get(engine_id) is queued:
+            self.controller.unregister_engine(engine_id)
 
     async def kill_engine(self, engine_id: int) -> None:
         """Make engine ``engine_id`` fail like a lost connection: the

@@ -134,3 +134,18 @@ async def test_harness_stop_stops_every_engine_thread():
     assert cluster.controller.engines == {}
     assert not any(t.is_alive() for t in threads)
     assert not cluster.controller.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_harness_engine_killed_through_its_interface_leaves_the_controller(
+    inprocess_cluster,  # noqa: F811
+):
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    cluster = inprocess_cluster
+    await cluster.controller.engines[2].kill()
+    await deferLater(reactor, 0.01, lambda: None)
+    assert sorted(cluster.controller.engines) == [0, 1, 3]
+    await cluster.reset()
+    assert sorted(cluster.controller.engines) == [0, 1, 2, 3]
