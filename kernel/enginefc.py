@@ -539,7 +539,6 @@ class FCEngineRegistrar(Referenceable):
             self.monitor.add(engine_id, remote.ping)
         if self.on_change is not None:
             self.on_change.engine_added(engine_id, {"pid": pid, "ip": ip, "port": port})
-        log.msg(f"engine {engine_id} registered (pid {pid}, from {ip}:{port})")
         return engine_id
 
     def _disconnected(self, engine_id: int, engine: Any) -> None:

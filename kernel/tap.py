@@ -83,7 +83,7 @@ class ControllerOptions(usage.Options):
         ["heartbeat", None, 3.0, "Seconds between engine heartbeats.", _positive],
         ["max-missed", None, 3, "Heartbeats an engine may miss before it is declared dead.", int],
         ["scheme", None, "leastload", "Task scheduling scheme: " + ", ".join(SCHEMES) + "."],
-        ["hwm", None, 0, "Most tasks outstanding on one engine (0: no limit).", int],
+        ["hwm", None, 1, "Most tasks outstanding on one engine (0: no limit).", int],
         ["task-db", None, "sqlite", "Task database: sqlite (in the cluster directory) or memory."],
     ]
 
@@ -265,19 +265,16 @@ def _build_frontends(controller: Any, options: Any, cd: ClusterDir) -> tuple[Any
     multiengine = task_controller = None
     try:
         from kernel.multiengine import MultiEngine
-    except ImportError:
-        log.msg("kernel.multiengine is not available: no multiengine interface")
-    else:
+
         multiengine = MultiEngine(controller)
+    except ImportError as e:
+        log.msg(f"no multiengine interface in this installation ({e})")
     try:
-        from kernel import task
-    except ImportError:
-        log.msg("kernel.task is not available: no task interface")
-    else:
-        task_controller = task.TaskController(
-            controller,
-            **_task_kwargs(task.TaskController, options, cd),
-        )
+        from kernel.task import TaskController
+
+        task_controller = TaskController(controller, **_task_kwargs(TaskController, options, cd))
+    except ImportError as e:
+        log.msg(f"no task interface in this installation ({e})")
     return multiengine, task_controller
 
 
@@ -290,7 +287,7 @@ def _task_kwargs(cls: Any, options: Any, cd: ClusterDir) -> dict:
     if "scheme" in params:
         kwargs["scheme"] = options["scheme"]
     if "hwm" in params:
-        kwargs["hwm"] = options["hwm"] or None
+        kwargs["hwm"] = options["hwm"]
     db = _task_db(options, cd)
     if db is not None:
         for name in ("taskdb", "db", "task_db"):

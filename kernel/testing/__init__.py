@@ -1,0 +1,1 @@
+"""Helpers for testing and benchmarking txkernel with real processes."""

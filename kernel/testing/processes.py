@@ -1,0 +1,434 @@
+"""Start and stop real controller and engine processes (tests, benchmarks, CLI).
+
+A :class:`LocalCluster` is one controller process and any number of engine
+processes sharing a cluster directory (a fresh private temp directory unless
+one is given), on ephemeral loopback ports::
+
+    cluster = LocalCluster(heartbeat=0.5)
+    cluster.start(n_engines=2)              # returns once both are registered
+    furl = cluster.cluster_dir.read_furl("multiengine.furl")
+    ...
+    cluster.kill_engine(engine_id)          # SIGKILL, by pid
+    cluster.stop()                          # every process, by pid
+
+Every wait is bounded (``timeout`` seconds, :class:`TimeoutError` after that
+with the tail of the relevant log). From Twisted code use the ``*_async``
+variants, which poll with the reactor instead of sleeping.
+
+The processes run ``python -m twisted txkernel-controller`` /
+``txkernel-engine`` with ``PYTHONPATH`` starting at this checkout, so they
+import this ``kernel`` and Twisted finds the plugin in ``twisted/plugins/``.
+Processes still alive when the interpreter exits are killed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kernel import clusterdir
+from kernel.clusterdir import ClusterDir
+
+#: The checkout (or install) root that holds ``kernel/`` and ``twisted/plugins/``.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: Default bound on every wait, seconds.
+TIMEOUT = 30.0
+
+_live: dict[int, Process] = {}
+
+
+def subprocess_env(extra_path: Sequence[str] = (), env: dict | None = None) -> dict[str, str]:
+    """The environment for a txkernel subprocess: ``PYTHONPATH`` starts with
+    ``extra_path`` then :data:`ROOT`."""
+    env = dict(os.environ if env is None else env)
+    parts = [*extra_path, ROOT]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+class Process:
+    """A child process started by these helpers, controlled by pid.
+
+    :ivar name: a label (``controller``, ``engine-2``).
+    :ivar pid: the process id.
+    :ivar log_path: where its output goes.
+    """
+
+    def __init__(self, name: str, argv: list[str], log_path: str, env: dict[str, str]):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=ROOT,
+            )
+        self.pid = self.popen.pid
+        _live[self.pid] = self
+
+    def __repr__(self) -> str:
+        return f"<Process {self.name} pid={self.pid}>"
+
+    def alive(self) -> bool:
+        """Is the process still running (not exited, not reaped)?"""
+        return self.popen.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status (negative: killed by that signal), None if running."""
+        return self.popen.poll()
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` if the process is still running."""
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process freezes (its connections stay open)."""
+        self.signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        self.signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        self.signal(signal.SIGKILL)
+        self.popen.wait()
+        _live.pop(self.pid, None)
+
+    def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM (SIGCONT first, in case it is paused), then SIGKILL after
+        ``grace`` seconds; reaped on return.
+
+        :returns: the exit status.
+        """
+        if self.alive():
+            self.signal(signal.SIGCONT)
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.popen.wait()
+        _live.pop(self.pid, None)
+        return self.popen.returncode
+
+    def log(self, lines: int = 30) -> str:
+        """The last ``lines`` lines of its log."""
+        return _tail(self.log_path, lines)
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_live.values()):
+        try:
+            proc.kill()
+        except Exception:
+            pass
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: Callable[[], str] | str) -> Any:
+    """Poll ``predicate`` (sleeping) until it returns something true.
+
+    :returns: that value.
+    :raises TimeoutError: after ``timeout`` seconds, with ``what``.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(what() if callable(what) else what)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+async def wait_for_async(
+    predicate: Callable[[], Any], timeout: float, what: Callable[[], str] | str
+) -> Any:
+    """As :func:`wait_for`, polling with the reactor (for Twisted code)."""
+    from twisted.internet import reactor, task
+
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(what() if callable(what) else what)
+        await task.deferLater(reactor, delay, lambda: None)
+        delay = min(delay * 2, 0.1)
+
+
+def twist_argv(plugin: str, args: Sequence[str], log_path: str) -> list[str]:
+    """The command line running ``plugin`` under ``python -m twisted``."""
+    return [
+        sys.executable,
+        "-m",
+        "twisted",
+        f"--log-file={log_path}",
+        "--log-format=text",
+        plugin,
+        *args,
+    ]
+
+
+class LocalCluster:
+    """A controller process and engine processes on this machine.
+
+    :param cluster_dir: the cluster directory; None for a new private temp
+        directory (removed by :meth:`stop` unless ``keep_dir``).
+    :param heartbeat: the controller's heartbeat period, seconds.
+    :param max_missed: heartbeats an engine may miss before it is dead.
+    :param controller_args: more ``txkernel-controller`` options.
+    :param engine_args: more ``txkernel-engine`` options.
+    :param extra_path: directories put first on the processes' ``PYTHONPATH``
+        (a test can give the engines modules the controller lacks by using
+        ``engine_path``).
+    :param engine_path: directories put first on the engines' ``PYTHONPATH`` only.
+    :param timeout: bound on every wait, seconds.
+    """
+
+    def __init__(
+        self,
+        cluster_dir: str | os.PathLike | None = None,
+        heartbeat: float = 1.0,
+        max_missed: int = 3,
+        controller_args: Sequence[str] = (),
+        engine_args: Sequence[str] = (),
+        extra_path: Sequence[str] = (),
+        engine_path: Sequence[str] = (),
+        timeout: float = TIMEOUT,
+        keep_dir: bool = False,
+    ):
+        self._own_dir = cluster_dir is None
+        if cluster_dir is None:
+            cluster_dir = tempfile.mkdtemp(prefix="txkernel-")
+        self.cluster_dir = ClusterDir(cluster_dir).create()
+        self.heartbeat = heartbeat
+        self.max_missed = max_missed
+        self.controller_args = list(controller_args)
+        self.engine_args = list(engine_args)
+        self.extra_path = list(extra_path)
+        self.engine_path = list(engine_path)
+        self.timeout = timeout
+        self.keep_dir = keep_dir
+        self.controller: Process | None = None
+        self.engines: list[Process] = []
+        self._n_controllers = 0
+
+    def __repr__(self) -> str:
+        return f"<LocalCluster {self.cluster_dir.path} engines={len(self.engines)}>"
+
+    # -- the controller ----------------------------------------------------
+
+    def launch_controller(self) -> Process:
+        """Start the controller process (without waiting for it)."""
+        cd = self.cluster_dir
+        # a stale engine list from an earlier controller must not count
+        cd.remove_file(clusterdir.ENGINES_FILE)
+        self._n_controllers += 1
+        log_path = cd.log_file("controller")
+        argv = twist_argv(
+            "txkernel-controller",
+            [
+                f"--cluster-dir={cd.path}",
+                f"--heartbeat={self.heartbeat}",
+                f"--max-missed={self.max_missed}",
+                *self.controller_args,
+            ],
+            log_path,
+        )
+        self.controller = Process("controller", argv, log_path, subprocess_env(self.extra_path))
+        return self.controller
+
+    def controller_ready(self) -> bool:
+        """Has the controller started listening and written its files?"""
+        proc = self.controller
+        if proc is None:
+            return False
+        if not proc.alive():
+            raise RuntimeError(
+                f"the controller exited with status {proc.returncode}:\n{proc.log()}"
+            )
+        data = self.cluster_dir.read_json(clusterdir.ENGINES_FILE)
+        return bool(data) and data.get("controller_pid") == proc.pid
+
+    def start_controller(self) -> Process:
+        """Start the controller and wait until it is ready."""
+        proc = self.launch_controller()
+        wait_for(self.controller_ready, self.timeout, self._timeout_text("controller start"))
+        return proc
+
+    async def start_controller_async(self) -> Process:
+        """As :meth:`start_controller`, for Twisted code."""
+        proc = self.launch_controller()
+        await wait_for_async(
+            self.controller_ready, self.timeout, self._timeout_text("controller start")
+        )
+        return proc
+
+    def stop_controller(self, grace: float = 10.0) -> None:
+        """SIGTERM the controller (SIGKILL after ``grace``)."""
+        if self.controller is not None:
+            self.controller.stop(grace)
+
+    # -- engines -----------------------------------------------------------
+
+    def start_engine(self) -> Process:
+        """Start one engine process (it registers by itself; see
+        :meth:`wait_for_engines`)."""
+        cd = self.cluster_dir
+        name = f"engine-{len(self.engines)}"
+        log_path = cd.log_file(name)
+        argv = twist_argv(
+            "txkernel-engine",
+            [f"--cluster-dir={cd.path}", "--max-delay=1", *self.engine_args],
+            log_path,
+        )
+        env = subprocess_env([*self.engine_path, *self.extra_path])
+        proc = Process(name, argv, log_path, env)
+        self.engines.append(proc)
+        return proc
+
+    def registered(self) -> dict[int, int]:
+        """The engines the running controller has registered: ``{id: pid}``."""
+        data = self.cluster_dir.read_json(clusterdir.ENGINES_FILE) or {}
+        if self.controller is None or data.get("controller_pid") != self.controller.pid:
+            return {}
+        return {int(k): v.get("pid") for k, v in data.get("engines", {}).items()}
+
+    def _enough(self, n: int) -> Callable[[], dict[int, int] | None]:
+        def check():
+            if self.controller is not None and not self.controller.alive():
+                raise RuntimeError(
+                    f"the controller exited with status {self.controller.returncode}:\n"
+                    f"{self.controller.log()}"
+                )
+            reg = self.registered()
+            return reg if len(reg) >= n else None
+
+        return check
+
+    def wait_for_engines(self, n: int, timeout: float | None = None) -> dict[int, int]:
+        """Wait until at least ``n`` engines are registered; return ``{id: pid}``."""
+        return wait_for(
+            self._enough(n), timeout or self.timeout, self._timeout_text(f"{n} engines")
+        )
+
+    async def wait_for_engines_async(self, n: int, timeout: float | None = None) -> dict[int, int]:
+        """As :meth:`wait_for_engines`, for Twisted code."""
+        return await wait_for_async(
+            self._enough(n), timeout or self.timeout, self._timeout_text(f"{n} engines")
+        )
+
+    def wait_until_unregistered(self, engine_id: int, timeout: float | None = None) -> None:
+        """Wait until the controller no longer lists ``engine_id``."""
+        wait_for(
+            lambda: engine_id not in self.registered(),
+            timeout or self.timeout,
+            self._timeout_text(f"engine {engine_id} to be unregistered"),
+        )
+
+    async def wait_until_unregistered_async(
+        self, engine_id: int, timeout: float | None = None
+    ) -> None:
+        """As :meth:`wait_until_unregistered`, for Twisted code."""
+        await wait_for_async(
+            lambda: engine_id not in self.registered(),
+            timeout or self.timeout,
+            self._timeout_text(f"engine {engine_id} to be unregistered"),
+        )
+
+    def engine_process(self, engine_id: int) -> Process:
+        """The process of registered engine ``engine_id``.
+
+        :raises KeyError: if no engine with that id is registered.
+        """
+        pid = self.registered()[engine_id]
+        for proc in self.engines:
+            if proc.pid == pid:
+                return proc
+        raise KeyError(f"engine {engine_id} (pid {pid}) was not started by this cluster")
+
+    def kill_engine(self, engine_id: int) -> Process:
+        """SIGKILL the process of engine ``engine_id`` (reaped at once)."""
+        proc = self.engine_process(engine_id)
+        proc.kill()
+        return proc
+
+    def pause_engine(self, engine_id: int) -> Process:
+        """SIGSTOP the process of engine ``engine_id``."""
+        proc = self.engine_process(engine_id)
+        proc.pause()
+        return proc
+
+    # -- everything --------------------------------------------------------
+
+    def launch(self, n_engines: int) -> None:
+        """Start the controller and ``n_engines`` engines without waiting."""
+        self.launch_controller()
+        for _ in range(n_engines):
+            self.start_engine()
+
+    def start(self, n_engines: int = 2) -> dict[int, int]:
+        """Start the controller and ``n_engines`` engines; wait until all are
+        registered. Returns ``{id: pid}``."""
+        self.start_controller()
+        for _ in range(n_engines):
+            self.start_engine()
+        return self.wait_for_engines(n_engines)
+
+    async def start_async(self, n_engines: int = 2) -> dict[int, int]:
+        """As :meth:`start`, for Twisted code."""
+        await self.start_controller_async()
+        for _ in range(n_engines):
+            self.start_engine()
+        return await self.wait_for_engines_async(n_engines)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every engine, then the controller (SIGTERM, SIGKILL after
+        ``grace``), and remove a temp cluster directory."""
+        for proc in self.engines:
+            proc.stop(grace)
+        self.stop_controller(grace)
+        if self._own_dir and not self.keep_dir:
+            import shutil
+
+            shutil.rmtree(self.cluster_dir.path, ignore_errors=True)
+
+    def logs(self) -> str:
+        """The tails of every process's log (for failure messages)."""
+        procs = ([self.controller] if self.controller else []) + self.engines
+        return "\n".join(f"--- {p.name} (pid {p.pid}) ---\n{p.log()}" for p in procs)
+
+    def _timeout_text(self, what: str) -> Callable[[], str]:
+        return lambda: f"timed out after {self.timeout} s waiting for {what}:\n{self.logs()}"

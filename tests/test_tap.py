@@ -1,0 +1,177 @@
+"""twistd plugins and their options (kernel.tap, twisted/plugins/txkernel_plugins.py)."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+from twisted.python import usage
+from zope.interface.verify import verifyObject
+
+from kernel import clusterdir, tap
+from kernel.clusterdir import ClusterDir
+from kernel.testing.processes import ROOT, subprocess_env
+
+
+def parse(options_class, *argv):
+    o = options_class()
+    o.parseOptions(list(argv))
+    return o
+
+
+def test_controller_defaults_listen_on_loopback():
+    o = parse(tap.ControllerOptions)
+    assert o["interface"] == "127.0.0.1"
+    assert o["adapter"] == "fc"
+    assert o["heartbeat"] == 3.0
+    assert o["scheme"] == "leastload"
+
+
+def test_controller_options_parse_values():
+    o = parse(
+        tap.ControllerOptions,
+        "--cluster-dir=/x",
+        "--engine-port=4000",
+        "--client-port=4001",
+        "--heartbeat=0.5",
+        "--scheme=lru",
+        "--hwm=3",
+    )
+    assert (o["cluster-dir"], o["engine-port"], o["client-port"]) == ("/x", 4000, 4001)
+    assert (o["heartbeat"], o["scheme"], o["hwm"]) == (0.5, "lru", 3)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--adapter=zmq"], "use --adapter fc or --adapter pb"),
+        (["--scheme=fastest"], "choose one of lru"),
+        (["--hwm=-1"], "--hwm must be 0"),
+        (["--max-missed=0"], "--max-missed must be at least 1"),
+        (["--task-db=mongo"], "use --task-db sqlite or memory"),
+        (["--engine-port=5000", "--client-port=5000"], "must differ"),
+    ],
+)
+def test_controller_option_errors_say_what_to_do(argv, message):
+    with pytest.raises(usage.UsageError, match=message):
+        parse(tap.ControllerOptions, *argv)
+
+
+@pytest.mark.parametrize(
+    "argv", [["--engine-port=70000"], ["--heartbeat=0"], ["--heartbeat=-2"], ["--hwm=x"]]
+)
+def test_controller_rejects_bad_numbers(argv):
+    with pytest.raises(usage.UsageError):
+        parse(tap.ControllerOptions, *argv)
+
+
+def test_engine_furl_file_must_not_be_a_directory(tmp_path):
+    with pytest.raises(usage.UsageError, match="give the engine.furl file"):
+        parse(tap.EngineOptions, f"--furl-file={tmp_path}")
+
+
+def test_engine_options_parse():
+    o = parse(tap.EngineOptions, "--cluster-dir=/c", "--max-delay=2")
+    assert (o["cluster-dir"], o["max-delay"], o["furl-file"]) == ("/c", 2.0, None)
+
+
+def test_plugins_are_discovered():
+    from twisted import plugins
+
+    makers = {m.tapname: m for m in getPlugins(IServiceMaker, plugins)}
+    for name in ("txkernel-controller", "txkernel-engine"):
+        assert name in makers
+        verifyObject(IServiceMaker, makers[name])
+    assert makers["txkernel-controller"].options is tap.ControllerOptions
+    assert makers["txkernel-engine"].options is tap.EngineOptions
+
+
+def test_plugin_file_is_lazy():
+    """Importing the plugin module pulls in neither kernel.tap nor the reactor."""
+    code = (
+        "import sys; import twisted.plugins.txkernel_plugins; "
+        "print('kernel.tap' in sys.modules, 'twisted.internet.reactor' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_free_port_is_bindable():
+    port = tap.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_make_tub_keeps_certificate_and_port(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    first = tap.make_tub(cd, "engine")
+    port = cd.get_port("engine")
+    second = tap.make_tub(cd, "engine")
+    assert first.getTubID() == second.getTubID()
+    assert cd.get_port("engine") == port
+    assert oct(os.stat(cd.cert_file("engine")).st_mode & 0o777) == "0o600"
+
+
+def test_make_tub_moves_off_a_taken_port(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        cd.set_port("engine", taken)
+        tap.make_tub(cd, "engine")
+        assert cd.get_port("engine") != taken
+
+
+def test_register_furl_keeps_swissnum_for_same_tub(tmp_path):
+    from foolscap.api import Referenceable
+
+    cd = ClusterDir(tmp_path / "c").create()
+    furl = tap.register_furl(
+        tap.make_tub(cd, "engine"), Referenceable(), cd, clusterdir.ENGINE_FURL
+    )
+    again = tap.register_furl(
+        tap.make_tub(cd, "engine"), Referenceable(), cd, clusterdir.ENGINE_FURL
+    )
+    assert again == furl
+    assert cd.read_furl(clusterdir.ENGINE_FURL) == furl
+
+
+def test_register_furl_new_swissnum_for_new_tub(tmp_path):
+    from foolscap.api import Referenceable
+
+    cd = ClusterDir(tmp_path / "c").create()
+    furl = tap.register_furl(
+        tap.make_tub(cd, "engine"), Referenceable(), cd, clusterdir.ENGINE_FURL
+    )
+    os.unlink(cd.cert_file("engine"))
+    other = tap.register_furl(
+        tap.make_tub(cd, "engine"), Referenceable(), cd, clusterdir.ENGINE_FURL
+    )
+    assert other.rsplit("/", 1)[1] != furl.rsplit("/", 1)[1]
+
+
+def test_controller_service_refuses_loose_cluster_dir(tmp_path):
+    path = tmp_path / "loose"
+    path.mkdir()
+    os.chmod(path, 0o777)
+    with pytest.raises(usage.UsageError, match="chmod 700"):
+        tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={path}"))
+
+
+def test_controller_service_tree_writes_engine_furl(tmp_path):
+    cd = tmp_path / "c"
+    top = tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={cd}"))
+    assert top.cluster_dir.read_furl(clusterdir.ENGINE_FURL).startswith("pb://")
+    assert oct(os.stat(cd / clusterdir.ENGINE_FURL).st_mode & 0o777) == "0o600"
+    assert top.controller is not None
