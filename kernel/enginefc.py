@@ -53,7 +53,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import serialized
-from kernel.error import ConnectionError, EngineError, RemoteError, engine_failure_info
+from kernel.error import (
+    ConnectionError,
+    EngineError,
+    RemoteError,
+    SecurityError,
+    engine_failure_info,
+)
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
 from kernel.serialized import Serialized
 
@@ -591,12 +597,13 @@ class EngineConnector(service.Service):
 
     :param tub: a running (or soon running) Foolscap ``Tub``.
     :param get_furl: returns the controller's engine FURL; called before each
-        attempt, so a rewritten connection file is picked up. May raise
-        (e.g. :class:`~kernel.error.SecurityError`): the attempt then fails
-        and is retried.
+        attempt, so a rewritten connection file is picked up. If it raises,
+        the attempt fails and is retried (a missing file: no controller yet),
+        except for :class:`~kernel.error.SecurityError`, which is fatal.
     :param engine: the engine service to expose.
-    :param on_fatal: called with a Failure when the controller refuses the
-        FURL (wrong or stale swissnum): retrying cannot help.
+    :param on_fatal: called with a Failure when retrying cannot help: the
+        controller refused the FURL (wrong or stale swissnum), or the
+        connection file is not private (:class:`~kernel.error.SecurityError`).
     :param on_kill: passed to :class:`FCEngineReferenceFromService`.
     """
 
@@ -684,7 +691,9 @@ class EngineConnector(service.Service):
     def _failed(self, f: Failure) -> None:
         if not self.running:
             return
-        if is_refused_furl(f):
+        if f.check(SecurityError):
+            err = f
+        elif is_refused_furl(f):
             err = Failure(
                 ConnectionError(
                     "the controller refused this engine's FURL (unknown name): the FURL "
@@ -692,7 +701,11 @@ class EngineConnector(service.Service):
                     "(restart with `txkernel cluster start`)."
                 )
             )
-            log.msg(err.getErrorMessage())
+        else:
+            err = None
+        if err is not None:
+            # Retrying cannot help: give up loudly.
+            log.msg(f"cannot register with the controller: {err.getErrorMessage()}")
             if self.on_fatal is not None:
                 self.on_fatal(err)
             waiters, self._waiters = self._waiters, []

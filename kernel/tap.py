@@ -413,9 +413,15 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
 
     from twisted.internet import reactor
 
-    def stop(*_):
+    def stop():
         if reactor.running:
             reactor.stop()
+
+    def give_up(reason):
+        log.msg(f"engine stopping: {reason.getErrorMessage()}")
+        # exit non-zero once the reactor has shut down cleanly
+        reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
+        stop()
 
     top = service.MultiService()
     tub = Tub()
@@ -426,7 +432,7 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
         tub,
         lambda: cd.read_furl(furl_name),
         engine,
-        on_fatal=stop,
+        on_fatal=give_up,
         on_kill=stop,
         max_delay=options["max-delay"],
     )

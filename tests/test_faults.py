@@ -1,0 +1,112 @@
+"""Fault injection with real controller and engine processes.
+
+SIGKILL and SIGSTOP engines, stop and restart the controller, and check that
+nothing hangs: stranded work fails with EngineError, dead engines are
+unregistered within the heartbeat window, and engines come back by themselves.
+"""
+
+import pytest
+import pytest_twisted
+from foolscap.api import Tub
+from twisted.internet import reactor, task
+
+from kernel import clusterdir
+from kernel.error import CompositeError
+from kernel.multienginefc import FCMultiEngine
+from kernel.testing.processes import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+HEARTBEAT = 0.5
+MAX_MISSED = 2
+#: Generous bound for "promptly": well under any test timeout, far above
+#: what a healthy loopback needs.
+PROMPT = 15
+
+
+async def sleep(seconds):
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster():
+    c = LocalCluster(heartbeat=HEARTBEAT, max_missed=MAX_MISSED)
+    try:
+        await c.start_async(2)
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def client(cluster):
+    """A Foolscap multiengine client of the cluster."""
+    tub = Tub()
+    tub.startService()
+    furl = cluster.cluster_dir.read_furl(clusterdir.MULTIENGINE_FURL)
+    ref = await tub.getReference(furl).addTimeout(PROMPT, reactor)
+    yield FCMultiEngine(ref)
+    await tub.stopService()
+
+
+def assert_engine_error(err, engine_id):
+    assert isinstance(err, CompositeError)
+    assert [(e.ename, e.engine_id) for e in err.elist] == [("EngineError", engine_id)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_during_blocking_execute_fails_promptly_with_engine_error(cluster, client):
+    victim, survivor = sorted(cluster.registered())
+    d = client.execute("import time; time.sleep(600)", targets=victim)
+    queued = client.execute("x = 1", targets=victim)
+    await sleep(0.5)  # let the command start on the engine
+    cluster.kill_engine(victim)
+    for call in (d, queued):
+        with pytest.raises(CompositeError) as info:
+            await call.addTimeout(PROMPT, reactor)
+        assert_engine_error(info.value, victim)
+    await cluster.wait_until_unregistered_async(victim)
+    assert await client.get_ids() == [survivor]
+    # the other engine is unaffected
+    (result,) = await client.execute("y = 2", targets=survivor)
+    assert result["id"] == survivor
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigstopped_engine_declared_dead_within_heartbeat_window(cluster, client):
+    victim, _ = sorted(cluster.registered())
+    proc = cluster.pause_engine(victim)
+    try:
+        d = client.execute("x = 1", targets=victim)
+        # dead after period * max_missed of silence, noticed at the next beat
+        window = HEARTBEAT * (MAX_MISSED + 1)
+        await cluster.wait_until_unregistered_async(victim, timeout=window + PROMPT)
+        with pytest.raises(CompositeError) as info:
+            await d.addTimeout(PROMPT, reactor)
+        assert_engine_error(info.value, victim)
+    finally:
+        proc.resume()
+    # woken up, the engine finds its connection dropped and registers again
+    reg = await cluster.wait_for_engines_async(2)
+    assert proc.pid in reg.values()
+
+
+@pytest_twisted.ensureDeferred
+async def test_restarted_controller_gets_its_engines_back_with_their_ids(cluster):
+    before = cluster.registered()
+    furl = cluster.cluster_dir.read_furl(clusterdir.ENGINE_FURL)
+    cluster.stop_controller()
+    await cluster.start_controller_async()
+    after = await cluster.wait_for_engines_async(2)
+    assert after == before
+    assert cluster.cluster_dir.read_furl(clusterdir.ENGINE_FURL) == furl
+
+
+@pytest_twisted.ensureDeferred
+async def test_killed_engine_leaves_the_others_and_new_engine_takes_lowest_free_id(cluster):
+    victim, survivor = sorted(cluster.registered())
+    cluster.kill_engine(victim)
+    await cluster.wait_until_unregistered_async(victim)
+    cluster.start_engine()
+    reg = await cluster.wait_for_engines_async(2)
+    assert sorted(reg) == sorted([victim, survivor])
