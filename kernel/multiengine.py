@@ -29,16 +29,23 @@ from __future__ import annotations
 import functools
 import numbers
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer
 from twisted.python.components import registerAdapter
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import map as kmap
 from kernel import parallelfunction
-from kernel.error import InvalidEngineID, NoEnginesRegistered, collect_exceptions
+from kernel.error import (
+    CompositeError,
+    InvalidEngineID,
+    NoEnginesRegistered,
+    collect_exceptions,
+    engine_failure_info,
+)
 from kernel.interfaces import (
     IMultiEngine,
     IMultiEngineCoordinator,
@@ -47,9 +54,14 @@ from kernel.interfaces import (
 )
 from kernel.mapper import MultiEngineMapper
 from kernel.pendingdeferred import PendingDeferredManager
-from kernel.serialized import deserialize, serialize, serialize_namespace
+from kernel.serialized import Serialized, deserialize, serialize, serialize_namespace
 
-__all__ = ["MultiEngine", "SynchronousMultiEngine"]
+__all__ = [
+    "MultiEngine",
+    "MultiEngineCallerMixin",
+    "SynchronousMultiEngine",
+    "resolve_targets",
+]
 
 #: Prefix of the temporary names ``raw_map`` binds on engines (removed afterwards).
 MAP_NAME_PREFIX = "_txkernel_map_"
@@ -80,90 +92,106 @@ def _is_id(t: Any) -> bool:
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
-@implementer(IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
-class MultiEngine:
-    """The engines of a controller, addressed by id.
+def resolve_targets(targets: Any, registered: Iterable[int]) -> list[int]:
+    """Resolve ``targets`` against the ``registered`` engine ids.
 
-    :param controller: an :class:`~kernel.interfaces.IControllerCore`; its
-        ``engines`` dict (id → queued engine) is read at each call.
-    :param stop_controller: called by ``kill(controller=True)`` after the
-        engines are killed; the default stops the reactor half a second later.
+    :returns: the ids in the order given (all registered ids, sorted, for ``'all'``).
+    :raises NoEnginesRegistered: ``'all'`` while no engine is registered.
+    :raises InvalidEngineID: for anything but an int, a non-empty list/tuple
+        of ints or ``'all'``, or for an id that is not registered.
+    """
+    registered = set(registered)
+    if isinstance(targets, str) and targets == "all":
+        if not registered:
+            raise NoEnginesRegistered()
+        return sorted(registered)
+    if _is_id(targets):
+        ids = [int(targets)]
+    elif isinstance(targets, (list, tuple)) and targets and all(_is_id(t) for t in targets):
+        ids = [int(t) for t in targets]
+    else:
+        raise InvalidEngineID(
+            f"invalid targets {targets!r}: use an engine id (int), a non-empty list "
+            "of ids, or 'all'"
+        )
+    missing = [t for t in ids if t not in registered]
+    if missing:
+        which = ", ".join(str(t) for t in missing)
+        hint = (
+            f"registered engines: {sorted(registered)}"
+            if registered
+            else "no engines are registered (start some with `txkernel cluster start -n 4`)"
+        )
+        raise InvalidEngineID(f"no engine with id {which}: {hint}")
+    return ids
+
+
+def _merge_failures(method: str, ids: list[int], outcomes: list) -> list:
+    """As :func:`collect_exceptions`, for per-engine chains of multiengine
+    calls: a CompositeError from one of them contributes its entries."""
+    elist = []
+    for engine_id, r in zip(ids, outcomes, strict=True):
+        if not isinstance(r, Failure):
+            continue
+        if r.check(CompositeError):
+            elist.extend(r.value.elist)
+        else:
+            info = engine_failure_info(r)
+            if info.engine_id is None:
+                info.engine_id = engine_id
+            elist.append(info)
+    if elist:
+        raise CompositeError(f"one or more exceptions from call to method: {method}", elist)
+    return outcomes
+
+
+async def _as(method: str, d: defer.Deferred) -> Any:
+    """Await ``d``; a CompositeError it raises is labelled with ``method``
+    (the user's call, not the primitive that carried it)."""
+    try:
+        return await d
+    except CompositeError as e:
+        e.message = f"one or more exceptions from call to method: {method}"
+        raise
+
+
+async def _per_engine(method: str, ids: list[int], calls: list[defer.Deferred]) -> list:
+    results = await defer.DeferredList(calls, consumeErrors=True)
+    return _merge_failures(method, ids, [r for _, r in results])
+
+
+class MultiEngineCallerMixin:
+    """The multiengine methods that open user data, for the caller's side.
+
+    Built only on five primitives the class provides, each firing as in
+    :class:`~kernel.interfaces.IMultiEngine`: ``get_ids()``,
+    ``push_serialized(namespace, targets)``, ``pull_serialized(keys, targets)``,
+    ``execute(lines, targets)``. :class:`MultiEngine` provides them over a
+    controller's engines; a network client half provides them over the wire
+    and gets ``push``/``pull``, the coordinator and the extras from here, so
+    serialization, partitioning and joining stay in the client.
     """
 
-    def __init__(self, controller: Any, stop_controller: Callable[[], Any] | None = None):
-        self.controller = controller
-        self._stop_controller = stop_controller or _stop_reactor
-
-    # -- targets ---------------------------------------------------------
-
-    def engine_ids(self, targets: Any = "all") -> list[int]:
-        """Resolve ``targets`` to a list of registered engine ids.
-
-        :raises NoEnginesRegistered: ``'all'`` while no engine is registered.
-        :raises InvalidEngineID: for anything but an int, a non-empty
-            list/tuple of ints or ``'all'``, or for an unregistered id.
-        """
-        engines = self.controller.engines
-        if isinstance(targets, str) and targets == "all":
-            if not engines:
-                raise NoEnginesRegistered()
-            return sorted(engines)
-        if _is_id(targets):
-            ids = [int(targets)]
-        elif isinstance(targets, (list, tuple)) and targets and all(_is_id(t) for t in targets):
-            ids = [int(t) for t in targets]
-        else:
-            raise InvalidEngineID(
-                f"invalid targets {targets!r}: use an engine id (int), a non-empty list "
-                "of ids, or 'all'"
-            )
-        missing = [t for t in ids if t not in engines]
-        if missing:
-            which = ", ".join(str(t) for t in missing)
-            known = sorted(engines)
-            hint = (
-                f"registered engines: {known}"
-                if known
-                else "no engines are registered (start some with `txkernel cluster start -n 4`)"
-            )
-            raise InvalidEngineID(f"no engine with id {which}: {hint}")
-        return ids
-
-    # -- multiplexing ----------------------------------------------------
-
-    async def _collect(self, method: str, ids: list[int], calls: list[defer.Deferred]) -> list:
-        """Wait for every call, then raise one CompositeError for all failures."""
-        results = await defer.DeferredList(calls, consumeErrors=True)
-        return collect_exceptions([r for _, r in results], method, engine_ids=ids)
-
-    async def _each(self, method: str, ids: list[int], engine_method: str, *args: Any) -> list:
-        """Call ``engine_method(*args)`` on each engine in ``ids``."""
-        engines = self.controller.engines
-        calls = [defer.maybeDeferred(getattr(engines[i], engine_method), *args) for i in ids]
-        return await self._collect(method, ids, calls)
+    async def _target_list(self, targets: Any) -> list[int]:
+        """Resolve ``targets`` against the engines registered now."""
+        return resolve_targets(targets, await self.get_ids())
 
     async def _pull_serialized(self, method: str, keys: Any, targets: Any) -> list:
-        ids = self.engine_ids(targets)
-        blobs = await self._each(method, ids, "pull_serialized", keys)
+        """Pull ``keys`` as blobs and open them here: one value (``keys`` a
+        str) or list of values per target. (Subclasses may override how
+        blobs that came over a wire are opened.)"""
+        blobs = await _as(method, self.pull_serialized(keys, targets))
         if isinstance(keys, str):
             return [deserialize(b) for b in blobs]
         return [[deserialize(b) for b in per_engine] for per_engine in blobs]
 
-    # -- IEngineMultiplexer ------------------------------------------------
-
-    @_deferred
-    async def execute(self, lines: str, targets: Any = "all") -> list[dict]:
-        """Run ``lines`` on each target; fire the result dicts."""
-        if not isinstance(lines, str):
-            raise TypeError(f"execute takes Python source as a str, not {type(lines).__name__}")
-        return await self._each("execute", self.engine_ids(targets), "execute", lines)
+    # -- data --------------------------------------------------------------
 
     @_deferred
     async def push(self, namespace: dict[str, Any], targets: Any = "all") -> list[None]:
-        """Bind ``namespace``'s items on each target (each value serialized once)."""
-        ids = self.engine_ids(targets)
-        blobs = serialize_namespace(namespace)
-        return await self._each("push", ids, "push_serialized", blobs)
+        """Bind ``namespace``'s items on each target; each value is serialized
+        once and the same blob goes to every target. Fires a list of None."""
+        return await _as("push", self.push_serialized(serialize_namespace(namespace), targets))
 
     @_deferred
     async def pull(self, keys: str | list[str], targets: Any = "all") -> list:
@@ -179,9 +207,9 @@ class MultiEngine:
                     f"push_function: {name!r} is a {type(value).__name__}, not a function; "
                     "use push for other objects"
                 )
-        ids = self.engine_ids(targets)
-        blobs = serialize_namespace(namespace)
-        return await self._each("push_function", ids, "push_serialized", blobs)
+        return await _as(
+            "push_function", self.push_serialized(serialize_namespace(namespace), targets)
+        )
 
     @_deferred
     async def pull_function(self, keys: str | list[str], targets: Any = "all") -> list:
@@ -198,88 +226,6 @@ class MultiEngine:
                     )
         return results
 
-    @_deferred
-    async def push_serialized(self, namespace: dict[str, Any], targets: Any = "all") -> list:
-        """Send ``name: Serialized`` pairs to each target, unopened."""
-        return await self._each(
-            "push_serialized", self.engine_ids(targets), "push_serialized", namespace
-        )
-
-    @_deferred
-    async def pull_serialized(self, keys: str | list[str], targets: Any = "all") -> list:
-        """Fire one Serialized (or list of them) per target, unopened."""
-        return await self._each(
-            "pull_serialized", self.engine_ids(targets), "pull_serialized", keys
-        )
-
-    @_deferred
-    async def get_result(self, i: int | None = None, targets: Any = "all") -> list[dict]:
-        """Fire each target's result dict of command ``i`` (None: the latest)."""
-        return await self._each("get_result", self.engine_ids(targets), "get_result", i)
-
-    @_deferred
-    async def reset(self, targets: Any = "all") -> list[None]:
-        """Clear each target's namespace."""
-        return await self._each("reset", self.engine_ids(targets), "reset")
-
-    @_deferred
-    async def keys(self, targets: Any = "all") -> list[list[str]]:
-        """Fire each target's sorted list of names."""
-        return await self._each("keys", self.engine_ids(targets), "keys")
-
-    @_deferred
-    async def kill(self, controller: bool = False, targets: Any = "all") -> list[None]:
-        """Kill the targets; with ``controller``, kill every engine and then the controller."""
-        ids = self.engine_ids("all" if controller else targets)
-        results = await self._each("kill", ids, "kill")
-        if controller:
-            self._stop_controller()
-        return results
-
-    @_deferred
-    async def clear_queue(self, targets: Any = "all") -> list[None]:
-        """Drop the commands waiting in each target's queue."""
-        return await self._each("clear_queue", self.engine_ids(targets), "clear_queue")
-
-    @_deferred
-    async def queue_status(self, targets: Any = "all") -> list[tuple[int, dict]]:
-        """Fire ``(engine_id, status)`` pairs, ``status`` a dict with ``queue``
-        (waiting commands) and ``pending`` (the running one, or None)."""
-        ids = self.engine_ids(targets)
-        statuses = await self._each("queue_status", ids, "queue_status")
-        return list(zip(ids, statuses, strict=True))
-
-    @_deferred
-    async def set_properties(self, properties: dict[str, Any], targets: Any = "all") -> list:
-        """Update each target's properties with the plain-data dict ``properties``."""
-        return await self._each(
-            "set_properties", self.engine_ids(targets), "set_properties", properties
-        )
-
-    @_deferred
-    async def get_properties(self, keys: list[str] | None = None, targets: Any = "all") -> list:
-        """Fire each target's properties dict (only ``keys`` when given)."""
-        return await self._each("get_properties", self.engine_ids(targets), "get_properties", keys)
-
-    @_deferred
-    async def del_properties(self, keys: list[str], targets: Any = "all") -> list:
-        """Remove the named properties on each target."""
-        return await self._each("del_properties", self.engine_ids(targets), "del_properties", keys)
-
-    @_deferred
-    async def has_properties(self, keys: list[str], targets: Any = "all") -> list[list[bool]]:
-        """Fire, per target, one bool per key: is it set?"""
-        return await self._each("has_properties", self.engine_ids(targets), "has_properties", keys)
-
-    @_deferred
-    async def clear_properties(self, targets: Any = "all") -> list:
-        """Remove every property on each target."""
-        return await self._each("clear_properties", self.engine_ids(targets), "clear_properties")
-
-    def get_ids(self) -> defer.Deferred:
-        """Fire the sorted list of registered engine ids."""
-        return defer.succeed(sorted(self.controller.engines))
-
     # -- IMultiEngineCoordinator -------------------------------------------
 
     @_deferred
@@ -290,24 +236,21 @@ class MultiEngine:
 
         With ``flatten`` a block of one item is bound as that item. Fires None.
         """
-        ids = self.engine_ids(targets)
-        blocks = kmap.partition(seq, len(ids), dist)
-        engines = self.controller.engines
+        distribution = kmap.distribution(dist)
+        ids = await self._target_list(targets)
+        blocks = distribution.partition(seq, len(ids))
         calls = []
         for engine_id, block in zip(ids, blocks, strict=True):
             value = block[0] if flatten and len(block) == 1 else block
-            calls.append(
-                defer.maybeDeferred(engines[engine_id].push_serialized, {key: serialize(value)})
-            )
-        await self._collect("scatter", ids, calls)
+            calls.append(self.push_serialized({key: serialize(value)}, engine_id))
+        await _per_engine("scatter", ids, calls)
         return None
 
     @_deferred
     async def gather(self, key: str, dist: str = "b", targets: Any = "all") -> Any:
         """Pull ``key`` from each target and join the blocks in target order."""
-        kmap.distribution(dist)
-        parts = await self._pull_serialized("gather", key, targets)
-        return kmap.join(parts, dist)
+        distribution = kmap.distribution(dist)
+        return distribution.join_partitions(await self._pull_serialized("gather", key, targets))
 
     @_deferred
     async def raw_map(
@@ -328,7 +271,7 @@ class MultiEngine:
                 "raw_map takes its sequences as a non-empty list or tuple: seqs=[s1, s2]"
             )
         distribution = kmap.distribution(dist)
-        ids = self.engine_ids(targets)
+        ids = await self._target_list(targets)
         seqs = [kmap.as_sliceable(s) for s in seqs]
         n = min(len(s) for s in seqs)
         blocks = [distribution.partition(s[:n], len(ids)) for s in seqs]
@@ -341,24 +284,25 @@ class MultiEngine:
                 continue  # more engines than items: this one has nothing to do
             work_ids.append(engine_id)
             calls.append(defer.ensureDeferred(self._map_on(engine_id, func_blob, args)))
-        results = await self._collect("raw_map", work_ids, calls)
+        results = await _per_engine("raw_map", work_ids, calls)
         return [x for r in results for x in r]
 
-    async def _map_on(self, engine_id: int, func_blob: Any, args: list) -> list:
+    async def _map_on(self, engine_id: int, func_blob: Serialized, args: list) -> list:
         """Map on one engine: push, execute, pull, clean up."""
-        engine = self.controller.engines[engine_id]
         tag = MAP_NAME_PREFIX + uuid.uuid4().hex
         fname, rname = f"{tag}_f", f"{tag}_r"
         argnames = [f"{tag}_a{k}" for k in range(len(args))]
         namespace = {fname: func_blob}
         namespace.update((a, serialize(b)) for a, b in zip(argnames, args, strict=True))
-        await engine.push_serialized(namespace)
+        await self.push_serialized(namespace, engine_id)
         bound = ", ".join([fname, *argnames])
-        await engine.execute(f"try:\n    {rname} = list(map({bound}))\nfinally:\n    del {bound}\n")
+        await self.execute(
+            f"try:\n    {rname} = list(map({bound}))\nfinally:\n    del {bound}\n", engine_id
+        )
         try:
-            blob = await engine.pull_serialized(rname)
+            (blob,) = await self.pull_serialized(rname, engine_id)
         finally:
-            await engine.execute(f"del {rname}")
+            await self.execute(f"del {rname}", engine_id)
         return deserialize(blob)
 
     def map(self, func: Callable, *seqs: Any) -> defer.Deferred:
@@ -394,7 +338,125 @@ class MultiEngine:
                 f"run: no file {filename!r} on this machine (run reads the file here "
                 "and sends its source to the engines; check the path)"
             ) from None
-        return await self._each("run", self.engine_ids(targets), "execute", source)
+        return await _as("run", self.execute(source, targets))
+
+
+@implementer(IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
+class MultiEngine(MultiEngineCallerMixin):
+    """The engines of a controller, addressed by id.
+
+    The engine methods are multiplexed here over the controller's engines;
+    the methods that open user data come from :class:`MultiEngineCallerMixin`.
+
+    :param controller: an :class:`~kernel.interfaces.IControllerCore`; its
+        ``engines`` dict (id → queued engine) is read at each call.
+    :param stop_controller: called by ``kill(controller=True)`` after the
+        engines are killed; the default stops the reactor half a second later.
+    """
+
+    def __init__(self, controller: Any, stop_controller: Callable[[], Any] | None = None):
+        self.controller = controller
+        self._stop_controller = stop_controller or _stop_reactor
+
+    def engine_ids(self, targets: Any = "all") -> list[int]:
+        """Resolve ``targets`` to registered engine ids (see :func:`resolve_targets`)."""
+        return resolve_targets(targets, self.controller.engines)
+
+    async def _target_list(self, targets: Any) -> list[int]:
+        return self.engine_ids(targets)
+
+    async def _each(self, method: str, ids: list[int], *args: Any) -> list:
+        """Call the engine method ``method(*args)`` on each engine in ``ids``;
+        fire the results in order, or one CompositeError for every failure."""
+        engines = self.controller.engines
+        calls = [defer.maybeDeferred(getattr(engines[i], method), *args) for i in ids]
+        results = await defer.DeferredList(calls, consumeErrors=True)
+        return collect_exceptions([r for _, r in results], method, engine_ids=ids)
+
+    # -- IEngineMultiplexer ------------------------------------------------
+
+    @_deferred
+    async def execute(self, lines: str, targets: Any = "all") -> list[dict]:
+        """Run ``lines`` on each target; fire the result dicts."""
+        if not isinstance(lines, str):
+            raise TypeError(f"execute takes Python source as a str, not {type(lines).__name__}")
+        return await self._each("execute", self.engine_ids(targets), lines)
+
+    @_deferred
+    async def push_serialized(self, namespace: dict[str, Any], targets: Any = "all") -> list:
+        """Send ``name: Serialized`` pairs to each target, unopened."""
+        return await self._each("push_serialized", self.engine_ids(targets), namespace)
+
+    @_deferred
+    async def pull_serialized(self, keys: str | list[str], targets: Any = "all") -> list:
+        """Fire one Serialized (or list of them) per target, unopened."""
+        return await self._each("pull_serialized", self.engine_ids(targets), keys)
+
+    @_deferred
+    async def get_result(self, i: int | None = None, targets: Any = "all") -> list[dict]:
+        """Fire each target's result dict of command ``i`` (None: the latest)."""
+        return await self._each("get_result", self.engine_ids(targets), i)
+
+    @_deferred
+    async def reset(self, targets: Any = "all") -> list[None]:
+        """Clear each target's namespace."""
+        return await self._each("reset", self.engine_ids(targets))
+
+    @_deferred
+    async def keys(self, targets: Any = "all") -> list[list[str]]:
+        """Fire each target's sorted list of names."""
+        return await self._each("keys", self.engine_ids(targets))
+
+    @_deferred
+    async def kill(self, controller: bool = False, targets: Any = "all") -> list[None]:
+        """Kill the targets; with ``controller``, kill every engine and then the controller."""
+        ids = self.engine_ids("all" if controller else targets)
+        results = await self._each("kill", ids)
+        if controller:
+            self._stop_controller()
+        return results
+
+    @_deferred
+    async def clear_queue(self, targets: Any = "all") -> list[None]:
+        """Drop the commands waiting in each target's queue."""
+        return await self._each("clear_queue", self.engine_ids(targets))
+
+    @_deferred
+    async def queue_status(self, targets: Any = "all") -> list[tuple[int, dict]]:
+        """Fire ``(engine_id, status)`` pairs, ``status`` a dict with ``queue``
+        (waiting commands) and ``pending`` (the running one, or None)."""
+        ids = self.engine_ids(targets)
+        statuses = await self._each("queue_status", ids)
+        return list(zip(ids, statuses, strict=True))
+
+    @_deferred
+    async def set_properties(self, properties: dict[str, Any], targets: Any = "all") -> list:
+        """Update each target's properties with the plain-data dict ``properties``."""
+        return await self._each("set_properties", self.engine_ids(targets), properties)
+
+    @_deferred
+    async def get_properties(self, keys: list[str] | None = None, targets: Any = "all") -> list:
+        """Fire each target's properties dict (only ``keys`` when given)."""
+        return await self._each("get_properties", self.engine_ids(targets), keys)
+
+    @_deferred
+    async def del_properties(self, keys: list[str], targets: Any = "all") -> list:
+        """Remove the named properties on each target."""
+        return await self._each("del_properties", self.engine_ids(targets), keys)
+
+    @_deferred
+    async def has_properties(self, keys: list[str], targets: Any = "all") -> list[list[bool]]:
+        """Fire, per target, one bool per key: is it set?"""
+        return await self._each("has_properties", self.engine_ids(targets), keys)
+
+    @_deferred
+    async def clear_properties(self, targets: Any = "all") -> list:
+        """Remove every property on each target."""
+        return await self._each("clear_properties", self.engine_ids(targets))
+
+    def get_ids(self) -> defer.Deferred:
+        """Fire the sorted list of registered engine ids."""
+        return defer.succeed(sorted(self.controller.engines))
 
 
 @implementer(ISynchronousMultiEngine)
