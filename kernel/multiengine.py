@@ -17,11 +17,13 @@ Where user data is opened. ``push``, ``push_function`` and ``scatter``
 serialize each value once, here, and send the same blobs to every target with
 ``push_serialized``; ``pull``, ``pull_function``, ``gather`` and ``zip_pull``
 fetch blobs with ``pull_serialized`` and deserialize them here. Partitioning
-and joining also happen here. So this module is the *caller's* side: in
-process it runs in the client, and a network adapter's client half does the
-same work in the client process while its server half calls only the
-``*_serialized`` methods, so the controller routes opaque
-:class:`~kernel.serialized.Serialized` blobs and never unpickles user data.
+and joining also happen here. That code is :class:`MultiEngineCallerMixin`,
+built only on ``get_ids``, ``execute``, ``push_serialized`` and
+``pull_serialized``: it is the *caller's* side. In process it runs in the
+client; a network adapter's client half reuses it in the client process while
+its server half calls only the ``*_serialized`` methods, so the controller
+routes opaque :class:`~kernel.serialized.Serialized` blobs and never unpickles
+user data.
 """
 
 from __future__ import annotations

@@ -25,7 +25,12 @@ from kernel.interfaces import (
     ISynchronousMultiEngine,
 )
 from kernel.mapper import MultiEngineMapper
-from kernel.multiengine import MultiEngine, SynchronousMultiEngine
+from kernel.multiengine import (
+    MultiEngine,
+    MultiEngineCallerMixin,
+    SynchronousMultiEngine,
+    resolve_targets,
+)
 from kernel.parallelfunction import ParallelFunction
 from kernel.serialized import Serialized
 from tests.contract.multiengine import MultiEngineContract
@@ -199,3 +204,51 @@ def test_inprocess_pi_example_prints_an_estimate_the_engines_and_the_time(tmp_pa
     # 800000 darts: the standard error is about 0.002, so 0.05 is 25 of them.
     assert abs(float(estimate.group(1)) - math.pi) < 0.05
     assert re.search(r"800000 samples on 4 engines \[0, 1, 2, 3\] in \d+\.\d+ s", proc.stdout)
+
+
+class _BlobStore(MultiEngineCallerMixin):
+    """Only the serialized primitives, over namespaces that hold blobs and
+    refuse anything else: what a controller that never unpickles sees."""
+
+    def __init__(self, n):
+        self.namespaces = {i: {} for i in range(n)}
+
+    def get_ids(self):
+        return defer.succeed(sorted(self.namespaces))
+
+    def _ids(self, targets):
+        return resolve_targets(targets, self.namespaces)
+
+    def push_serialized(self, namespace, targets="all"):
+        for value in namespace.values():
+            assert isinstance(value, Serialized), f"the controller got a {type(value)}"
+        for i in self._ids(targets):
+            self.namespaces[i].update(namespace)
+        return defer.succeed([None] * len(self._ids(targets)))
+
+    def pull_serialized(self, keys, targets="all"):
+        ids = self._ids(targets)
+        if isinstance(keys, str):
+            return defer.succeed([self.namespaces[i][keys] for i in ids])
+        return defer.succeed([[self.namespaces[i][k] for k in keys] for i in ids])
+
+    def execute(self, lines, targets="all"):
+        raise AssertionError("not needed here")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_caller_side_sends_and_receives_only_serialized_blobs():
+    store = _BlobStore(3)
+    await store.push({"a": [1, 2], "f": len})
+    await store.push_function({"g": abs}, targets=[2])
+    await store.scatter("s", list(range(7)))
+    assert await store.pull("a", targets=1) == [[1, 2]]
+    assert await store.gather("s") == list(range(7))
+    assert await store.zip_pull(["a", "s"], targets=[0, 2]) == [
+        ([1, 2], [1, 2]),
+        ([0, 1, 2], [5, 6]),
+    ]
+    assert (await store.pull_function("g", targets=2))[0] is abs
+    with pytest.raises(InvalidEngineID):
+        await store.scatter("s", [1], targets=[0, 9])
+    assert all(isinstance(v, Serialized) for ns in store.namespaces.values() for v in ns.values())
