@@ -37,5 +37,6 @@ class Loopback:
 
     async def stop(self) -> None:
         """Stop both Tubs (a Tub cannot be restarted: make a new Loopback)."""
-        await self.client.stopService()
-        await self.server.stopService()
+        for tub in (self.client, self.server):
+            if tub.running:
+                await tub.stopService()

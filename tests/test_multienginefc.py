@@ -49,7 +49,6 @@ class TestMultiEngineFoolscapLoopback(MultiEngineContract):
 async def fc_cluster():
     harness = await FoolscapLoopbackHarness.start(n_engines=2)
     try:
-        await harness.reset()
         yield harness
     finally:
         await harness.stop()
