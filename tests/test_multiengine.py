@@ -37,25 +37,9 @@ from tests.contract.multiengine import MultiEngineContract
 from tests.harness import InProcessHarness
 
 
-class KillableHarness(InProcessHarness):
-    """In-process harness whose engines leave the controller when killed,
-    as an engine process does when it exits (its connection drops)."""
-
-    async def add_engine(self) -> int:
-        engine_id = await super().add_engine()
-        engine = self.engine_services[engine_id]
-        engine.on_kill(reactor.callLater, 0, self._forget, engine_id, engine)
-        return engine_id
-
-    def _forget(self, engine_id: int, engine) -> None:
-        queued = self.controller.engines.get(engine_id)
-        if queued is not None and queued.engine is engine:
-            self.controller.unregister_engine(engine_id)
-
-
 @pytest_twisted.async_yield_fixture
 async def cluster():
-    harness = await KillableHarness.start(n_engines=4)
+    harness = await InProcessHarness.start(n_engines=4)
     try:
         await harness.reset()
         yield harness
