@@ -245,7 +245,13 @@ class Dependency(set):
     __hash__ = None  # type: ignore[assignment]
 
     def __reduce__(self):
-        return (type(self).from_dict, (self.as_dict(),))
+        # A module function, not the bound classmethod: twisted.persisted.styles
+        # replaces how bound methods pickle once it is imported.
+        return (_dependency_from_dict, (self.as_dict(),))
+
+
+def _dependency_from_dict(d: Mapping[str, Any]) -> Dependency:
+    return Dependency.from_dict(d)
 
 
 def as_dependency(value: Any) -> Dependency | None:

@@ -66,6 +66,9 @@ class InProcessHarness:
         # One SynchronousMultiEngine per client: each keeps its own pending results.
         self.multiengine = SynchronousMultiEngine(self.multiengine_core)
         self.other_multiengine = SynchronousMultiEngine(self.multiengine_core)
+        from kernel.taskcontroller import TaskController
+
+        self.task_controller = TaskController(self.controller)
 
     async def _reset_frontends(self) -> None:
         """Clear front-end state between tests (pending results, tasks);
@@ -73,6 +76,10 @@ class InProcessHarness:
         for me in (self.multiengine, self.other_multiengine):
             if me is not None:
                 await me.clear_pending_deferreds()
+        if self.task_controller is not None:
+            from tests.contract.task import forget_all_tasks
+
+            await forget_all_tasks(self.task_controller)
 
     async def add_engine(self) -> int:
         """Start one more engine; return its id once it is registered."""

@@ -1,0 +1,937 @@
+"""The load-balanced, fault-tolerant task controller.
+
+:class:`TaskController` sits on a :class:`~kernel.controllerservice.ControllerService`
+and hands tasks (``(flags, payload)`` specs, see :mod:`kernel.task`) to its
+engines. It never opens a payload or a result: it routes blobs, reads the
+plain-data flags, and judges engine failures by their plain description
+(:func:`kernel.error.engine_failure_info`).
+
+The life of a task::
+
+    waiting ──deps met──▶ ready ──scheduler──▶ assigned ──▶ sent ──▶ succeeded
+       │                    ▲                   (per-engine         failed
+       └──impossible/timeout┴──────── retry / UnmetDependency ─────  aborted
+
+- *waiting*: its ``after``/``follow`` tasks are not done. It is indexed under
+  each unfinished dependency, so a finishing task re-judges only its own
+  dependents, each in O(size of its dependency).
+- *ready*: the scheduler places it on an engine below the high-water mark,
+  with the chosen scheme, avoiding engines that rejected it
+  (:class:`~kernel.error.UnmetDependency`) and preferring ones it has not
+  failed on.
+- *assigned*: counted in the engine's load; the controller feeds each
+  engine's :class:`~kernel.engineservice.QueuedEngine` one task at a time, so
+  multiengine commands interleave with tasks instead of queueing behind all
+  of them, and a task not yet sent can still be moved or aborted.
+- *sent*: in the engine's FIFO or running.
+
+Every change is written to the task DB (:mod:`kernel.taskdb`); a finished
+task's result lives only there.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.python import log
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kernel import parallelfunction
+from kernel.dependency import Dependency
+from kernel.error import (
+    DependencyTimeout,
+    EngineError,
+    ImpossibleDependency,
+    InvalidDependency,
+    InvalidTaskID,
+    RemoteError,
+    TaskAborted,
+    TaskAlreadyCompleted,
+    engine_failure_info,
+)
+from kernel.interfaces import IMapper, ITaskController
+from kernel.scheduler import LoadTable
+from kernel.serialized import Serialized
+from kernel.task import TaskResult
+from kernel.taskdb.memory import DictDB
+from kernel.taskmapper import TaskMapper
+
+__all__ = ["TaskController", "normalize_flags", "DEFAULT_FLAGS"]
+
+#: The flags of a task spec and their defaults.
+DEFAULT_FLAGS: dict[str, Any] = {
+    "clear_before": False,
+    "clear_after": False,
+    "retries": 0,
+    "timeout": None,
+    "after": None,
+    "follow": None,
+    "recovery_task": None,
+    "description": "",
+}
+
+
+def normalize_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Check a task's flags and fill in defaults.
+
+    :raises TypeError: if ``flags`` is not a dict.
+    :raises ValueError: naming an unknown flag or a bad value.
+    """
+    if not isinstance(flags, dict):
+        raise TypeError(f"task flags must be a dict, got {type(flags).__name__}")
+    unknown = set(flags) - set(DEFAULT_FLAGS)
+    if unknown:
+        raise ValueError(
+            f"unknown task flags {sorted(unknown)}; valid flags: {sorted(DEFAULT_FLAGS)}"
+        )
+    out = dict(DEFAULT_FLAGS, **flags)
+    retries = out["retries"]
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+    timeout = out["timeout"]
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+    ):
+        raise ValueError(f"timeout must be seconds >= 0 or None, got {timeout!r}")
+    out["timeout"] = timeout or None
+    for key in ("after", "follow"):
+        if out[key] is not None:
+            try:
+                out[key] = Dependency.from_dict(out[key]).as_dict()
+            except (TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"bad {key} dependency {out[key]!r}: {e}") from None
+    recovery = out["recovery_task"]
+    if recovery is not None:
+        if (
+            not isinstance(recovery, dict)
+            or not isinstance(recovery.get("payload"), (bytes, bytearray, memoryview))
+            or not isinstance(recovery.get("flags"), dict)
+        ):
+            raise ValueError("recovery_task must be {'flags': dict, 'payload': bytes}")
+        out["recovery_task"] = {
+            "flags": normalize_flags(recovery["flags"]),
+            "payload": bytes(recovery["payload"]),
+        }
+    out["clear_before"] = bool(out["clear_before"])
+    out["clear_after"] = bool(out["clear_after"])
+    out["description"] = str(out["description"] or "")
+    return out
+
+
+class _Task:
+    """The controller's state for one unfinished task."""
+
+    def __init__(self, taskid: int, flags: dict[str, Any], payload: Serialized, now: float):
+        self.taskid = taskid
+        self.submitted = now
+        self.stage = "new"  # waiting | ready | assigned | sent | done
+        self.waiters: list[Deferred] = []
+        self.timer = None
+        self.timed_out = False
+        self.attempt = 0  # bumped per send; results of older attempts are ignored
+        self.attempts = 0
+        self.worker: _Worker | None = None
+        self.started: float | None = None
+        self.set_spec(flags, payload)
+
+    def set_spec(self, flags: dict[str, Any], payload: Serialized) -> None:
+        """Take on a (new) spec: at submission, and for a recovery task."""
+        self.flags = flags
+        self.payload = payload
+        self.retries_left = flags["retries"]
+        self.after = Dependency.from_dict(flags["after"]) if flags["after"] else None
+        self.follow = Dependency.from_dict(flags["follow"]) if flags["follow"] else None
+        #: outcomes of its dependencies as they finish: taskid -> (ok, worker serial)
+        self.known: dict[int, tuple[bool, int | None]] = {}
+        self.blacklist: set[int] = set()  # workers that raised UnmetDependency
+        self.tried: set[int] = set()  # workers it failed on
+
+    def outcome(self, taskid: int) -> bool | None:
+        known = self.known.get(taskid)
+        return None if known is None else known[0]
+
+    def __repr__(self) -> str:
+        return f"<task {self.taskid} {self.stage}>"
+
+
+class _Worker:
+    """The controller's view of one registered engine."""
+
+    def __init__(self, serial: int, engine_id: int, engine: Any):
+        self.serial = serial  # unique per registration (engine ids are reused)
+        self.engine_id = engine_id
+        self.engine = engine
+        self.assigned: collections.deque[_Task] = collections.deque()
+        self.sent: tuple[_Task, int] | None = None
+        self.lost = False
+
+    def __repr__(self) -> str:
+        return f"<worker {self.serial} engine {self.engine_id}>"
+
+
+class _Done:
+    """What is kept in memory about a finished task (its record is in the DB)."""
+
+    __slots__ = ("status", "serial")
+
+    def __init__(self, status: str, serial: int | None):
+        self.status = status
+        self.serial = serial
+
+
+_WAIT = "wait"
+_READY = "ready"
+
+
+@implementer(ITaskController, IMapper)
+class TaskController(service.Service):
+    """The load-balanced task queue over a controller's engines.
+
+    :param controller: an :class:`~kernel.interfaces.IControllerCore` whose
+        engines provide :class:`~kernel.interfaces.IEngineTasks` (normally
+        :class:`~kernel.engineservice.QueuedEngine`).
+    :param scheme: a scheduling scheme name (see :mod:`kernel.scheduler`) or a
+        callable ``scheme(loads) -> index``.
+    :param hwm: the most tasks outstanding on one engine at a time (0: no
+        limit). 1, the default, gives the best balance for tasks of unknown
+        length: an engine gets its next task when it finishes one.
+    :param db: the :class:`~kernel.interfaces.ITaskDB` to record tasks in
+        (default: a new :class:`~kernel.taskdb.memory.DictDB`).
+    :param clock: an ``IReactorTime`` for timeouts (default: the reactor).
+    """
+
+    name = "task_controller"
+
+    def __init__(
+        self,
+        controller: Any,
+        scheme: str | Callable[..., int] = "leastload",
+        hwm: int = 1,
+        db: Any = None,
+        clock: Any = None,
+    ):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.controller = controller
+        self.clock = clock
+        self.db = DictDB() if db is None else db
+        self._table = LoadTable(scheme, hwm)
+        self._taskids = itertools.count()
+        self._serials = itertools.count()
+        self._tasks: dict[int, _Task] = {}  # unfinished tasks
+        self._done: dict[int, _Done] = {}  # finished, not yet cleared
+        self._ready: collections.OrderedDict[int, _Task] = collections.OrderedDict()
+        self._dependents: dict[int, set[int]] = {}
+        self._workers: dict[int, _Worker] = {}  # by serial
+        self._by_id: dict[int, _Worker] = {}  # by engine id
+        self._finished_deps: collections.deque[tuple[int, bool, int | None]] = collections.deque()
+        self._to_feed: set[_Worker] = set()
+        self._looping = False
+        self._again = False
+        self._db_tail: Deferred = succeed(None)
+        controller.on_register_engine_do(self._engine_registered, True)
+        controller.on_unregister_engine_do(self._engine_unregistered, True)
+        for engine_id in sorted(controller.engines):
+            self._engine_registered(engine_id)
+
+    # -- configuration -------------------------------------------------------
+
+    @property
+    def scheme(self) -> Callable[..., int]:
+        """The scheduling scheme in use."""
+        return self._table.scheme
+
+    @property
+    def hwm(self) -> int:
+        """The per-engine high-water mark (0: unlimited)."""
+        return self._table.hwm
+
+    def stopService(self):  # noqa: N802 - Twisted's name
+        """Stop watching engines and cancel pending timeouts."""
+        self.controller.on_register_engine_do_not(self._engine_registered)
+        self.controller.on_unregister_engine_do_not(self._engine_unregistered)
+        for state in self._tasks.values():
+            if state.timer is not None and state.timer.active():
+                state.timer.cancel()
+            state.timer = None
+        return super().stopService()
+
+    # -- ITaskController -----------------------------------------------------
+
+    def run(self, task: Any) -> Deferred:
+        """Submit an :class:`~kernel.interfaces.ITask`; fires its int taskid.
+
+        :raises: (errback) whatever ``task.to_spec()`` raises (e.g.
+            :class:`~kernel.error.SerializationError`), or as :meth:`run_spec`.
+        """
+        try:
+            flags, payload = task.to_spec()
+        except Exception:
+            return fail()
+        return self.run_spec(flags, payload)
+
+    def run_spec(self, flags: dict[str, Any], payload: Serialized) -> Deferred:
+        """Submit a task already split into ``(flags, payload)``; fires its taskid.
+
+        This is what a network adapter calls: the payload stays opaque.
+
+        :raises: (errback) ``ValueError``/``TypeError`` for bad flags or a
+            payload that is not a :class:`~kernel.serialized.Serialized`.
+        """
+        try:
+            flags = normalize_flags(flags)
+            if not isinstance(payload, Serialized):
+                raise TypeError(
+                    f"a task payload must be a Serialized, got {type(payload).__name__}"
+                )
+        except (TypeError, ValueError):
+            return fail()
+        taskid = next(self._taskids)
+        state = _Task(taskid, flags, payload, self.clock.seconds())
+        self._tasks[taskid] = state
+        self._db_write(
+            "add_record",
+            taskid,
+            {
+                "status": "pending",
+                "description": flags["description"],
+                "flags": _flags_for_record(flags),
+                "payload": payload.to_bytes(),
+                "submitted": state.submitted,
+                "attempts": 0,
+            },
+        )
+        if flags["timeout"]:
+            state.timer = self.clock.callLater(flags["timeout"], self._on_timeout, state)
+        self._admit(state)
+        self._kick()
+        return succeed(taskid)
+
+    def get_task_result(self, taskid: int, block: bool = False) -> Deferred:
+        """Fire the :class:`~kernel.task.TaskResult` of ``taskid``, or None if
+        it is not done and ``block`` is false.
+
+        :raises: (errback) :class:`~kernel.error.InvalidTaskID` if unknown or cleared.
+        """
+        if taskid in self._done:
+            return self._read_result(taskid)
+        state = self._tasks.get(taskid)
+        if state is None:
+            return fail(self._invalid(taskid))
+        if not block:
+            return succeed(None)
+        d = self._waiter(state)
+        d.addCallback(lambda _: self._read_result(taskid))
+        return d
+
+    def abort(self, taskid: int) -> Deferred:
+        """Abort a task (see :meth:`ITaskController.abort`). Fires None.
+
+        A task waiting in the controller is dropped; one running on an engine
+        is interrupted there. Its result is a :class:`~kernel.error.TaskAborted`
+        failure either way.
+        """
+        state = self._tasks.get(taskid)
+        if state is None:
+            if taskid in self._done:
+                return fail(
+                    TaskAlreadyCompleted(
+                        f"task {taskid} already finished ({self._done[taskid].status}); "
+                        "there is nothing to abort"
+                    )
+                )
+            return fail(self._invalid(taskid))
+        if state.stage == "ready":
+            del self._ready[taskid]
+        elif state.stage == "assigned":
+            worker = state.worker
+            worker.assigned.remove(state)
+            self._table.finish_job(worker.serial)
+        elif state.stage == "sent":
+            self._interrupt(state)
+        self._finish(
+            state,
+            "aborted",
+            error=TaskAborted(f"task {taskid} was aborted before it completed"),
+        )
+        return succeed(None)
+
+    def barrier(self, taskids: Iterable[int]) -> Deferred:
+        """Fire None once every task in ``taskids`` is done, whatever its outcome.
+
+        :raises: (errback) :class:`~kernel.error.InvalidTaskID` for an unknown id.
+        """
+        if isinstance(taskids, int):
+            taskids = [taskids]
+        waits = []
+        for tid in taskids:
+            if tid in self._done:
+                continue
+            state = self._tasks.get(tid)
+            if state is None:
+                return fail(self._invalid(tid))
+            waits.append(self._waiter(state))
+        if not waits:
+            return succeed(None)
+        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallback(
+            lambda _: None
+        )
+
+    def spin(self) -> Deferred:
+        """Run the scheduler once. Fires None."""
+        self._kick()
+        return succeed(None)
+
+    def queue_status(self, verbose: bool = False) -> Deferred:
+        """Fire ``{'pending', 'running', 'succeeded', 'failed', 'aborted'}``:
+        counts, or sorted lists of taskids when ``verbose``.
+
+        *pending* tasks wait in the controller (for dependencies or an engine);
+        *running* ones have been sent to an engine.
+        """
+        groups: dict[str, list[int]] = {
+            k: [] for k in ("pending", "running", "succeeded", "failed", "aborted")
+        }
+        for tid, state in self._tasks.items():
+            groups["running" if state.stage == "sent" else "pending"].append(tid)
+        for tid, done in self._done.items():
+            groups[done.status].append(tid)
+        if verbose:
+            return succeed({k: sorted(v) for k, v in groups.items()})
+        return succeed({k: len(v) for k, v in groups.items()})
+
+    def clear(self, taskids: Iterable[int] | None = None) -> Deferred:
+        """Forget finished tasks and drop their records (all finished tasks when
+        ``taskids`` is None). Unfinished tasks in ``taskids`` are left alone.
+
+        :raises: (errback) :class:`~kernel.error.InvalidTaskID` for an unknown id
+            (nothing is cleared then).
+        """
+        if taskids is None:
+            drop = list(self._done)
+        else:
+            if isinstance(taskids, int):
+                taskids = [taskids]
+            taskids = list(taskids)
+            for tid in taskids:
+                if tid not in self._done and tid not in self._tasks:
+                    return fail(self._invalid(tid))
+            drop = [tid for tid in taskids if tid in self._done]
+        for tid in drop:
+            del self._done[tid]
+        return self._db_call("drop_records", drop)
+
+    # -- load-balanced map ---------------------------------------------------
+
+    def map(self, func: Callable, *sequences: Any) -> Deferred:
+        """Load-balanced ``map(func, *sequences)``; fires the list of results in order."""
+        return self.mapper().map(func, *sequences)
+
+    def mapper(
+        self,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        retries: int = 0,
+        recovery_task: Any = None,
+        depend: Callable | None = None,
+        block: bool = True,
+        chunksize: int = 1,
+    ) -> TaskMapper:
+        """An :class:`~kernel.interfaces.IMapper` whose ``map`` runs each
+        ``chunksize`` elements as one task with these flags (see
+        :class:`~kernel.taskmapper.TaskMapper`)."""
+        return TaskMapper(
+            self,
+            clear_before=clear_before,
+            clear_after=clear_after,
+            retries=retries,
+            recovery_task=recovery_task,
+            depend=depend,
+            block=block,
+            chunksize=chunksize,
+        )
+
+    def parallel(
+        self,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        retries: int = 0,
+        recovery_task: Any = None,
+        depend: Callable | None = None,
+        block: bool = True,
+        chunksize: int = 1,
+    ) -> Callable[[Callable], parallelfunction.ParallelFunction]:
+        """A decorator making a function a load-balanced parallel function
+        (calling it maps it over its argument sequences)."""
+        return parallelfunction.parallel(
+            self.mapper(clear_before, clear_after, retries, recovery_task, depend, block, chunksize)
+        )
+
+    # -- engines -------------------------------------------------------------
+
+    def _engine_registered(self, id: int) -> None:
+        engine = self.controller.engines.get(id)
+        if engine is None:
+            return
+        old = self._by_id.get(id)
+        if old is not None:
+            self._retire(old, "it was replaced by a new engine with the same id")
+        worker = _Worker(next(self._serials), id, engine)
+        self._workers[worker.serial] = worker
+        self._by_id[id] = worker
+        self._table.add_engine(worker.serial)
+        self._kick()
+
+    def _engine_unregistered(self, id: int) -> None:
+        worker = self._by_id.get(id)
+        if worker is not None:
+            self._retire(worker, "it unregistered")
+        self._kick()
+
+    def _retire(self, worker: _Worker, why: str) -> None:
+        """Stop using ``worker``: its unsent tasks go back to the ready queue,
+        its running task is retried or failed with EngineError."""
+        if worker.lost:
+            return
+        worker.lost = True
+        self._workers.pop(worker.serial, None)
+        if self._by_id.get(worker.engine_id) is worker:
+            del self._by_id[worker.engine_id]
+        self._table.remove_engine(worker.serial)
+        self._to_feed.discard(worker)
+        for state in reversed(worker.assigned):
+            self._make_ready(state, front=True)
+        worker.assigned.clear()
+        sent, worker.sent = worker.sent, None
+        if sent is not None:
+            state, token = sent
+            if state.stage == "sent" and state.attempt == token:
+                state.attempt += 1  # ignore whatever the lost engine still sends
+                exc = EngineError(
+                    f"engine {worker.engine_id} was lost ({why}) while running task "
+                    f"{state.taskid}; give the task retries to have it rerun elsewhere"
+                )
+                self._retry_or_fail(state, _describe(exc, worker.engine_id))
+
+    # -- the scheduling loop -------------------------------------------------
+
+    def _kick(self) -> None:
+        """Propagate finished dependencies, place ready tasks, feed engines;
+        repeat until nothing changes. Re-entrant calls just ask for another
+        round, so synchronous engines cannot recurse deeply."""
+        if self._looping:
+            self._again = True
+            return
+        self._looping = True
+        try:
+            while True:
+                self._again = False
+                self._propagate()
+                self._place_ready()
+                self._feed_engines()
+                if not (self._again or self._finished_deps):
+                    break
+        finally:
+            self._looping = False
+
+    def _admit(self, state: _Task) -> None:
+        """Analyse a task's graph dependencies: fail, wait or make ready."""
+        pending = []
+        unknown = []
+        for dep in (state.after, state.follow):
+            if not dep:
+                continue
+            for tid in dep:
+                if tid in state.known:
+                    continue
+                done = self._done.get(tid)
+                if done is not None:
+                    state.known[tid] = (done.status == "succeeded", done.serial)
+                elif tid in self._tasks and tid != state.taskid:
+                    pending.append(tid)
+                else:
+                    unknown.append(tid)
+        if unknown:
+            self._finish(
+                state,
+                "failed",
+                error=InvalidDependency(
+                    f"task {state.taskid} depends on unknown task(s) {sorted(set(unknown))}: "
+                    "they were never submitted or have been cleared"
+                ),
+            )
+            return
+        verdict = self._judge(state)
+        if isinstance(verdict, Exception):
+            self._finish(state, "failed", error=verdict)
+        elif verdict is _READY:
+            self._make_ready(state)
+        else:
+            state.stage = "waiting"
+            for tid in pending:
+                self._dependents.setdefault(tid, set()).add(state.taskid)
+
+    def _judge(self, state: _Task) -> str | Exception:
+        """Are a task's graph dependencies met (O(size of the dependencies))?"""
+        for name, dep in (("after", state.after), ("follow", state.follow)):
+            if dep and dep.is_unreachable(state.outcome):
+                return ImpossibleDependency(
+                    f"task {state.taskid}'s {name} dependency {dep!r} can never be met: "
+                    f"{_explain_outcomes(dep, state.outcome)}"
+                )
+        follow = state.follow
+        if follow and follow.all:
+            engines = {state.known[t][1] for t in follow.counting(state.outcome)}
+            if len(engines) > 1:
+                return ImpossibleDependency(
+                    f"task {state.taskid} follows tasks {sorted(follow)} with all=True, but "
+                    "they ran on different engines, so no single engine can satisfy it; "
+                    "use Dependency(..., all=False) to run where any of them ran"
+                )
+        for dep in (state.after, follow):
+            if dep and not dep.is_met(state.outcome):
+                return _WAIT
+        return _READY
+
+    def _propagate(self) -> None:
+        """Re-judge the dependents of tasks that finished."""
+        while self._finished_deps:
+            tid, ok, serial = self._finished_deps.popleft()
+            for dependent_id in self._dependents.pop(tid, ()):
+                state = self._tasks.get(dependent_id)
+                if state is None or state.stage != "waiting":
+                    continue
+                state.known[tid] = (ok, serial)
+                verdict = self._judge(state)
+                if isinstance(verdict, Exception):
+                    self._finish(state, "failed", error=verdict)
+                elif verdict is _READY:
+                    self._make_ready(state)
+
+    def _make_ready(self, state: _Task, front: bool = False) -> None:
+        state.stage = "ready"
+        state.worker = None
+        self._ready[state.taskid] = state
+        if front:
+            self._ready.move_to_end(state.taskid, last=False)
+
+    def _place_ready(self) -> None:
+        """Assign ready tasks to engines, oldest first, while engines have room."""
+        if not self._workers:
+            return  # tasks wait for engines
+        for state in list(self._ready.values()):
+            if not self._table.available():
+                return
+            if state.stage != "ready":
+                continue
+            allowed = self._allowed_workers(state)
+            if isinstance(allowed, Exception):
+                del self._ready[state.taskid]
+                self._finish(state, "failed", error=allowed)
+                continue
+            serial = self._choose(state, allowed)
+            if serial is None:
+                continue
+            worker = self._workers[serial]
+            del self._ready[state.taskid]
+            state.stage = "assigned"
+            state.worker = worker
+            worker.assigned.append(state)
+            self._table.add_job(serial)
+            self._to_feed.add(worker)
+
+    def _allowed_workers(self, state: _Task) -> set[int] | None | Exception:
+        """The workers a task may go to (None: any), or why it can go nowhere."""
+        allowed: set[int] | None = None
+        follow = state.follow
+        if follow:
+            ran_on = {state.known[t][1] for t in follow.counting(state.outcome)}
+            allowed = {s for s in ran_on if s in self._workers}
+            if not allowed:
+                return ImpossibleDependency(
+                    f"task {state.taskid} must follow tasks {sorted(follow)}, but the engine(s) "
+                    "they ran on are gone"
+                )
+        if state.blacklist:
+            allowed = (set(self._workers) if allowed is None else allowed) - state.blacklist
+            if not allowed:
+                if state.timer is not None and not state.timed_out:
+                    return set()  # a new engine may register before the timeout
+                rejected = sorted(
+                    self._workers[s].engine_id for s in state.blacklist if s in self._workers
+                )
+                return ImpossibleDependency(
+                    f"no registered engine can run task {state.taskid}: its functional "
+                    f"dependency was unmet on engine(s) {rejected} (and on every other engine "
+                    "it tried); start an engine that meets it, or give the task a timeout "
+                    "to wait for one"
+                )
+        return allowed
+
+    def _choose(self, state: _Task, allowed: set[int] | None) -> int | None:
+        if allowed is None and not state.tried:
+            return self._table.choose()
+        candidates = set(self._workers) if allowed is None else allowed
+        fresh = candidates - state.tried
+        if fresh:
+            serial = self._table.choose(fresh)
+            if serial is not None:
+                return serial
+        return self._table.choose(candidates)
+
+    def _feed_engines(self) -> None:
+        """Send each engine its next assigned task when it has none in flight."""
+        while self._to_feed:
+            worker = self._to_feed.pop()
+            if worker.lost or worker.sent is not None or not worker.assigned:
+                continue
+            state = worker.assigned.popleft()
+            self._send(worker, state)
+
+    def _send(self, worker: _Worker, state: _Task) -> None:
+        state.stage = "sent"
+        state.attempt += 1
+        state.attempts += 1
+        token = state.attempt
+        worker.sent = (state, token)
+        state.started = self.clock.seconds()
+        changes: dict[str, Any] = {
+            "status": "running",
+            "engine_id": worker.engine_id,
+            "started": state.started,
+            "attempts": state.attempts,
+        }
+        if state.attempts > 1:
+            changes["resubmitted"] = state.started
+        self._db_write("update_record", state.taskid, changes)
+        flags = state.flags
+        d = maybeDeferred(
+            worker.engine.run_task,
+            state.payload,
+            clear_before=flags["clear_before"],
+            clear_after=flags["clear_after"],
+        )
+        d.addCallbacks(
+            self._on_result,
+            self._on_failure,
+            callbackArgs=(state, worker, token),
+            errbackArgs=(state, worker, token),
+        )
+        d.addErrback(log.err, f"task controller: handling the outcome of task {state.taskid}")
+
+    def _release(self, worker: _Worker, state: _Task, token: int) -> None:
+        """The engine is done with this attempt: free its slot."""
+        if worker.sent is not None and worker.sent[0] is state and worker.sent[1] == token:
+            worker.sent = None
+            if not worker.lost:
+                self._table.finish_job(worker.serial)
+                self._to_feed.add(worker)
+
+    def _on_result(self, result: dict, state: _Task, worker: _Worker, token: int) -> None:
+        self._release(worker, state, token)
+        if state.stage == "sent" and state.attempt == token:
+            self._finish(state, "succeeded", result=result, worker=worker)
+        self._kick()
+
+    def _on_failure(self, f: Failure, state: _Task, worker: _Worker, token: int) -> None:
+        self._release(worker, state, token)
+        if state.stage != "sent" or state.attempt != token:
+            self._kick()
+            return  # aborted, or already handled as an engine loss
+        info = _describe(f, worker.engine_id)
+        if info.ename == "UnmetDependency":
+            state.blacklist.add(worker.serial)
+            self._make_ready(state, front=True)
+        elif info.ename == "EngineError":
+            # The engine is gone (or killed): do not send it anything else.
+            state.attempt += 1
+            self._retire(worker, "it failed with EngineError")
+            self._retry_or_fail(state, info, worker)
+        else:
+            state.tried.add(worker.serial)
+            self._retry_or_fail(state, info, worker)
+        self._kick()
+
+    def _retry_or_fail(self, state: _Task, info: RemoteError, worker: _Worker | None = None):
+        """After a failed attempt: retry, else run the recovery task, else fail."""
+        if state.retries_left > 0:
+            state.retries_left -= 1
+            self._make_ready(state, front=True)
+        elif state.flags["recovery_task"] is not None:
+            recovery = state.flags["recovery_task"]
+            state.set_spec(recovery["flags"], Serialized.from_bytes(recovery["payload"]))
+            self._db_write(
+                "update_record",
+                state.taskid,
+                {"description": f"{state.flags['description']} (recovery task)".strip()},
+            )
+            self._admit(state)
+        else:
+            self._finish(state, "failed", error=info, worker=worker)
+
+    def _interrupt(self, state: _Task) -> None:
+        """Interrupt a sent task on its engine if it is the one running there.
+
+        Only one task per engine is ever in the engine's queue, so a queued
+        ``run_task`` command there is this task, not yet running: it is left to
+        run and its outcome ignored (QueuedEngine cannot withdraw a command).
+        """
+        worker = state.worker
+        engine = worker.engine
+        token = state.attempt
+
+        def check(status: dict) -> Any:
+            queued = [q for q in status.get("queue", []) if str(q).startswith("run_task(")]
+            if queued or worker.sent is None or worker.sent != (state, token):
+                return None
+            return engine.interrupt()
+
+        if hasattr(engine, "queue_status"):
+            d = maybeDeferred(engine.queue_status).addCallback(check)
+        else:
+            d = maybeDeferred(engine.interrupt)
+        d.addErrback(lambda f: log.msg(f"could not interrupt aborted task {state.taskid}: {f}"))
+
+    def _on_timeout(self, state: _Task) -> None:
+        state.timer = None
+        state.timed_out = True
+        if state.stage in ("waiting", "ready", "new"):
+            self._ready.pop(state.taskid, None)
+            self._finish(
+                state,
+                "failed",
+                error=DependencyTimeout(
+                    f"task {state.taskid} could not start within its timeout of "
+                    f"{state.flags['timeout']} s: its dependencies were not met, or no engine "
+                    "could take it"
+                ),
+            )
+            self._kick()
+
+    # -- finishing -----------------------------------------------------------
+
+    def _finish(
+        self,
+        state: _Task,
+        status: str,
+        result: dict | None = None,
+        error: BaseException | RemoteError | None = None,
+        worker: _Worker | None = None,
+    ) -> None:
+        """Record a task's final outcome, wake its waiters and dependents."""
+        if state.stage == "done":
+            return
+        if worker is None and state.stage == "sent":
+            worker = state.worker
+        state.stage = "done"
+        if state.timer is not None and state.timer.active():
+            state.timer.cancel()
+        state.timer = None
+        self._tasks.pop(state.taskid, None)
+        self._ready.pop(state.taskid, None)
+        serial = worker.serial if worker is not None else None
+        engine_id = worker.engine_id if worker is not None else None
+        self._done[state.taskid] = _Done(status, serial)
+        now = self.clock.seconds()
+        changes: dict[str, Any] = {"status": status, "completed": now}
+        if worker is not None:
+            changes["engine_id"] = engine_id
+        if result is not None:
+            blob = result.get("result")
+            changes.update(
+                result=blob.to_bytes() if isinstance(blob, Serialized) else blob,
+                stdout=result.get("stdout", ""),
+                stderr=result.get("stderr", ""),
+                started=result.get("started", state.started),
+                completed=result.get("completed", now),
+            )
+        if error is not None:
+            info = error if isinstance(error, RemoteError) else _describe(error, engine_id)
+            changes["error"] = info.to_dict()
+            changes["stdout"] = ""
+        self._db_write("update_record", state.taskid, changes)
+        waiters, state.waiters = state.waiters, []
+        for d in waiters:
+            d.callback(None)
+        self._finished_deps.append((state.taskid, status == "succeeded", serial))
+        self._kick()
+
+    # -- helpers -------------------------------------------------------------
+
+    def _waiter(self, state: _Task) -> Deferred:
+        def cancel(d: Deferred) -> None:
+            if d in state.waiters:
+                state.waiters.remove(d)
+
+        d = Deferred(cancel)
+        state.waiters.append(d)
+        return d
+
+    def _invalid(self, taskid: Any) -> InvalidTaskID:
+        return InvalidTaskID(
+            f"no task with id {taskid!r}: it was never submitted to this controller, "
+            "or it has been cleared"
+        )
+
+    def _read_result(self, taskid: int) -> Deferred:
+        def missing(f: Failure) -> Failure:
+            f.trap(KeyError)
+            return Failure(self._invalid(taskid))
+
+        d = self._db_call("get_record", taskid)
+        d.addCallbacks(TaskResult.from_dict, missing)
+        return d
+
+    def _db_call(self, method: str, *args: Any) -> Deferred:
+        """Call a DB method after every earlier DB call has finished (so reads
+        see earlier writes even with an asynchronous backend)."""
+        result = Deferred()
+
+        def step(_: Any) -> Deferred:
+            d = maybeDeferred(getattr(self.db, method), *args)
+
+            def deliver(outcome: Any) -> None:
+                if isinstance(outcome, Failure):
+                    result.errback(outcome)
+                else:
+                    result.callback(outcome)
+
+            d.addBoth(deliver)
+            return d
+
+        self._db_tail.addCallback(step)
+        return result
+
+    def _db_write(self, method: str, *args: Any) -> None:
+        self._db_call(method, *args).addErrback(
+            log.err, f"task controller: task DB {method} failed"
+        )
+
+
+def _describe(f: Failure | BaseException, engine_id: int | None) -> RemoteError:
+    info = engine_failure_info(f)
+    if info.engine_id is None:
+        info.engine_id = engine_id
+    return info
+
+
+def _explain_outcomes(dep: Dependency, outcome: Callable[[int], bool | None]) -> str:
+    failed = sorted(t for t in dep if outcome(t) is False)
+    succeeded = sorted(t for t in dep if outcome(t) is True)
+    parts = []
+    if failed:
+        parts.append(f"task(s) {failed} failed")
+    if succeeded:
+        parts.append(f"task(s) {succeeded} succeeded")
+    return " and ".join(parts) or "its tasks can no longer finish as required"
+
+
+def _flags_for_record(flags: dict[str, Any]) -> dict[str, Any]:
+    """The flags as stored in a record (a recovery payload is kept, as bytes)."""
+    return dict(flags)
