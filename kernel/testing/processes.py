@@ -425,6 +425,13 @@ class LocalCluster:
 
             shutil.rmtree(self.cluster_dir.path, ignore_errors=True)
 
+    def detach(self) -> None:
+        """Leave the processes running when this interpreter exits (they are
+        no longer killed at exit; stop them later by their pid files)."""
+        for proc in [self.controller, *self.engines]:
+            if proc is not None:
+                _live.pop(proc.pid, None)
+
     def logs(self) -> str:
         """The tails of every process's log (for failure messages)."""
         procs = ([self.controller] if self.controller else []) + self.engines

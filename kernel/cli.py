@@ -1,0 +1,405 @@
+"""The ``txkernel`` command.
+
+::
+
+    txkernel cluster start -n 4 [--cluster-dir D] [--adapter fc] [--daemon]
+    txkernel cluster stop [--cluster-dir D]
+    txkernel cluster status [--cluster-dir D]
+    txkernel run -n 4 script.py [args...]
+    txkernel controller [controller options]     (twistd txkernel-controller, foreground)
+    txkernel engine [engine options]             (twistd txkernel-engine, foreground)
+
+The cluster directory defaults to ``$TXKERNEL_CLUSTER_DIR`` or
+``~/.txkernel/default``. Processes are found again through the pid files in
+it, so ``stop`` and ``status`` work from any shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+from kernel import clusterdir
+from kernel.clusterdir import ClusterDir
+from kernel.error import KernelError
+
+START_HINT = "start one with `txkernel cluster start -n 4`"
+
+
+class CommandError(Exception):
+    """A failure to report to the user (no traceback), with an exit status."""
+
+    def __init__(self, message: str, status: int = 1):
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------
+# Processes found through pid files
+# ---------------------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """Is there a process ``pid`` (that is not a zombie)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def is_txkernel_process(pid: int) -> bool:
+    """Does ``pid`` run a txkernel plugin? (Guards against a reused pid in a
+    stale pid file.) True when it cannot be told."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"txkernel" in f.read()
+    except OSError:
+        return pid_alive(pid)
+
+
+def cluster_processes(cd: ClusterDir) -> dict[str, int]:
+    """The live txkernel processes of ``cd`` by pid-file name; stale pid
+    files are removed."""
+    live = {}
+    for name, pid in cd.pids().items():
+        if pid_alive(pid) and is_txkernel_process(pid):
+            live[name] = pid
+        else:
+            cd.remove_file(f"{name}.pid")
+    return live
+
+
+def controller_pid(cd: ClusterDir) -> int | None:
+    """The pid of the controller running in ``cd``, or None."""
+    return cluster_processes(cd).get("controller") if cd.exists() else None
+
+
+def terminate(pids: Sequence[int], grace: float) -> list[int]:
+    """SIGTERM ``pids``, wait up to ``grace`` seconds, SIGKILL the rest.
+
+    :returns: the pids that had to be killed.
+    """
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGTERM):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.05)
+    killed = [p for p in pids if pid_alive(p)]
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+# ---------------------------------------------------------------------------
+# cluster start / stop / status
+# ---------------------------------------------------------------------------
+
+
+def start_cluster(args: argparse.Namespace, cd: ClusterDir):
+    """Start a controller and ``args.n`` engines in ``cd``; return the
+    :class:`~kernel.testing.processes.LocalCluster` once all are registered."""
+    from kernel.testing.processes import LocalCluster
+
+    if args.n < 1:
+        raise CommandError("-n must be at least 1 engine", 2)
+    pid = controller_pid(cd)
+    if pid is not None:
+        raise CommandError(
+            f"a controller (pid {pid}) is already running in {cd.path}: use it, or stop it "
+            f"with `txkernel cluster stop --cluster-dir {cd.path}`"
+        )
+    cluster = LocalCluster(
+        cd.path,
+        timeout=args.timeout,
+        heartbeat=args.heartbeat,
+        controller_args=[f"--adapter={args.adapter}"],
+    )
+    try:
+        cluster.start(args.n)
+    except (TimeoutError, RuntimeError) as e:
+        cluster.stop()
+        raise CommandError(f"the cluster did not start: {e}") from None
+    return cluster
+
+
+def cmd_cluster_start(args: argparse.Namespace) -> int:
+    cd = _cluster_dir(args, create=True)
+    cluster = start_cluster(args, cd)
+    ids = sorted(cluster.registered())
+    print(
+        f"txkernel cluster running in {cd.path}: controller pid {cluster.controller.pid}, "
+        f"{len(ids)} engines (ids {', '.join(map(str, ids))})"
+    )
+    if args.daemon:
+        cluster.detach()
+        print(f"stop it with `txkernel cluster stop --cluster-dir {cd.path}`")
+        return 0
+    print("press Ctrl-C to stop it")
+    stopping = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stopping:
+            if not cluster.controller.alive():
+                cluster.stop()
+                raise CommandError(
+                    f"the controller exited (status {cluster.controller.returncode}); "
+                    f"see {cluster.controller.log_path}"
+                )
+            time.sleep(0.2)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    print("stopping the cluster")
+    cluster.stop()
+    return 0
+
+
+def cmd_cluster_stop(args: argparse.Namespace) -> int:
+    cd = _cluster_dir(args)
+    procs = cluster_processes(cd) if cd.exists() else {}
+    if not procs:
+        raise CommandError(f"no txkernel cluster is running in {cd.path}")
+    engines = [pid for name, pid in procs.items() if name != "controller"]
+    # engines first, so that they do not try to reconnect to a stopping controller
+    killed = terminate(engines, args.grace)
+    if "controller" in procs:
+        killed += terminate([procs["controller"]], args.grace)
+    for name in procs:
+        cd.remove_file(f"{name}.pid")
+    cd.remove_file(clusterdir.ENGINES_FILE)
+    note = f" ({len(killed)} needed SIGKILL)" if killed else ""
+    print(f"stopped {len(procs)} txkernel processes in {cd.path}{note}")
+    return 0
+
+
+def _queue_status(cd: ClusterDir, timeout: float) -> tuple[list | None, dict | None, str]:
+    """Ask the controller for engine queues and task counts.
+
+    :returns: ``(engine queues or None, task counts or None, note)``.
+    """
+    from foolscap.api import Tub
+    from twisted.internet import defer, task
+
+    out: dict = {}
+
+    async def ask(reactor):
+        tub = Tub()
+        tub.startService()
+        try:
+            try:
+                from kernel.multienginefc import FCMultiEngine
+
+                furl = cd.read_furl(clusterdir.MULTIENGINE_FURL)
+                ref = await tub.getReference(furl).addTimeout(timeout, reactor)
+                out["queues"] = await defer.ensureDeferred(
+                    FCMultiEngine(ref).queue_status()
+                ).addTimeout(timeout, reactor)
+            except Exception as e:
+                out["note"] = f"engine queues unavailable: {e}"
+            try:
+                from kernel.taskfc import FCTaskClient
+
+                furl = cd.read_furl(clusterdir.TASK_FURL)
+                ref = await tub.getReference(furl).addTimeout(timeout, reactor)
+                out["tasks"] = await defer.ensureDeferred(
+                    FCTaskClient(ref).queue_status()
+                ).addTimeout(timeout, reactor)
+            except Exception as e:
+                out.setdefault("note", f"task queue unavailable: {e}")
+        finally:
+            await tub.stopService()
+
+    try:
+        task.react(lambda reactor: defer.ensureDeferred(ask(reactor)))
+    except SystemExit as e:
+        if e.code:
+            out.setdefault("note", "could not query the controller")
+    return out.get("queues"), out.get("tasks"), out.get("note", "")
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    cd = _cluster_dir(args)
+    pid = controller_pid(cd)
+    if pid is None:
+        raise CommandError(f"no controller is running in {cd.path}: {START_HINT}")
+    data = cd.read_json(clusterdir.ENGINES_FILE) or {}
+    engines = {int(k): v for k, v in data.get("engines", {}).items()}
+    print(f"cluster directory: {cd.path}")
+    print(f"controller: pid {pid}")
+    print(f"engines: {len(engines)}")
+    queues, tasks, note = _queue_status(cd, args.timeout)
+    by_id = dict(queues or [])
+    for engine_id in sorted(engines):
+        line = f"  engine {engine_id}: pid {engines[engine_id].get('pid')}"
+        status = by_id.get(engine_id)
+        if status is not None:
+            pending = status.get("pending")
+            line += f", queue {len(status.get('queue', []))}, running {pending or 'nothing'}"
+        print(line)
+    if tasks is not None:
+        print("tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(tasks.items())))
+    if note:
+        print(f"({note})")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# run, controller, engine
+# ---------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kernel.testing.processes import subprocess_env
+
+    if not os.path.isfile(args.script):
+        raise CommandError(f"no such script: {args.script}", 2)
+    temp = None
+    if args.cluster_dir is None:
+        temp = tempfile.mkdtemp(prefix="txkernel-run-")
+        cd = ClusterDir(temp).create()
+    else:
+        cd = _cluster_dir(args, create=True)
+    cluster = start_cluster(args, cd)
+    try:
+        env = subprocess_env()
+        env[clusterdir.ENV_VAR] = cd.path
+        proc = subprocess.Popen([sys.executable, args.script, *args.script_args], env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            return proc.wait()
+    finally:
+        cluster.stop()
+        if temp is not None:
+            import shutil
+
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _exec_plugin(plugin: str, argv: list[str]) -> int:
+    from kernel.testing.processes import subprocess_env
+
+    cmd = [sys.executable, "-m", "twisted", "--log-format=text", plugin, *argv]
+    return subprocess.call(cmd, env=subprocess_env())
+
+
+def cmd_controller(args: argparse.Namespace) -> int:
+    return _exec_plugin("txkernel-controller", args.plugin_args)
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    return _exec_plugin("txkernel-engine", args.plugin_args)
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------
+
+
+def _cluster_dir(args: argparse.Namespace, create: bool = False) -> ClusterDir:
+    cd = ClusterDir(args.cluster_dir)
+    if create:
+        cd.create()
+    return cd
+
+
+def _add_cluster_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster-dir",
+        "-d",
+        default=None,
+        help="cluster directory (default: $TXKERNEL_CLUSTER_DIR or ~/.txkernel/default)",
+    )
+
+
+def _add_start_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", type=int, required=True, help="number of engines")
+    p.add_argument("--adapter", choices=("fc", "pb"), default="fc", help="client transport")
+    p.add_argument("--heartbeat", type=float, default=3.0, help="seconds between engine heartbeats")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for the engines to register"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``txkernel`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="txkernel", description="Interactive parallel computing on Twisted."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cluster = sub.add_parser("cluster", help="start, stop or inspect a local cluster")
+    csub = cluster.add_subparsers(dest="action", required=True)
+    start = csub.add_parser("start", help="start a controller and N engines")
+    _add_cluster_dir(start)
+    _add_start_options(start)
+    start.add_argument(
+        "--daemon", action="store_true", help="return once started, leaving the cluster running"
+    )
+    start.set_defaults(func=cmd_cluster_start)
+    stop = csub.add_parser("stop", help="stop the cluster's processes (by pid file)")
+    _add_cluster_dir(stop)
+    stop.add_argument("--grace", type=float, default=10.0, help="seconds before SIGKILL")
+    stop.set_defaults(func=cmd_cluster_stop)
+    status = csub.add_parser("status", help="show the controller, engines and queues")
+    _add_cluster_dir(status)
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for answers")
+    status.set_defaults(func=cmd_cluster_status)
+
+    run = sub.add_parser("run", help="run a script against a temporary local cluster")
+    _add_cluster_dir(run)
+    _add_start_options(run)
+    run.add_argument("script", help="the Python script to run")
+    run.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's arguments")
+    run.set_defaults(func=cmd_run)
+
+    for name, func in (("controller", cmd_controller), ("engine", cmd_engine)):
+        p = sub.add_parser(
+            name, help=f"run a {name} in the foreground (options as twistd txkernel-{name})"
+        )
+        p.add_argument("plugin_args", nargs=argparse.REMAINDER, help=f"txkernel-{name} options")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``txkernel`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as e:
+        print(f"txkernel: error: {e}", file=sys.stderr)
+        return e.status
+    except KernelError as e:
+        print(f"txkernel: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

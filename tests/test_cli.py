@@ -1,0 +1,172 @@
+"""The ``txkernel`` command: argument errors in process, clusters end to end."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from kernel import cli, clusterdir
+from kernel.clusterdir import ClusterDir
+from kernel.testing.processes import ROOT, subprocess_env
+
+TIMEOUT = 90
+
+
+def txkernel(*argv, env=None, **kw):
+    """Run ``python -m kernel.cli`` (what the console script runs)."""
+    return subprocess.run(
+        [sys.executable, "-m", "kernel.cli", *argv],
+        env=subprocess_env(env=env),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+        **kw,
+    )
+
+
+def assert_all_stopped(pids):
+    for pid in pids:
+        assert not cli.pid_alive(pid), f"process {pid} is still running"
+
+
+def test_missing_engine_count_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["cluster", "start"])
+    assert e.value.code == 2
+    assert "-n" in capsys.readouterr().err
+
+
+def test_status_without_controller_says_how_to_start(tmp_path, capsys):
+    assert cli.main(["cluster", "status", "--cluster-dir", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err
+    assert "no controller is running" in err
+    assert "txkernel cluster start -n 4" in err
+
+
+def test_stop_without_cluster_fails(tmp_path, capsys):
+    assert cli.main(["cluster", "stop", "--cluster-dir", str(tmp_path / "none")]) == 1
+    assert "no txkernel cluster is running" in capsys.readouterr().err
+
+
+def test_stale_pid_file_is_not_a_running_controller(tmp_path, capsys):
+    cd = ClusterDir(tmp_path / "c").create()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cd.write_file("controller.pid", f"{dead.pid}\n")
+    assert cli.main(["cluster", "status", "--cluster-dir", cd.path]) == 1
+    assert not os.path.exists(cd.pid_file("controller"))
+
+
+def test_pid_file_of_an_unrelated_process_is_ignored(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    cd.write_file("controller.pid", f"{os.getpid()}\n")  # pytest, not txkernel
+    assert cli.controller_pid(cd) is None
+
+
+def test_run_missing_script_is_an_error(tmp_path, capsys):
+    assert cli.main(["run", "-n", "1", str(tmp_path / "nope.py")]) == 2
+    assert "no such script" in capsys.readouterr().err
+
+
+def test_cluster_dir_comes_from_environment(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(clusterdir.ENV_VAR, str(tmp_path / "envdir"))
+    assert cli.main(["cluster", "status"]) == 1
+    assert str(tmp_path / "envdir") in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cluster_start_status_stop(tmp_path):
+    d = str(tmp_path / "cluster")
+    started = txkernel("cluster", "start", "-n", "2", "--cluster-dir", d, "--daemon")
+    assert started.returncode == 0, started.stderr
+    assert "2 engines (ids 0, 1)" in started.stdout
+    pids = list(ClusterDir(d).pids().values())
+    assert len(pids) == 3
+    try:
+        again = txkernel("cluster", "start", "-n", "1", "--cluster-dir", d, "--daemon")
+        assert again.returncode == 1
+        assert "already running" in again.stderr
+
+        status = txkernel("cluster", "status", "--cluster-dir", d)
+        assert status.returncode == 0, status.stderr
+        assert "engines: 2" in status.stdout
+        assert "engine 0: pid" in status.stdout and "engine 1: pid" in status.stdout
+    finally:
+        stopped = txkernel("cluster", "stop", "--cluster-dir", d)
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped 3 txkernel processes" in stopped.stdout
+    assert_all_stopped(pids)
+    assert ClusterDir(d).pids() == {}
+    gone = txkernel("cluster", "status", "--cluster-dir", d)
+    assert gone.returncode == 1
+
+
+@pytest.mark.slow
+def test_foreground_cluster_stops_on_interrupt(tmp_path):
+    d = str(tmp_path / "cluster")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel.cli", "cluster", "start", "-n", "1", "--cluster-dir", d],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        assert any("1 engines" in line for line in lines), lines
+        pids = list(ClusterDir(d).pids().values())
+        assert len(pids) == 2
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(TIMEOUT) == 0
+        assert_all_stopped(pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+SCRIPT = """
+import os, sys
+from foolscap.api import Tub
+from twisted.internet import defer, task
+from kernel.clusterdir import ClusterDir
+from kernel.multienginefc import FCMultiEngine
+
+async def main(reactor):
+    cd = ClusterDir()  # found through $TXKERNEL_CLUSTER_DIR
+    print("pids", sorted(cd.pids().values()))
+    tub = Tub()
+    tub.startService()
+    ref = await tub.getReference(cd.read_furl("multiengine.furl"))
+    results = await FCMultiEngine(ref).execute("x = 1")
+    print("engines", sorted(r["id"] for r in results), "args", sys.argv[1:])
+    await tub.stopService()
+
+try:
+    task.react(lambda r: defer.ensureDeferred(main(r)))
+except SystemExit as e:
+    if e.code:
+        raise
+sys.exit(3)
+"""
+
+
+@pytest.mark.slow
+def test_run_script_against_temporary_cluster(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    out = txkernel("run", "-n", "2", str(script), "a", "--b")
+    assert out.returncode == 3, out.stderr
+    assert "engines [0, 1] args ['a', '--b']" in out.stdout
+    (pids_line,) = [line for line in out.stdout.splitlines() if line.startswith("pids")]
+    pids = [int(p) for p in pids_line[len("pids [") : -1].split(",")]
+    assert len(pids) == 3  # the controller and two engines, all stopped now
+    assert_all_stopped(pids)
