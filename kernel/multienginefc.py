@@ -17,10 +17,11 @@ Client half (client process)
     :class:`~kernel.interfaces.IMultiEngineCoordinator` and
     :class:`~kernel.interfaces.IMultiEngineExtras` over a RemoteReference to
     the published object. It is the core's own caller-side code running in the
-    client: :class:`FCMultiEngine` is a :class:`~kernel.multiengine.MultiEngine`
-    whose engine calls cross the wire, so ``push`` serializes once here, ``pull``
-    and ``gather`` deserialize here, and ``scatter``/``raw_map``/``map``
-    partition here with :mod:`kernel.map` exactly as in process. Failures come
+    client: :class:`FCMultiEngine` is the core's
+    :class:`~kernel.multiengine.MultiEngineCallerMixin` over engine methods
+    that cross the wire, so ``push`` serializes once here, ``pull`` and
+    ``gather`` deserialize here, and ``scatter``/``raw_map``/``map`` partition
+    here with :mod:`kernel.map` exactly as in process. Failures come
     back as the original exception types (a
     :class:`~kernel.error.CompositeError` holding each engine's
     :class:`~kernel.error.RemoteError`, whose ``raise_exception`` re-raises the
@@ -43,16 +44,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import fcutil
-from kernel.error import CompositeError
 from kernel.fcutil import Anything, SerializedNamespace, Source
 from kernel.interfaces import (
+    IBlockingClientAdaptor,
     IMultiEngine,
     IMultiEngineCoordinator,
     IMultiEngineExtras,
     ISynchronousMultiEngine,
 )
-from kernel.multiengine import MultiEngine, SynchronousMultiEngine
-from kernel.serialized import Serialized, deserialize, serialize_namespace
+from kernel.multiengine import MultiEngineCallerMixin, SynchronousMultiEngine, _as
+from kernel.serialized import Serialized, deserialize
 
 __all__ = [
     "CLIENT_NAME",
@@ -246,56 +247,15 @@ def _open(blob: Serialized) -> Any:
     return deserialize(blob)
 
 
-class _EngineView:
-    """The client's picture of the controller's engines (ids, refreshed per call).
-
-    :class:`~kernel.multiengine.MultiEngine` resolves ``targets`` against
-    ``engines``; each value forwards one engine's calls over the wire.
-    """
-
-    def __init__(self, client: FCMultiEngine):
-        self._client = client
-        self.engines: dict[int, _RemoteEngine] = {}
-
-    def update(self, ids: list[int]) -> None:
-        self.engines = {i: self.engines.get(i) or _RemoteEngine(self._client, i) for i in ids}
-
-
-class _RemoteEngine:
-    """One engine, reached through the multiengine session with ``targets=id``."""
-
-    def __init__(self, client: FCMultiEngine, engine_id: int):
-        self._client = client
-        self.id = engine_id
-
-    async def _one(self, method: str, *args: Any) -> Any:
-        try:
-            (result,) = await self._client._remote(method, *args, self.id)
-        except CompositeError as e:
-            if len(e.elist) == 1:
-                # Let the caller collect this engine's error with the others'.
-                raise e.elist[0] from None
-            raise
-        return result
-
-    def execute(self, lines: str) -> defer.Deferred:
-        return defer.ensureDeferred(self._one("execute", lines))
-
-    def push_serialized(self, namespace: dict[str, Serialized]) -> defer.Deferred:
-        return defer.ensureDeferred(self._one("push_serialized", namespace))
-
-    def pull_serialized(self, keys: Any) -> defer.Deferred:
-        return defer.ensureDeferred(self._one("pull_serialized", keys))
-
-
 @implementer(IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
-class FCMultiEngine(MultiEngine):
-    """A remote controller's multiengine, as a Deferred-returning MultiEngine.
+class FCMultiEngine(MultiEngineCallerMixin):
+    """A remote controller's multiengine, as a Deferred-returning IMultiEngine.
 
-    Methods that send the same thing to every target (``execute``, ``push``,
-    properties, …) make one multiplexed call; the controller fans it out.
-    Methods that send each engine something different (``scatter``,
-    ``raw_map``) run the core's own code here over per-engine calls.
+    The engine methods are one multiplexed remote call each (the controller
+    fans it out). ``push``/``pull``, the coordinator and the extras are the
+    core's :class:`~kernel.multiengine.MultiEngineCallerMixin`, running here
+    over those calls: values are serialized and opened in this process, and
+    ``scatter``/``raw_map`` send each engine its own block with ``targets=id``.
 
     :param remote_reference: a RemoteReference to an :class:`RIMultiEngine`
         (what ``multiengine.furl`` names); a private session is opened on it
@@ -303,7 +263,6 @@ class FCMultiEngine(MultiEngine):
     """
 
     def __init__(self, remote_reference: Any):
-        super().__init__(_EngineView(self), stop_controller=lambda: None)
         self.remote_reference = remote_reference
         self._session: Any = None
         self._session_waiters: list[defer.Deferred] = []
@@ -336,9 +295,6 @@ class FCMultiEngine(MultiEngine):
         session = await self._get_session()
         return await fcutil.call_remote(session, method, *args, block=True)
 
-    async def _refresh(self) -> None:
-        self.controller.update(await self._remote("get_ids"))
-
     # -- one multiplexed call each ---------------------------------------
 
     def _mux(self, method: str, *args: Any) -> defer.Deferred:
@@ -352,14 +308,6 @@ class FCMultiEngine(MultiEngine):
             )
         return self._mux("execute", lines, targets)
 
-    def push(self, namespace: dict[str, Any], targets: Any = "all") -> defer.Deferred:
-        """Serialize each value once, here, and push the blobs to every target."""
-        try:
-            blobs = serialize_namespace(namespace)
-        except Exception:
-            return defer.fail()
-        return self._mux("push_serialized", blobs, targets)
-
     def push_serialized(self, namespace: dict[str, Any], targets: Any = "all") -> defer.Deferred:
         """Send ``name: Serialized`` pairs to each target, unopened."""
         return self._mux("push_serialized", namespace, targets)
@@ -369,8 +317,9 @@ class FCMultiEngine(MultiEngine):
         return self._mux("pull_serialized", keys, targets)
 
     async def _pull_serialized(self, method: str, keys: Any, targets: Any) -> list:
-        # Used by pull, pull_function, gather and zip_pull: one call, opened here.
-        blobs = await self._remote("pull_serialized", keys, targets)
+        # The mixin's pull, pull_function, gather and zip_pull come through
+        # here: one remote call, the blobs opened in this process.
+        blobs = await _as(method, self.pull_serialized(keys, targets))
         if isinstance(keys, str):
             return [_open(b) for b in blobs]
         return [[_open(b) for b in per_engine] for per_engine in blobs]
@@ -423,37 +372,10 @@ class FCMultiEngine(MultiEngine):
         """Fire the sorted list of registered engine ids."""
         return self._mux("get_ids")
 
-    # -- the core's caller-side code over per-engine calls ----------------
 
-    def _with_fresh_ids(self, method: Any, *args: Any) -> defer.Deferred:
-        async def run() -> Any:
-            await self._refresh()
-            return await method(*args)
-
-        return defer.ensureDeferred(run())
-
-    def push_function(self, namespace: dict[str, Any], targets: Any = "all") -> defer.Deferred:
-        """As :meth:`MultiEngine.push_function` (functions only)."""
-        return self._with_fresh_ids(super().push_function, namespace, targets)
-
-    def scatter(
-        self, key: str, seq: Any, dist: str = "b", flatten: bool = False, targets: Any = "all"
-    ) -> defer.Deferred:
-        """As :meth:`MultiEngine.scatter`: partitioned here, one block per engine."""
-        return self._with_fresh_ids(super().scatter, key, seq, dist, flatten, targets)
-
-    def raw_map(
-        self, func: Any, seqs: Any, dist: str = "b", targets: Any = "all"
-    ) -> defer.Deferred:
-        """As :meth:`MultiEngine.raw_map`: partitioned and joined here."""
-        return self._with_fresh_ids(super().raw_map, func, seqs, dist, targets)
-
-    def run(self, filename: str, targets: Any = "all") -> defer.Deferred:
-        """Read the local file ``filename`` and execute it on each target."""
-        return self._with_fresh_ids(super().run, filename, targets)
-
-
-@implementer(ISynchronousMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
+@implementer(
+    ISynchronousMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras, IBlockingClientAdaptor
+)
 class FCFullSynchronousMultiEngineClient(SynchronousMultiEngine):
     """The multiengine of a remote controller, for Twisted code (client half).
 
@@ -472,3 +394,11 @@ class FCFullSynchronousMultiEngineClient(SynchronousMultiEngine):
 
     def __repr__(self) -> str:
         return f"<FCFullSynchronousMultiEngineClient {self.remote_reference!r}>"
+
+    def adapt_to_blocking_client(self) -> Any:
+        """Wrap self in a blocking client
+        (:class:`kernel.multiengineclient.FullBlockingMultiEngineClient`) that
+        drives this one through the reactor thread."""
+        from kernel.multiengineclient import FullBlockingMultiEngineClient
+
+        return FullBlockingMultiEngineClient(self)

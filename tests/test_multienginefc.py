@@ -13,6 +13,7 @@ from zope.interface.verify import verifyObject
 from kernel import fcutil
 from kernel.error import CompositeError, ConnectionError, InvalidDeferredID
 from kernel.interfaces import (
+    IBlockingClientAdaptor,
     IMultiEngine,
     IMultiEngineCoordinator,
     IMultiEngineExtras,
@@ -59,6 +60,7 @@ def test_client_half_provides_the_multiengine_interfaces():
     verifyObject(ISynchronousMultiEngine, client)
     verifyObject(IMultiEngineCoordinator, client)
     verifyObject(IMultiEngineExtras, client)
+    verifyObject(IBlockingClientAdaptor, client)
     core = FCMultiEngine(remote_reference=None)
     verifyObject(IMultiEngine, core)
     verifyObject(IMultiEngineCoordinator, core)
