@@ -151,9 +151,11 @@ def table(results: dict) -> str:
     :returns: the table as text, with notes on failures under it.
     """
     systems = system_order(results["systems"])
-    ours = [s for s in systems if s.startswith("txkernel")] or ["txkernel"]
+    ours_all = [s for s in systems if s.startswith("txkernel")] or ["txkernel"]
+    # ratio columns only for txkernel systems that ran (or none ran at all)
+    ours = [s for s in ours_all if results["systems"].get(s, {}).get("available", True)]
     peers = [p for p in PEERS if p in systems] or list(PEERS)
-    columns = list(dict.fromkeys(ours + systems))
+    columns = list(dict.fromkeys(ours_all + systems))
     header = ["workload", "size", "unit", "better"] + columns
     header += [f"{o}/{p}" for o in ours for p in peers]
     rows = [header]
@@ -228,7 +230,11 @@ def check_target(results: dict, target: Target, system: str) -> tuple[str, str]:
 
 def targets_summary(results: dict) -> str:
     """One line per (txkernel system, target): met, missed or n/a, with numbers."""
-    ours = [s for s in system_order(results["systems"]) if s.startswith("txkernel")]
+    ours = [
+        s
+        for s in system_order(results["systems"])
+        if s.startswith("txkernel") and results["systems"][s].get("available", True)
+    ]
     if not ours:
         return "targets: no txkernel system measured in this run"
     lines = ["targets:"]
