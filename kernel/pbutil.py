@@ -1,0 +1,711 @@
+"""Perspective Broker plumbing shared by the PB adapters.
+
+The PB adapters carry the *same* remote protocol as the Foolscap adapters:
+the same ``remote_*`` methods, the same plain-data envelopes
+(:func:`kernel.fcutil.package_success` / :func:`~kernel.fcutil.package_failure`)
+and the same client halves. This module is the bridge that lets those pieces
+run over :mod:`twisted.spread.pb` instead of Foolscap:
+
+- :class:`Exposed` (server side) wraps an object with ``remote_*`` methods in a
+  :class:`pb.Referenceable`. It checks each call against the object's Foolscap
+  ``RemoteInterface`` when it declares one (the method must exist there and its
+  arguments must meet the schema's limits), receives chunked arguments before
+  the call, and sends the reply in wire form.
+- :class:`PBRemote` (caller side) wraps a :class:`pb.RemoteReference` with the
+  Foolscap reference API the client halves use: ``callRemote`` (arguments and
+  reply converted to and from wire form), ``notifyOnDisconnect(cb, *args)``,
+  ``getPeer`` and ``disconnect``. PB's own connection failures become
+  :class:`twisted.internet.error.ConnectionLost`, which every client half
+  already turns into its own error (:class:`~kernel.error.ConnectionError`,
+  :class:`~kernel.error.EngineError`).
+
+Wire form and chunking
+----------------------
+PB refuses any byte string or list longer than 640 KiB
+(:data:`twisted.spread.banana.SIZE_LIMIT`) in either direction. :func:`to_wire`
+replaces every byte string or text larger than :data:`INLINE_LIMIT` by a
+:class:`WireChunked` marker holding a :class:`ChunkSource` reference, splits
+lists, tuples and dicts longer than :data:`MAX_ITEMS` into :class:`WireParts`,
+and sends a :class:`~kernel.serialized.Serialized` frame by frame as
+:class:`WireSerialized` (never opened: the controller routes user data it does
+not unpickle). :func:`from_wire` fetches each chunked value from its source in
+:data:`CHUNK_SIZE` pieces, :data:`WINDOW` requests in flight, and rebuilds the
+value. So a 100 MB push works whichever way it travels.
+
+Authentication
+--------------
+Every PB listener sits behind a :class:`twisted.cred.portal.Portal`: a
+:class:`SecretChecker` accepts one username per role (:data:`ENGINE_USER` on
+the engine port, :data:`CLIENT_USER` on the client port) with a secret
+generated per cluster (:func:`generate_secret`) and kept in the cluster
+directory's ``pb.json`` (mode 0600, written atomically, read only if private).
+PB's login is a challenge–response: the secret itself never crosses the wire.
+A wrong secret fails :func:`login` with :class:`~kernel.error.SecurityError`
+and the peer gets no object to call, so nothing runs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred import credentials as cred_credentials
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, error
+from twisted.python import log
+from twisted.python.failure import Failure
+from twisted.spread import pb
+from zope.interface import implementer
+
+from kernel.error import ConnectionError, ProtocolError, SecurityError
+from kernel.serialized import Serialized
+
+__all__ = [
+    "CHUNK_SIZE",
+    "INLINE_LIMIT",
+    "MAX_ITEMS",
+    "MAX_CHUNKED_BYTES",
+    "WINDOW",
+    "ENGINE_USER",
+    "CLIENT_USER",
+    "PB_FILE",
+    "WireError",
+    "ChunkSource",
+    "WireChunked",
+    "WireSerialized",
+    "WireParts",
+    "to_wire",
+    "from_wire",
+    "Exposed",
+    "PBRemote",
+    "generate_secret",
+    "SecretChecker",
+    "GatewayAvatar",
+    "GatewayRealm",
+    "make_portal",
+    "login",
+    "read_connection_info",
+]
+
+#: Size of one chunk of a large value on the wire (under banana's 640 KiB).
+CHUNK_SIZE = 512 * 1024
+#: Byte strings and texts (UTF-8) larger than this travel chunked.
+INLINE_LIMIT = CHUNK_SIZE
+#: Lists, tuples and dicts longer than this travel in parts.
+MAX_ITEMS = 100_000
+#: Largest chunked value accepted from a peer, in bytes.
+MAX_CHUNKED_BYTES = 2**31
+#: Chunk requests in flight per value.
+WINDOW = 4
+
+#: The username engines log in with (engine port).
+ENGINE_USER = "engine"
+#: The username clients log in with (client port).
+CLIENT_USER = "client"
+#: The connection file a PB controller writes in its cluster directory.
+PB_FILE = "pb.json"
+
+
+class WireError(pb.Error):
+    """A peer sent a call or a value this side cannot accept.
+
+    A :class:`pb.Error`: an expected error, sent to the peer without a logged
+    traceback.
+    """
+
+
+class LoginRefused(cred_error.UnauthorizedLogin, pb.Error):
+    """Wrong username or secret (a :class:`pb.Error`: refused without a logged
+    traceback)."""
+
+
+# ---------------------------------------------------------------------------
+# Wire forms
+# ---------------------------------------------------------------------------
+
+
+class ChunkSource(pb.Referenceable):
+    """Serves one large value to the peer, a chunk at a time.
+
+    :param data: the bytes to serve (kept as a view: no copy is made here).
+    """
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self.view = memoryview(data).cast("B")
+
+    def remote_read(self, index: int) -> bytes:
+        """Chunk ``index`` (``CHUNK_SIZE`` bytes, the last one shorter)."""
+        if not isinstance(index, int) or index < 0 or index * CHUNK_SIZE >= len(self.view):
+            raise WireError(f"no chunk {index!r} in a value of {len(self.view)} bytes")
+        return bytes(self.view[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE])
+
+
+class _Marker(pb.Copyable, pb.RemoteCopy):
+    """A wire form: sent as its ``__dict__``, rebuilt as the same class."""
+
+    def getStateToCopy(self) -> dict:
+        return dict(self.__dict__)
+
+    def setCopyableState(self, state: dict) -> None:
+        if not isinstance(state, dict):
+            raise WireError(f"malformed {type(self).__name__} on the wire")
+        self.__dict__.update(state)
+
+
+class WireChunked(_Marker):
+    """A byte string (``kind='bytes'``) or text (``kind='str'``, UTF-8) of
+    ``size`` bytes, to be read from ``source`` (a :class:`ChunkSource`)."""
+
+    def __init__(self, data: bytes | bytearray | memoryview | None = None, kind: str = "bytes"):
+        if data is not None:
+            self.kind = kind
+            self.size = memoryview(data).nbytes
+            self.source = ChunkSource(data)
+
+    async def fetch(self) -> bytearray:
+        """Read the whole value from the peer (``WINDOW`` chunk reads in flight)."""
+        size, source = self.size, self.source
+        if not isinstance(size, int) or not 0 <= size <= MAX_CHUNKED_BYTES:
+            raise WireError(f"refusing a chunked value of {size!r} bytes")
+        if self.kind not in ("bytes", "str") or not isinstance(source, pb.RemoteReference):
+            raise WireError("malformed chunked value on the wire")
+        out = bytearray(size)
+        count = -(-size // CHUNK_SIZE)
+        indices = iter(range(count))
+
+        async def reader() -> None:
+            for i in indices:
+                chunk = await source.callRemote("read", i)
+                expected = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
+                if not isinstance(chunk, bytes) or len(chunk) != expected:
+                    raise WireError(f"chunk {i} of a chunked value has the wrong size")
+                out[i * CHUNK_SIZE : i * CHUNK_SIZE + expected] = chunk
+
+        readers = [defer.ensureDeferred(reader()) for _ in range(min(WINDOW, count))]
+        await defer.gatherResults(readers, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure
+        )
+        del self.source  # release the peer's copy
+        return out
+
+
+class WireSerialized(_Marker):
+    """A :class:`~kernel.serialized.Serialized`, frame by frame (unopened)."""
+
+    def __init__(self, s: Serialized | None = None):
+        if s is not None:
+            self.frames = [_wire_bytes(f) for f in s.frames()]
+
+
+class WireParts(_Marker):
+    """A list, tuple or dict (``kind``) too long for one banana list, in parts."""
+
+    def __init__(self, kind: str = "list", parts: list | None = None):
+        self.kind = kind
+        self.parts = parts
+
+
+for _cls in (WireChunked, WireSerialized, WireParts):
+    pb.setUnjellyableForClass(_cls, _cls)
+
+
+def _wire_bytes(b: bytes | bytearray | memoryview) -> Any:
+    if memoryview(b).nbytes > INLINE_LIMIT:
+        return WireChunked(b, "bytes")
+    return b if type(b) is bytes else bytes(b)
+
+
+def _split(items: list, kind: str) -> WireParts:
+    return WireParts(kind, [items[i : i + MAX_ITEMS] for i in range(0, len(items), MAX_ITEMS)])
+
+
+def to_wire(obj: Any) -> Any:
+    """Convert ``obj`` to a form PB sends whatever its size (see the module
+    docstring). Objects with ``remote_*`` methods that are not PB
+    Referenceables (the Foolscap server halves) are wrapped in :class:`Exposed`.
+    """
+    t = type(obj)
+    if t in (int, float, bool) or obj is None:
+        return obj
+    if t is str:
+        if len(obj) * 4 > INLINE_LIMIT:
+            raw = obj.encode("utf-8")
+            if len(raw) > INLINE_LIMIT:
+                return WireChunked(raw, "str")
+        return obj
+    if t in (bytes, bytearray, memoryview):
+        return _wire_bytes(obj)
+    if t is list or t is tuple:
+        items = [to_wire(x) for x in obj]
+        if len(items) > MAX_ITEMS:
+            return _split(items, "list" if t is list else "tuple")
+        return items if t is list else tuple(items)
+    if t is dict:
+        if len(obj) > MAX_ITEMS:
+            return _split([(to_wire(k), to_wire(v)) for k, v in obj.items()], "dict")
+        return {to_wire(k): to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, Serialized):
+        return WireSerialized(obj)
+    if isinstance(obj, (pb.Referenceable, _Marker, PBRemote)):
+        return obj.reference if isinstance(obj, PBRemote) else obj
+    if _exposable(obj):
+        return Exposed(obj)
+    return obj
+
+
+def _exposable(obj: Any) -> bool:
+    return any(name.startswith("remote_") for name in dir(type(obj)))
+
+
+def _find_chunked(obj: Any, found: list[WireChunked]) -> None:
+    t = type(obj)
+    if t is list or t is tuple:
+        for x in obj:
+            _find_chunked(x, found)
+    elif t is dict:
+        for k, v in obj.items():
+            _find_chunked(k, found)
+            _find_chunked(v, found)
+    elif t is WireChunked:
+        found.append(obj)
+    elif t is WireSerialized:
+        _find_chunked(getattr(obj, "frames", None), found)
+    elif t is WireParts:
+        _find_chunked(getattr(obj, "parts", None), found)
+
+
+def _convert_in(obj: Any, fetched: dict[int, bytearray]) -> Any:
+    t = type(obj)
+    if t in (int, float, bool, str, bytes) or obj is None:
+        return obj
+    if t is list:
+        return [_convert_in(x, fetched) for x in obj]
+    if t is tuple:
+        return tuple(_convert_in(x, fetched) for x in obj)
+    if t is dict:
+        return {_convert_in(k, fetched): _convert_in(v, fetched) for k, v in obj.items()}
+    if t is WireChunked:
+        data = fetched[id(obj)]
+        if obj.kind == "str":
+            return data.decode("utf-8")
+        return bytes(data)
+    if t is WireSerialized:
+        frames = getattr(obj, "frames", None)
+        if not isinstance(frames, list) or not frames:
+            raise WireError("a Serialized blob arrived without frames")
+        # Out-of-band buffers stay bytearrays: no copy, and writable arrays.
+        out = [
+            fetched[id(f)] if type(f) is WireChunked else _convert_in(f, fetched) for f in frames
+        ]
+        if not all(isinstance(f, (bytes, bytearray)) for f in out):
+            raise WireError("a Serialized blob arrived with a frame that is not bytes")
+        return Serialized(bytes(out[0]), out[1:])
+    if t is WireParts:
+        parts = getattr(obj, "parts", None)
+        if not isinstance(parts, list) or not all(type(p) is list for p in parts):
+            raise WireError("malformed parts on the wire")
+        items = [_convert_in(x, fetched) for p in parts for x in p]
+        if obj.kind == "list":
+            return items
+        if obj.kind == "tuple":
+            return tuple(items)
+        if obj.kind == "dict":
+            return dict(items)
+        raise WireError(f"unknown kind of parts {obj.kind!r}")
+    if isinstance(obj, pb.RemoteReference):
+        return PBRemote(obj)
+    return obj
+
+
+async def _receive(obj: Any) -> Any:
+    found: list[WireChunked] = []
+    _find_chunked(obj, found)
+    fetched = {}
+    for chunked in found:
+        fetched[id(chunked)] = await chunked.fetch()
+    return _convert_in(obj, fetched)
+
+
+def from_wire(obj: Any) -> defer.Deferred:
+    """Inverse of :func:`to_wire`, on the receiving side.
+
+    :returns: Deferred firing the value, once every chunked part is fetched;
+        PB references come back wrapped in :class:`PBRemote`.
+    :raises: (errback) :class:`WireError` for a malformed or oversized value.
+    """
+    return defer.ensureDeferred(_receive(obj))
+
+
+# ---------------------------------------------------------------------------
+# Calls in both directions
+# ---------------------------------------------------------------------------
+
+
+def _schema(target: Any, method: str) -> Any:
+    """The Foolscap method schema of ``target.remote_<method>``, or None if
+    the target declares no RemoteInterface.
+
+    :raises WireError: the RemoteInterface has no such method.
+    """
+    try:
+        from foolscap.remoteinterface import getRemoteInterface
+    except ImportError:  # pragma: no cover - foolscap is a dependency
+        return None
+    iface = getRemoteInterface(target)
+    if iface is None:
+        return None
+    if method not in iface.names():
+        raise WireError(f"no remote method {method!r} on {iface.__remote_name__}")
+    return iface[method]
+
+
+def _check_args(schema: Any, args: tuple, kwargs: dict) -> None:
+    """Apply a Foolscap method schema's argument constraints (its size limits
+    and types). Reference arguments must be PB references."""
+    from foolscap.api import Violation
+    from foolscap.remoteinterface import RemoteInterfaceConstraint
+
+    names = schema.argumentNames
+    if len(args) > len(names):
+        raise WireError(f"too many arguments ({len(args)} given, {len(names)} accepted)")
+    given = dict(zip(names, args, strict=False))
+    for name, value in kwargs.items():
+        if name in given:
+            raise WireError(f"got multiple values for argument {name!r}")
+        given[name] = value
+    for name, value in given.items():
+        accept, constraint = schema.getKeywordArgConstraint(name)
+        if not accept:
+            raise WireError(f"unknown argument {name!r}")
+        if isinstance(constraint, RemoteInterfaceConstraint):
+            if not isinstance(value, PBRemote):
+                raise WireError(f"argument {name!r} must be a remote reference")
+            continue
+        try:
+            constraint.checkObject(value, True)
+        except Violation as v:
+            raise WireError(f"argument {name!r} refused: {v}") from None
+    missing = [n for n in schema.required if n not in given]
+    if missing:
+        raise WireError(f"missing argument {missing[0]!r}")
+
+
+class Exposed(pb.Referenceable):
+    """Expose an object's ``remote_*`` methods over PB.
+
+    Arguments are received (chunked values fetched) and, if the object
+    declares a Foolscap ``RemoteInterface``, checked against it before the
+    method runs; the reply (a value or a Deferred) is sent in wire form.
+    Calls that cannot be made fail with :class:`WireError` (not logged).
+
+    :param target: the object, e.g. a Foolscap server half.
+    """
+
+    def __init__(self, target: Any):
+        self.target = target
+
+    def __repr__(self) -> str:
+        return f"<Exposed {self.target!r}>"
+
+    def remoteMessageReceived(self, broker: pb.Broker, message: Any, args: Any, kw: Any):
+        if isinstance(message, bytes):
+            message = message.decode("utf-8", "replace")
+        args = broker.unserialize(args)
+        kw = broker.unserialize(kw)
+        kw = {k.decode("utf-8") if isinstance(k, bytes) else k: v for k, v in kw.items()}
+        schema = _schema(self.target, message)
+        method = getattr(self.target, f"remote_{message}", None)
+        if method is None or message.startswith("_"):
+            raise WireError(f"no remote method {message!r}")
+        d = from_wire((args, kw))
+
+        def call(received: tuple) -> Any:
+            rargs, rkw = received
+            if schema is not None:
+                _check_args(schema, rargs, rkw)
+            return defer.maybeDeferred(method, *rargs, **rkw)
+
+        d.addCallback(call)
+        d.addCallback(to_wire)
+        d.addErrback(_as_wire_error, message)
+        return broker.serialize(d, self.perspective)
+
+
+def _as_wire_error(f: Failure, method: str) -> Failure:
+    """Send unexpected failures as a :class:`WireError` (no logged traceback
+    on this side beyond one line, no local details to the peer)."""
+    if f.check(pb.Error):
+        return f
+    log.msg(f"PB call {method} failed: {f.getErrorMessage()}")
+    return Failure(WireError(f"{method} failed on the far side: {f.type.__name__}: {f.value}"))
+
+
+_LOST = (pb.PBConnectionLost, pb.DeadReferenceError, error.ConnectionLost, error.ConnectionDone)
+
+
+def _translate(f: Failure, method: str) -> Failure:
+    """PB's failures in the terms the client halves understand."""
+    if f.check(*_LOST):
+        return Failure(error.ConnectionLost(f"{method}: {f.getErrorMessage()}"))
+    kind = _remote_type(f)
+    if kind:
+        return Failure(
+            ProtocolError(f"the peer refused or failed the call {method}: {kind}: {f.value}")
+        )
+    return f
+
+
+class PBRemote:
+    """A :class:`pb.RemoteReference` with the Foolscap reference API.
+
+    :param reference: the PB reference.
+    """
+
+    def __init__(self, reference: pb.RemoteReference):
+        self.reference = reference
+
+    def __repr__(self) -> str:
+        return f"<PBRemote luid={self.reference.luid}>"
+
+    def callRemote(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:  # noqa: N802
+        """Call ``remote_<method>`` on the far object.
+
+        :returns: Deferred firing the reply, received with :func:`from_wire`.
+        :raises: (errback) ``ConnectionLost`` if the connection is gone;
+            :class:`~kernel.error.ProtocolError` if the far side refused the call.
+        """
+        try:
+            wire_args = to_wire(list(args))
+            wire_kwargs = to_wire(kwargs)
+            d = self.reference.callRemote(method, *wire_args, **wire_kwargs)
+        except Exception:
+            d = defer.fail()
+        d.addErrback(_translate, method)
+        d.addCallback(from_wire)
+        return d
+
+    def notifyOnDisconnect(self, callback: Callable, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+        """Call ``callback(*args, **kwargs)`` once the connection is lost.
+
+        :returns: a marker for :meth:`dontNotifyOnDisconnect`.
+        """
+
+        def fire(_reference: Any = None) -> None:
+            callback(*args, **kwargs)
+
+        if self.reference.broker.disconnected:
+            from twisted.internet import reactor
+
+            reactor.callLater(0, fire)
+        else:
+            self.reference.notifyOnDisconnect(fire)
+        return fire
+
+    def dontNotifyOnDisconnect(self, marker: Any) -> None:  # noqa: N802
+        """Cancel a :meth:`notifyOnDisconnect`."""
+        try:
+            self.reference.dontNotifyOnDisconnect(marker)
+        except (ValueError, AttributeError, TypeError):
+            pass
+
+    def getPeer(self) -> Any:  # noqa: N802
+        """The address of the far end."""
+        return self.reference.broker.transport.getPeer()
+
+    @property
+    def tracker(self) -> Any:
+        """Mirrors Foolscap's ``reference.tracker.broker`` (the connection), so
+        code that drops a connection through it works unchanged."""
+        return _Tracker(self.reference.broker)
+
+    def disconnect(self) -> None:
+        """Drop the connection at once."""
+        transport = self.reference.broker.transport
+        abort = getattr(transport, "abortConnection", None)
+        (abort or transport.loseConnection)()
+
+
+class _Tracker:
+    __slots__ = ("broker",)
+
+    def __init__(self, broker: pb.Broker):
+        self.broker = broker
+
+
+# ---------------------------------------------------------------------------
+# Authentication
+# ---------------------------------------------------------------------------
+
+
+def generate_secret() -> str:
+    """A new random secret (256 bits, hex)."""
+    return secrets.token_hex(32)
+
+
+@implementer(ICredentialsChecker)
+class SecretChecker:
+    """Accepts known usernames with their secret.
+
+    Works with PB's challenge–response (``IUsernameHashedPassword``) and with
+    plain ``IUsernamePassword`` credentials.
+
+    :param users: ``{username: secret}`` (str).
+    """
+
+    credentialInterfaces = (
+        cred_credentials.IUsernamePassword,
+        cred_credentials.IUsernameHashedPassword,
+    )
+
+    def __init__(self, users: dict[str, str]):
+        self.users = {u.encode(): s.encode() for u, s in users.items()}
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:  # noqa: N802
+        username = credentials.username
+        if isinstance(username, str):
+            username = username.encode()
+        secret = self.users.get(username)
+        if secret is None:
+            return defer.fail(LoginRefused("unknown user"))
+        d = defer.maybeDeferred(credentials.checkPassword, secret)
+
+        def checked(ok: bool) -> Any:
+            if not ok:
+                raise LoginRefused("wrong secret")
+            return username.decode()
+
+        d.addCallback(checked)
+        return d
+
+
+class GatewayAvatar(pb.Avatar):
+    """What a peer gets after logging in: named services to ask for.
+
+    :param services: ``{name: object}``; each object has ``remote_*``
+        methods and is sent wrapped in :class:`Exposed`.
+    """
+
+    def __init__(self, services: dict[str, Any]):
+        self.services = services
+        self._exposed: dict[str, Exposed] = {}
+
+    def perspective_get(self, name: str) -> Exposed:
+        """The service called ``name``."""
+        if name not in self.services:
+            raise WireError(f"no service {name!r}: this login offers {sorted(self.services)}")
+        if name not in self._exposed:
+            self._exposed[name] = Exposed(self.services[name])
+        return self._exposed[name]
+
+
+@implementer(IRealm)
+class GatewayRealm:
+    """Gives each login a :class:`GatewayAvatar` of its own.
+
+    :param services: ``{username: {name: object}}``.
+    """
+
+    def __init__(self, services: dict[str, dict[str, Any]]):
+        self.services = services
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any):  # noqa: N802
+        if pb.IPerspective not in interfaces:
+            raise NotImplementedError("only PB perspectives are offered")
+        if isinstance(avatar_id, bytes):
+            avatar_id = avatar_id.decode()
+        avatar = GatewayAvatar(self.services[avatar_id])
+        return pb.IPerspective, avatar, lambda: None
+
+
+def make_portal(username: str, secret: str, services: dict[str, Any]) -> Portal:
+    """A portal admitting ``username`` with ``secret`` to ``services``."""
+    return Portal(GatewayRealm({username: services}), [SecretChecker({username: secret})])
+
+
+def _remote_type(f: Failure) -> str:
+    """The name of the exception type a PB peer sent, or ''."""
+    if isinstance(f, pb.CopiedFailure):
+        kind = f.type
+    elif f.check(pb.RemoteError):
+        kind = f.value.remoteType
+    else:
+        return ""
+    return kind.decode() if isinstance(kind, bytes) else str(kind)
+
+
+def _refused(f: Failure) -> bool:
+    if f.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+        return True
+    kind = _remote_type(f)
+    return "UnauthorizedLogin" in kind or "LoginRefused" in kind
+
+
+async def login(
+    host: str,
+    port: int,
+    username: str,
+    secret: str,
+    service_name: str,
+    timeout: float = 30.0,
+    reactor: Any = None,
+) -> PBRemote:
+    """Connect to a PB listener, log in, and get the service ``service_name``.
+
+    :returns: the service as a :class:`PBRemote`.
+    :raises SecurityError: the controller refused the credentials.
+    :raises ConnectionError: nothing answers at ``host:port``, or the login
+        did not finish within ``timeout`` seconds.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    factory = pb.PBClientFactory()
+    connector = reactor.connectTCP(host, port, factory, timeout=timeout)
+    where = f"{host}:{port}"
+    try:
+        d = factory.login(cred_credentials.UsernamePassword(username.encode(), secret.encode()))
+        d.addTimeout(timeout, reactor)
+        avatar = await d
+        service = await avatar.callRemote("get", service_name)
+    except Exception:
+        f = Failure()
+        connector.disconnect()
+        if _refused(f):
+            raise SecurityError(
+                f"the controller at {where} refused the PB credentials of {username!r}: "
+                f"the secret does not match. Use the {PB_FILE} written by the running "
+                "controller (its cluster directory), or restart the cluster."
+            ) from None
+        if f.check(defer.TimeoutError, defer.CancelledError):
+            raise ConnectionError(
+                f"no PB answer from {where} within {timeout:g} s: is a txkernel "
+                "controller with --adapter pb listening there?"
+            ) from None
+        if f.check(error.ConnectError, *_LOST):
+            raise ConnectionError(
+                f"cannot reach a PB controller at {where} ({f.getErrorMessage()}): start "
+                "one with `txkernel cluster start -n 4 --adapter pb`."
+            ) from None
+        f.raiseException()
+    return PBRemote(service)
+
+
+def read_connection_info(cd: Any) -> dict[str, Any]:
+    """Read ``pb.json`` from a cluster directory.
+
+    :param cd: a :class:`~kernel.clusterdir.ClusterDir`.
+    :returns: ``{'host', 'engine_port', 'client_port', 'engine_secret',
+        'client_secret'}``.
+    :raises ConnectionError: there is no ``pb.json`` (no PB controller ran here).
+    :raises SecurityError: the file or the directory is not private.
+    """
+    info = cd.read_json(PB_FILE)
+    if info is None:
+        raise ConnectionError(
+            f"no PB connection file {cd.file(PB_FILE)}: is a controller running with "
+            f"--adapter pb in this cluster directory? Start one with "
+            f"`txkernel cluster start -n 4 --adapter pb --cluster-dir {cd.path}`."
+        )
+    return info
