@@ -1,0 +1,583 @@
+"""TaskController unit tests: scripted fake engines and a task.Clock.
+
+Each fake engine records the ``run_task`` calls it gets and lets the test
+decide when and how each finishes, so scheduling decisions, timeouts and
+failure handling are checked deterministically without threads or real time.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from zope.interface.verify import verifyObject
+
+from kernel import serialized
+from kernel.controllerservice import ControllerService
+from kernel.dependency import Dependency
+from kernel.error import (
+    DependencyTimeout,
+    EngineError,
+    ImpossibleDependency,
+    InvalidTaskID,
+    TaskAborted,
+    UnmetDependency,
+)
+from kernel.interfaces import IMapper, ITaskController
+from kernel.serialized import Serialized
+from kernel.taskcontroller import TaskController, normalize_flags
+from kernel.taskdb.memory import DictDB
+
+
+class Call:
+    def __init__(self, engine, payload, clear_before, clear_after):
+        self.engine = engine
+        self.payload = payload
+        self.clear_before = clear_before
+        self.clear_after = clear_after
+        self.deferred = Deferred()
+
+    def succeed(self, value="ok", started=100.0, completed=101.0):
+        self.engine.calls.remove(self)
+        self.deferred.callback(
+            {
+                "result": serialized.serialize(value),
+                "stdout": "out",
+                "stderr": "",
+                "started": started,
+                "completed": completed,
+            }
+        )
+
+    def fail(self, exc):
+        self.engine.calls.remove(self)
+        self.deferred.errback(exc)
+
+
+class FakeEngine:
+    """An engine whose ``run_task`` calls wait for the test to finish them."""
+
+    def __init__(self, queued=()):
+        self.id = None
+        self.properties = {}
+        self.calls: list[Call] = []
+        self.interrupts = 0
+        self.queued = list(queued)  # descriptions queue_status reports as waiting
+
+    def run_task(self, payload, clear_before=False, clear_after=False):
+        call = Call(self, payload, clear_before, clear_after)
+        self.calls.append(call)
+        return call.deferred
+
+    def interrupt(self):
+        self.interrupts += 1
+        return succeed(True)
+
+    def queue_status(self):
+        pending = "run_task(...)" if self.calls else None
+        return succeed({"queue": list(self.queued), "pending": pending})
+
+
+def spec(value="v", **flags):
+    """A (flags, payload) pair; the payload is opaque to the controller."""
+    return normalize_flags(flags), serialized.serialize(value)
+
+
+def make(n_engines=2, **kwargs):
+    controller = ControllerService()
+    clock = Clock()
+    tc = TaskController(controller, clock=clock, **kwargs)
+    engines = [FakeEngine() for _ in range(n_engines)]
+    for e in engines:
+        controller.register_engine(e)
+    return controller, tc, engines, clock
+
+
+def submit(tc, value="v", **flags):
+    d = tc.run_spec(*spec(value, **flags))
+    return d.result
+
+
+def outcome(tc, taskid):
+    d = tc.get_task_result(taskid)
+    assert d.called
+    return d.result
+
+
+def all_calls(engines):
+    return [c for e in engines for c in e.calls]
+
+
+# -- interfaces and opacity ---------------------------------------------------
+
+
+def test_provides_interfaces():
+    _, tc, _, _ = make()
+    assert verifyObject(ITaskController, tc)
+    assert verifyObject(IMapper, tc)
+
+
+def test_payload_and_result_blobs_pass_through_unopened():
+    _, tc, engines, _ = make(1)
+    payload = Serialized(b"not a pickle at all")
+    taskid = tc.run_spec({}, payload).result
+    (call,) = engines[0].calls
+    assert call.payload is payload
+    blob = Serialized(b"not a pickle either")
+    engines[0].calls.remove(call)
+    call.deferred.callback(
+        {"result": blob, "stdout": "", "stderr": "", "started": 1, "completed": 2}
+    )
+    tr = outcome(tc, taskid)
+    assert tr.status == "succeeded" and tr.serialized_result == blob
+
+
+def test_result_is_read_back_from_the_task_db():
+    db = DictDB()
+    _, tc, engines, _ = make(1, db=db)
+    taskid = submit(tc)
+    engines[0].calls[0].succeed("original")
+    db._records[taskid]["stdout"] = "from the db"
+    assert outcome(tc, taskid).stdout == "from the db"
+
+
+def test_run_spec_refuses_bad_flags_and_payloads():
+    _, tc, _, _ = make()
+    failures = []
+    tc.run_spec({"retries": -1}, serialized.serialize(1)).addErrback(failures.append)
+    tc.run_spec({}, b"raw bytes").addErrback(failures.append)
+    assert [f.type for f in failures] == [ValueError, TypeError]
+
+
+def test_run_spec_unknown_flag_fails_the_deferred():
+    _, tc, _, _ = make()
+    failures = []
+    tc.run_spec({"colour": "red"}, serialized.serialize(1)).addErrback(failures.append)
+    assert failures[0].check(ValueError)
+
+
+def test_clear_flags_reach_the_engine():
+    _, tc, engines, _ = make(1)
+    submit(tc, clear_before=True, clear_after=True)
+    call = engines[0].calls[0]
+    assert (call.clear_before, call.clear_after) == (True, True)
+
+
+# -- scheduling ---------------------------------------------------------------
+
+
+def test_leastload_sends_to_the_least_loaded_engine():
+    _, tc, engines, _ = make(3, hwm=0)
+    for _ in range(3):
+        submit(tc)
+    assert [len(e.calls) for e in engines] == [1, 1, 1]
+    engines[1].calls[0].succeed()
+    submit(tc)
+    assert [len(e.calls) for e in engines] == [1, 1, 1]  # went to engine 1, now idle
+
+
+def test_lru_rotates_whatever_the_loads():
+    _, tc, engines, _ = make(3, scheme="lru", hwm=0)
+    engines_used = []
+    for _ in range(4):
+        taskid = submit(tc)
+        engines_used.append(next(e for e in engines if tc._tasks[taskid].worker.engine is e))
+    assert engines_used == [engines[0], engines[1], engines[2], engines[0]]
+
+
+def test_custom_scheme_callable_is_used():
+    seen = []
+
+    def last(loads):
+        seen.append(list(loads))
+        return len(loads) - 1
+
+    _, tc, engines, _ = make(3, scheme=last, hwm=0)
+    submit(tc)
+    assert len(engines[2].calls) == 1
+    assert seen == [[0, 0, 0]]
+
+
+@pytest.mark.parametrize("scheme", ["plainrandom", "twobin", "weighted", "leastload", "lru"])
+def test_every_named_scheme_places_tasks(scheme):
+    _, tc, engines, _ = make(3, scheme=scheme)
+    for _ in range(3):
+        submit(tc)
+    assert sorted(len(e.calls) for e in engines) == [1, 1, 1]  # hwm=1: one per engine
+
+
+def test_unknown_scheme_name_is_refused():
+    with pytest.raises(ValueError, match="leastload"):
+        TaskController(ControllerService(), scheme="fastest", clock=Clock())
+
+
+def test_hwm_limits_outstanding_tasks_per_engine():
+    _, tc, engines, _ = make(1, hwm=2)
+    ids = [submit(tc) for _ in range(5)]
+    status = tc.queue_status(verbose=True).result
+    # two are outstanding on the engine, only one at a time in its queue
+    assert len(engines[0].calls) == 1
+    assert status["running"] == ids[:1] and status["pending"] == ids[1:]
+    assert tc._table.load(tc._by_id[0].serial) == 2
+    engines[0].calls[0].succeed()
+    assert len(engines[0].calls) == 1
+    assert tc._table.load(tc._by_id[0].serial) == 2
+
+
+def test_hwm_one_keeps_tasks_in_the_controller_until_an_engine_is_free():
+    _, tc, engines, _ = make(2)
+    submit(tc), submit(tc)
+    c = submit(tc)
+    assert len(all_calls(engines)) == 2
+    assert tc.queue_status(verbose=True).result["pending"] == [c]
+    engines[0].calls[0].succeed()
+    assert len(engines[0].calls) == 1
+
+
+def test_tasks_wait_for_the_first_engine():
+    controller, tc, _, _ = make(0)
+    taskid = submit(tc)
+    assert tc.queue_status(verbose=True).result["pending"] == [taskid]
+    engine = FakeEngine()
+    controller.register_engine(engine)
+    assert len(engine.calls) == 1
+
+
+# -- retries, recovery, failures ----------------------------------------------
+
+
+def test_retry_prefers_an_engine_the_task_has_not_failed_on():
+    def most_recent(loads):
+        return len(loads) - 1
+
+    _, tc, engines, _ = make(2, scheme=most_recent, hwm=0)
+    taskid = submit(tc, retries=1)
+    first = all_calls(engines)[0]
+    first.fail(ValueError("flaky"))
+    (second,) = all_calls(engines)
+    assert second.engine is not first.engine
+    second.succeed("fine")
+    assert outcome(tc, taskid).results == "fine"
+
+
+def test_retries_exhausted_fail_with_the_last_error_and_engine():
+    _, tc, engines, _ = make(1)
+    taskid = submit(tc, retries=1)
+    engines[0].calls[0].fail(ValueError("first"))
+    engines[0].calls[0].fail(KeyError("second"))
+    tr = outcome(tc, taskid)
+    assert tr.status == "failed" and tr.engine_id == 0
+    with pytest.raises(KeyError):
+        tr.raise_exception()
+
+
+def test_recovery_task_payload_runs_under_the_same_taskid():
+    _, tc, engines, _ = make(1)
+    rflags, rpayload = spec("recovery body", retries=0)
+    taskid = submit(tc, recovery_task={"flags": rflags, "payload": rpayload.to_bytes()})
+    engines[0].calls[0].fail(ValueError("x"))
+    (call,) = engines[0].calls
+    assert serialized.deserialize(call.payload) == "recovery body"
+    call.succeed("recovered")
+    tr = outcome(tc, taskid)
+    assert tr.taskid == taskid and tr.results == "recovered"
+
+
+def test_attempts_and_resubmission_are_recorded():
+    db = DictDB()
+    _, tc, engines, clock = make(1, db=db)
+    clock.advance(10)
+    taskid = submit(tc, retries=1)
+    clock.advance(5)
+    engines[0].calls[0].fail(ValueError("x"))
+    engines[0].calls[0].succeed("ok", started=20.0, completed=21.0)
+    rec = db.get_record(taskid).result
+    assert rec["status"] == "succeeded"
+    assert rec["attempts"] == 2
+    assert rec["submitted"] == 10 and rec["resubmitted"] == 15
+    assert (rec["started"], rec["completed"], rec["engine_id"]) == (20.0, 21.0, 0)
+    assert serialized.deserialize(Serialized.from_bytes(rec["result"])) == "ok"
+    assert rec["stdout"] == "out"
+    found = db.find_records({"status": "succeeded"}, keys=["engine_id"]).result
+    assert found == [{"taskid": taskid, "engine_id": 0}]
+
+
+# -- functional dependencies ----------------------------------------------------
+
+
+def test_unmet_dependency_moves_the_task_and_never_repeats_an_engine():
+    _, tc, engines, _ = make(3, hwm=0)
+    taskid = submit(tc)
+    tried = []
+    for _ in range(2):
+        (call,) = all_calls(engines)
+        tried.append(call.engine)
+        call.fail(UnmetDependency("not here"))
+    (call,) = all_calls(engines)
+    assert call.engine not in tried
+    call.fail(UnmetDependency("not here either"))
+    tr = outcome(tc, taskid)
+    with pytest.raises(ImpossibleDependency, match="functional dependency"):
+        tr.raise_exception()
+
+
+def test_unmet_dependency_does_not_use_up_retries():
+    _, tc, engines, _ = make(2)
+    taskid = submit(tc, retries=0)
+    all_calls(engines)[0].fail(UnmetDependency("no"))
+    all_calls(engines)[0].succeed("yes")
+    assert outcome(tc, taskid).results == "yes"
+
+
+def test_with_a_timeout_a_rejected_task_waits_for_a_new_engine():
+    controller, tc, engines, clock = make(1)
+    taskid = submit(tc, timeout=30)
+    engines[0].calls[0].fail(UnmetDependency("no"))
+    assert tc.get_task_result(taskid).result is None
+    newcomer = FakeEngine()
+    controller.register_engine(newcomer)
+    newcomer.calls[0].succeed("on the newcomer")
+    assert outcome(tc, taskid).results == "on the newcomer"
+
+
+def test_with_a_timeout_a_rejected_task_fails_when_it_expires():
+    _, tc, engines, clock = make(1)
+    taskid = submit(tc, timeout=30)
+    engines[0].calls[0].fail(UnmetDependency("no"))
+    clock.advance(31)
+    with pytest.raises(DependencyTimeout):
+        outcome(tc, taskid).raise_exception()
+
+
+def test_a_reused_engine_id_is_a_new_engine_for_dependencies():
+    controller, tc, engines, clock = make(1)
+    taskid = submit(tc, timeout=30)
+    engines[0].calls[0].fail(UnmetDependency("no"))
+    controller.unregister_engine(0)
+    fresh = FakeEngine()
+    assert controller.register_engine(fresh)["id"] == 0
+    fresh.calls[0].succeed("ran")
+    assert outcome(tc, taskid).results == "ran"
+
+
+# -- graph dependencies ---------------------------------------------------------
+
+
+def test_dependency_timeout_on_the_injected_clock():
+    _, tc, engines, clock = make(1)
+    blocker = submit(tc)
+    waiting = submit(tc, after=Dependency([blocker]).as_dict(), timeout=5)
+    clock.advance(4.9)
+    assert tc.get_task_result(waiting).result is None
+    clock.advance(0.2)
+    with pytest.raises(DependencyTimeout, match="timeout of 5"):
+        outcome(tc, waiting).raise_exception()
+    engines[0].calls[0].succeed()
+    assert outcome(tc, blocker).status == "succeeded"
+
+
+def test_timeout_does_not_touch_a_task_that_started():
+    _, tc, engines, clock = make(1)
+    taskid = submit(tc, timeout=1)
+    clock.advance(10)
+    engines[0].calls[0].succeed("late but fine")
+    assert outcome(tc, taskid).results == "late but fine"
+
+
+def test_finishing_a_task_rejudges_only_its_own_dependents():
+    _, tc, engines, _ = make(1, hwm=0)
+    deps = [submit(tc) for _ in range(50)]
+    for d in deps:
+        submit(tc, after=Dependency([d]).as_dict())
+    judged = []
+    real = tc._judge
+    tc._judge = lambda state: judged.append(state.taskid) or real(state)
+    engines[0].calls[0].succeed()
+    assert len(judged) == 1
+
+
+def test_follow_waits_and_goes_where_its_dependency_ran():
+    _, tc, engines, _ = make(3, hwm=0)
+    a = submit(tc)
+    ran_on = all_calls(engines)[0].engine
+    b = submit(tc, follow=Dependency([a]).as_dict())
+    assert len(all_calls(engines)) == 1  # b waits for a
+    ran_on.calls[0].succeed()
+    (call,) = all_calls(engines)
+    assert call.engine is ran_on
+    call.succeed()
+    assert outcome(tc, b).status == "succeeded"
+
+
+def test_follow_of_a_lost_engine_is_impossible():
+    controller, tc, engines, _ = make(2)
+    a = submit(tc)
+    call = all_calls(engines)[0]
+    lost_id = engines.index(call.engine)
+    call.succeed()
+    controller.unregister_engine(lost_id)
+    b = submit(tc, follow=Dependency([a]).as_dict())
+    with pytest.raises(ImpossibleDependency, match="gone"):
+        outcome(tc, b).raise_exception()
+
+
+def test_dependency_on_a_cleared_task_is_unknown():
+    _, tc, engines, _ = make(1)
+    a = submit(tc)
+    engines[0].calls[0].succeed()
+    tc.clear([a])
+    b = submit(tc, after=Dependency([a]).as_dict())
+    with pytest.raises(ImpossibleDependency, match="unknown"):
+        outcome(tc, b).raise_exception()
+
+
+def test_clearing_a_finished_dependency_does_not_strand_its_dependents():
+    _, tc, engines, _ = make(1, hwm=0)
+    a, b = submit(tc), submit(tc)
+    c = submit(tc, after=Dependency([a, b]).as_dict())
+    engines[0].calls[0].succeed()
+    tc.clear([a])
+    engines[0].calls[0].succeed()
+    engines[0].calls[0].succeed("c ran")
+    assert outcome(tc, c).results == "c ran"
+
+
+def test_long_failure_cascade_does_not_recurse():
+    _, tc, engines, _ = make(1)
+    head = submit(tc)
+    prev = head
+    for _ in range(3000):
+        prev = submit(tc, after=Dependency([prev]).as_dict())
+    engines[0].calls[0].fail(ValueError("head failed"))
+    assert tc.queue_status().result["failed"] == 3001
+
+
+# -- abort ------------------------------------------------------------------------
+
+
+def test_abort_of_an_assigned_task_never_sends_it():
+    _, tc, engines, _ = make(1, hwm=0)
+    submit(tc)
+    second = submit(tc)
+    tc.abort(second)
+    engines[0].calls[0].succeed()
+    assert engines[0].calls == []
+    assert outcome(tc, second).status == "aborted"
+
+
+def test_abort_of_a_running_task_interrupts_and_frees_the_engine_later():
+    _, tc, engines, _ = make(1)
+    running = submit(tc)
+    queued = submit(tc)
+    tc.abort(running)
+    assert engines[0].interrupts == 1
+    tr = outcome(tc, running)
+    with pytest.raises(TaskAborted):
+        tr.raise_exception()
+    assert len(engines[0].calls) == 1  # the engine is busy until the interrupt lands
+    engines[0].calls[0].fail(KeyboardInterrupt())
+    assert outcome(tc, running).status == "aborted"
+    engines[0].calls[0].succeed("next")
+    assert outcome(tc, queued).results == "next"
+
+
+def test_abort_of_a_task_still_queued_on_the_engine_does_not_interrupt():
+    _, tc, engines, _ = make(1)
+    engines[0].queued = ["run_task(<Serialized 10 bytes>)"]
+    taskid = submit(tc)
+    tc.abort(taskid)
+    assert engines[0].interrupts == 0
+    engines[0].calls[0].succeed("ran anyway")
+    assert outcome(tc, taskid).status == "aborted"
+
+
+# -- engine loss ------------------------------------------------------------------
+
+
+def test_engine_unregistered_mid_task_retries_elsewhere():
+    controller, tc, engines, _ = make(2, hwm=0)
+    taskid = submit(tc, retries=1)
+    call = all_calls(engines)[0]
+    controller.unregister_engine(engines.index(call.engine))
+    (again,) = [c for c in all_calls(engines) if c is not call]
+    assert again.engine is not call.engine
+    again.succeed("elsewhere")
+    call.succeed("too late")  # the lost engine answering late is ignored
+    assert outcome(tc, taskid).results == "elsewhere"
+
+
+def test_engine_unregistered_mid_task_without_retries_fails_with_engine_error():
+    controller, tc, engines, _ = make(1)
+    taskid = submit(tc)
+    controller.unregister_engine(0)
+    tr = outcome(tc, taskid)
+    assert tr.engine_id == 0
+    with pytest.raises(EngineError, match="engine 0 was lost"):
+        tr.raise_exception()
+
+
+def test_tasks_assigned_to_a_lost_engine_move_without_using_retries():
+    controller, tc, engines, _ = make(1, hwm=0)
+    running, waiting = submit(tc), submit(tc)
+    controller.unregister_engine(0)
+    newcomer = FakeEngine()
+    controller.register_engine(newcomer)
+    newcomer.calls[0].succeed("moved")
+    assert outcome(tc, waiting).results == "moved"
+    assert outcome(tc, running).status == "failed"
+
+
+def test_engine_error_from_the_engine_retires_it():
+    _, tc, engines, _ = make(2)
+    taskid = submit(tc, retries=1)
+    call = all_calls(engines)[0]
+    call.fail(EngineError("engine killed"))
+    (again,) = all_calls(engines)
+    assert again.engine is not call.engine
+    again.succeed()
+    for _ in range(3):
+        submit(tc)
+    assert call.engine.calls == []
+    assert outcome(tc, taskid).status == "succeeded"
+
+
+# -- results, barrier, clear --------------------------------------------------------
+
+
+def test_blocking_get_task_result_fires_when_done():
+    _, tc, engines, _ = make(1)
+    taskid = submit(tc)
+    d = tc.get_task_result(taskid, block=True)
+    assert not d.called
+    engines[0].calls[0].succeed(3)
+    assert d.result.results == 3
+
+
+def test_cancelled_blocking_wait_leaves_no_waiter():
+    _, tc, engines, _ = make(1)
+    taskid = submit(tc)
+    d = tc.get_task_result(taskid, block=True)
+    d.cancel()
+    d.addErrback(lambda f: None)
+    assert tc._tasks[taskid].waiters == []
+
+
+def test_clear_drops_records_from_the_db():
+    db = DictDB()
+    _, tc, engines, _ = make(1, db=db)
+    taskid = submit(tc)
+    engines[0].calls[0].succeed()
+    tc.clear()
+    assert db.find_records({}).result == []
+    failures = []
+    tc.get_task_result(taskid).addErrback(failures.append)
+    assert failures[0].check(InvalidTaskID)
+
+
+def test_stop_service_stops_watching_engines():
+    controller, tc, _, _ = make(0)
+    tc.startService()
+    tc.stopService()
+    taskid = submit(tc)
+    controller.register_engine(FakeEngine())
+    assert tc.queue_status(verbose=True).result["pending"] == [taskid]
