@@ -62,6 +62,7 @@ __all__ = [
     "MultiEngine",
     "MultiEngineCallerMixin",
     "SynchronousMultiEngine",
+    "open_blob",
     "resolve_targets",
 ]
 
@@ -147,6 +148,20 @@ def _merge_failures(method: str, ids: list[int], outcomes: list) -> list:
     return outcomes
 
 
+def open_blob(blob: Serialized) -> Any:
+    """Deserialize ``blob`` into an object of the caller's own.
+
+    Out-of-band buffers are copied into private bytearrays first: a blob made
+    in this process borrows the memory of the object it came from (an
+    in-process engine's array, say), and one that came over a wire may be
+    read-only bytes; either way the caller gets writable data that shares
+    memory with nothing else.
+    """
+    if blob.buffers:
+        blob = Serialized(blob.data, [bytearray(b) for b in blob.buffers])
+    return deserialize(blob)
+
+
 async def _as(method: str, d: defer.Deferred) -> Any:
     """Await ``d``; a CompositeError it raises is labelled with ``method``
     (the user's call, not the primitive that carried it)."""
@@ -184,8 +199,8 @@ class MultiEngineCallerMixin:
         blobs that came over a wire are opened.)"""
         blobs = await _as(method, self.pull_serialized(keys, targets))
         if isinstance(keys, str):
-            return [deserialize(b) for b in blobs]
-        return [[deserialize(b) for b in per_engine] for per_engine in blobs]
+            return [open_blob(b) for b in blobs]
+        return [[open_blob(b) for b in per_engine] for per_engine in blobs]
 
     # -- data --------------------------------------------------------------
 
@@ -305,7 +320,7 @@ class MultiEngineCallerMixin:
             (blob,) = await self.pull_serialized(rname, engine_id)
         finally:
             await self.execute(f"del {rname}", engine_id)
-        return deserialize(blob)
+        return open_blob(blob)
 
     def map(self, func: Callable, *seqs: Any) -> defer.Deferred:
         """``map(func, *seqs)`` over every engine; fire the results in order."""

@@ -225,6 +225,20 @@ class MultiEngineContract:
         np.testing.assert_array_equal(arr, values["arr"])
 
     @pytest_twisted.ensureDeferred
+    async def test_pulled_arrays_are_writable_copies_of_the_callers_own(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        await me.execute("import numpy\nbig = numpy.zeros(100_000)", targets=ids[0])
+        (big,) = await me.pull("big", targets=ids[0])
+        big[0] = 5.0  # would raise if the array were read-only
+        (again,) = await me.pull("big", targets=ids[0])
+        assert again[0] == 0.0
+        await me.scatter("part", np.zeros(400_000), targets=ids[:2])
+        gathered = await me.gather("part", targets=ids[:2])
+        gathered[:] = 1.0
+        assert (await me.pull("part", targets=ids[0]))[0].sum() == 0.0
+
+    @pytest_twisted.ensureDeferred
     async def test_push_to_some_targets_leaves_the_others_alone(self, cluster):
         me = cluster.multiengine
         ids = await me.get_ids()
