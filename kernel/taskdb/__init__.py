@@ -76,7 +76,8 @@ def check_query(query: Mapping[str, Any]) -> None:
     for key, test in query.items():
         if key not in RECORD_KEYS:
             raise KeyError(f"{key!r} is not a task record key; use one of {sorted(RECORD_KEYS)}")
-        if isinstance(test, Mapping):
+        # a dict with "$" keys is operators; any other dict is an exact value
+        if isinstance(test, Mapping) and any(str(k).startswith("$") for k in test):
             for op in test:
                 if op not in OPERATORS:
                     raise ValueError(

@@ -1,0 +1,288 @@
+"""Task records in an embedded SQLite database (the default store).
+
+One table, one column per record key. Dict fields (``flags``, ``error``) are
+stored as JSON (bytes inside them as base64), blob fields as BLOBs: nothing
+is pickled, so reading the database never runs code from it.
+
+Queries are translated to SQL for the columns that hold plain values, then
+every row is checked with :func:`kernel.taskdb.match`, so the results are
+exactly those of the in-memory :class:`~kernel.taskdb.memory.DictDB`.
+
+Calls run on the caller's thread (the reactor): SQLite on a local file in WAL
+mode answers these small statements in microseconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from kernel.interfaces import ITaskDB
+from kernel.taskdb import BLOB_KEYS, RECORD_KEYS, check_query, match, new_record
+
+_COLUMNS: dict[str, str] = {
+    "taskid": "INTEGER PRIMARY KEY",
+    "status": "TEXT",
+    "description": "TEXT",
+    "flags": "TEXT",
+    "payload": "BLOB",
+    "submitted": "REAL",
+    "started": "REAL",
+    "completed": "REAL",
+    "resubmitted": "REAL",
+    "engine_id": "INTEGER",
+    "attempts": "INTEGER",
+    "result": "BLOB",
+    "error": "TEXT",
+    "stdout": "TEXT",
+    "stderr": "TEXT",
+}
+assert set(_COLUMNS) == set(RECORD_KEYS)
+
+_JSON_KEYS = frozenset({"flags", "error"})
+_SCALAR_TYPES = (str, int, float, bool, type(None), bytes)
+
+_COMPARISONS = {"$gt": ">", "$ge": ">", "$gte": ">=", "$lt": "<", "$le": "<", "$lte": "<="}
+
+
+def _to_json(value: Any) -> str | None:
+    if value is None:
+        return None
+
+    def default(o: Any) -> Any:
+        if isinstance(o, (bytes, bytearray, memoryview)):
+            return {"__bytes__": base64.b64encode(bytes(o)).decode("ascii")}
+        raise TypeError(f"a task record field holds a {type(o).__name__}, which is not plain data")
+
+    return json.dumps(value, default=default)
+
+
+def _from_json(text: str | None) -> Any:
+    if text is None:
+        return None
+
+    def hook(d: dict) -> Any:
+        if set(d) == {"__bytes__"}:
+            return base64.b64decode(d["__bytes__"])
+        return d
+
+    return json.loads(text, object_hook=hook)
+
+
+def _encode(key: str, value: Any) -> Any:
+    if key in _JSON_KEYS:
+        return _to_json(value)
+    if key in BLOB_KEYS and value is not None:
+        return bytes(value)
+    return value
+
+
+def _decode(key: str, value: Any) -> Any:
+    if key in _JSON_KEYS:
+        return _from_json(value)
+    return value
+
+
+@implementer(ITaskDB)
+class SQLiteDB:
+    """Task records in a SQLite file.
+
+    :param path: the database file (created if missing), or ``":memory:"``.
+    :param table: the table name (letters, digits and underscores).
+    """
+
+    def __init__(self, path: str = ":memory:", table: str = "tasks"):
+        if not table.replace("_", "").isalnum():
+            raise ValueError(f"table name must be letters, digits and underscores: {table!r}")
+        self.path = str(path)
+        self.table = table
+        self._conn: sqlite3.Connection | None = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False
+        )
+        if self.path != ":memory:":
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        columns = ", ".join(f"{k} {t}" for k, t in _COLUMNS.items())
+        self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+
+    def __repr__(self) -> str:
+        return f"<SQLiteDB {self.path!r} table={self.table!r}>"
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError(f"{self!r} is closed")
+        return self._conn
+
+    def _row_to_record(self, keys: list[str], row: tuple) -> dict[str, Any]:
+        return {k: _decode(k, v) for k, v in zip(keys, row, strict=True)}
+
+    def _fetch(self, taskid: int) -> dict[str, Any] | None:
+        keys = list(_COLUMNS)
+        row = (
+            self._db()
+            .execute(f"SELECT {', '.join(keys)} FROM {self.table} WHERE taskid = ?", (taskid,))
+            .fetchone()
+        )
+        return None if row is None else self._row_to_record(keys, row)
+
+    # -- ITaskDB -------------------------------------------------------------
+
+    def add_record(self, taskid: int, record: Mapping[str, Any]) -> defer.Deferred:
+        """Store a new record (missing keys are None); replaces any record with
+        the same taskid. Fires None.
+
+        :raises: (errback) KeyError for an unknown record key.
+        """
+        try:
+            fields = dict(record)
+            fields.pop("taskid", None)
+            full = new_record(taskid, **fields)
+            keys = list(_COLUMNS)
+            self._db().execute(
+                f"INSERT OR REPLACE INTO {self.table} ({', '.join(keys)}) "
+                f"VALUES ({', '.join('?' for _ in keys)})",
+                [_encode(k, full[k]) for k in keys],
+            )
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def update_record(self, taskid: int, changes: Mapping[str, Any]) -> defer.Deferred:
+        """Merge ``changes`` into the record. Fires None.
+
+        :raises: (errback) KeyError if there is no such record or a key is unknown.
+        """
+        try:
+            unknown = set(changes) - set(RECORD_KEYS)
+            if unknown:
+                raise KeyError(f"not task record keys: {sorted(unknown)}")
+            changes = {k: v for k, v in changes.items() if k != "taskid"}
+            if not changes:
+                if self._fetch(taskid) is None:
+                    raise KeyError(f"no task record with taskid {taskid!r}")
+                return defer.succeed(None)
+            assignments = ", ".join(f"{k} = ?" for k in changes)
+            cursor = self._db().execute(
+                f"UPDATE {self.table} SET {assignments} WHERE taskid = ?",
+                [*(_encode(k, v) for k, v in changes.items()), taskid],
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(f"no task record with taskid {taskid!r}")
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def get_record(self, taskid: int) -> defer.Deferred:
+        """Fire the record dict; KeyError if none."""
+        try:
+            record = self._fetch(taskid)
+            if record is None:
+                raise KeyError(f"no task record with taskid {taskid!r}")
+        except Exception:
+            return defer.fail()
+        return defer.succeed(record)
+
+    def drop_records(self, taskids: Iterable[int]) -> defer.Deferred:
+        """Delete the records (unknown taskids are ignored). Fires None."""
+        try:
+            self._db().executemany(
+                f"DELETE FROM {self.table} WHERE taskid = ?", [(t,) for t in taskids]
+            )
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def find_records(
+        self, query: Mapping[str, Any], keys: Iterable[str] | str | None = None
+    ) -> defer.Deferred:
+        """Fire the records matching ``query`` in taskid order; ``keys`` limits
+        the fields (see :meth:`kernel.interfaces.ITaskDB.find_records`)."""
+        try:
+            check_query(query)
+            if keys is None:
+                wanted = [k for k in _COLUMNS if k not in BLOB_KEYS]
+            else:
+                if isinstance(keys, str):
+                    keys = [keys]
+                wanted = ["taskid"]
+                for k in keys:
+                    if k not in RECORD_KEYS:
+                        raise KeyError(
+                            f"{k!r} is not a task record key; use one of {sorted(RECORD_KEYS)}"
+                        )
+                    if k not in wanted:
+                        wanted.append(k)
+            where, params = _where(query)
+            # fetch the queried columns too, to check every row with match()
+            columns = wanted + [k for k in query if k not in wanted]
+            sql = f"SELECT {', '.join(columns)} FROM {self.table}"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            sql += " ORDER BY taskid"
+            found = []
+            for row in self._db().execute(sql, params):
+                record = self._row_to_record(columns, row)
+                if match(record, query):
+                    found.append({k: record[k] for k in wanted})
+        except Exception:
+            return defer.fail()
+        return defer.succeed(found)
+
+    def close(self) -> defer.Deferred:
+        """Close the database file. Fires None."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        return defer.succeed(None)
+
+
+def _where(query: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+    """SQL conditions selecting (at least) the rows that match ``query``.
+
+    Conditions on JSON columns and on non-scalar values are left to
+    :func:`kernel.taskdb.match`.
+    """
+    where: list[str] = []
+    params: list[Any] = []
+    for key, test in query.items():
+        if key in _JSON_KEYS:
+            continue
+        if not (isinstance(test, Mapping) and test and all(str(k).startswith("$") for k in test)):
+            if isinstance(test, _SCALAR_TYPES):
+                where.append(f"{key} IS ?")
+                params.append(test)
+            continue
+        for op, arg in test.items():
+            if op in ("$eq", "$ne") and isinstance(arg, _SCALAR_TYPES):
+                where.append(f"{key} {'IS' if op == '$eq' else 'IS NOT'} ?")
+                params.append(arg)
+            elif op in _COMPARISONS and isinstance(arg, (int, float, str)):
+                where.append(f"{key} IS NOT NULL AND {key} {_COMPARISONS[op]} ?")
+                params.append(arg)
+            elif op in ("$in", "$nin") and isinstance(arg, (list, tuple, set, frozenset)):
+                values = list(arg)
+                if not all(isinstance(v, _SCALAR_TYPES) for v in values):
+                    continue
+                present = [v for v in values if v is not None]
+                has_null = len(present) != len(values)
+                marks = ", ".join("?" for _ in present)
+                if op == "$in":
+                    parts = [f"{key} IN ({marks})"] if present else []
+                    if has_null:
+                        parts.append(f"{key} IS NULL")
+                    where.append("(" + " OR ".join(parts) + ")" if parts else "0")
+                else:
+                    if present:
+                        null_part = f"{key} IS NOT NULL" if has_null else f"{key} IS NULL"
+                        joiner = "AND" if has_null else "OR"
+                        where.append(f"({null_part} {joiner} {key} NOT IN ({marks}))")
+                    elif has_null:
+                        where.append(f"{key} IS NOT NULL")
+                params.extend(present)
+    return where, params

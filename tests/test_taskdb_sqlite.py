@@ -1,0 +1,80 @@
+"""The SQLite task database: the ITaskDB contract plus persistence."""
+
+import sqlite3
+
+import pytest
+import pytest_twisted
+
+from kernel.taskdb.sqlite import SQLiteDB
+from tests.contract.taskdb import TaskDBContract
+
+
+class TestSQLiteDBFile(TaskDBContract):
+    @pytest.fixture
+    def db(self, tmp_path):
+        db = SQLiteDB(str(tmp_path / "tasks.db"))
+        yield db
+        db.close()
+
+
+class TestSQLiteDBMemory(TaskDBContract):
+    @pytest.fixture
+    def db(self):
+        db = SQLiteDB(":memory:")
+        yield db
+        db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_survive_reopening(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    db = SQLiteDB(path)
+    await db.add_record(
+        4,
+        {
+            "status": "failed",
+            "flags": {"retries": 1, "recovery_task": {"flags": {}, "payload": b"\x00\xff"}},
+            "error": {"ename": "E", "evalue": "v", "pickled": b"\x80\x05"},
+            "result": b"\x01" * 10,
+        },
+    )
+    await db.close()
+    again = SQLiteDB(path)
+    rec = await again.get_record(4)
+    assert rec["flags"]["recovery_task"]["payload"] == b"\x00\xff"
+    assert rec["error"]["pickled"] == b"\x80\x05"
+    assert rec["result"] == b"\x01" * 10
+    await again.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_dict_fields_are_stored_as_json_not_pickles(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    db = SQLiteDB(path)
+    await db.add_record(1, {"flags": {"retries": 2, "description": "x"}})
+    await db.close()
+    (text,) = sqlite3.connect(path).execute("SELECT flags FROM tasks").fetchone()
+    assert text == '{"retries": 2, "description": "x"}'
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_on_dict_field_is_checked_exactly(tmp_path):
+    db = SQLiteDB(str(tmp_path / "t.db"))
+    await db.add_record(1, {"error": {"ename": "A"}})
+    await db.add_record(2, {"error": {"ename": "B"}})
+    found = await db.find_records({"error": {"ename": "B"}}, keys=["status"])
+    assert found == [{"taskid": 2, "status": None}]
+    await db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_database_fails_calls(tmp_path):
+    db = SQLiteDB(str(tmp_path / "t.db"))
+    await db.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await db.get_record(1)
+
+
+def test_bad_table_name_is_refused(tmp_path):
+    with pytest.raises(ValueError):
+        SQLiteDB(str(tmp_path / "t.db"), table="x; DROP TABLE y")
