@@ -272,15 +272,25 @@ def main(argv: list[str] | None = None) -> int:
         },
         "systems": {},
     }
+    busy = []
     for cli_name, system_name in plan:
-        print(f"== {system_name}", file=sys.stderr, flush=True)
-        results["systems"][system_name] = run_child(args, cli_name, system_name, timeout)
+        load_before = os.getloadavg()
+        print(f"== {system_name} (load average {load_before[0]:.2f})", file=sys.stderr, flush=True)
+        entry = run_child(args, cli_name, system_name, timeout)
+        entry["loadavg_before"], entry["loadavg_after"] = load_before, os.getloadavg()
+        if load_before[0] > 0.5 * (os.cpu_count() or 1):
+            busy.append(f"{system_name} {load_before[0]:.1f}")
+        results["systems"][system_name] = entry
     results["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"
     )
     mode = "quick run: reduced counts" if args.quick else "full run"
     print(f"\ntxkernel side-by-side benchmark ({mode}; medians, (min-max) over runs)\n")
     print(report.table(results))
+    if busy:
+        print(f"\nwarning: the machine was busy when systems started (1-minute load average "
+              f"on {os.cpu_count()} cores: {', '.join(busy)}); numbers are noisy, compare "
+              f"only within one run")  # fmt: skip
     print()
     print(report.targets_summary(results))
     if not args.no_save:

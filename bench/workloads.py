@@ -139,12 +139,12 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "tasks_one_by_one", "throughput", "tasks_one_by_one", "rate",
         "no-op tasks submitted one by one, then all awaited",
-        10_000, 1_000, 3, 2, "{:,} tasks",
+        10_000, 1_000, 2, 2, "{:,} tasks",
     ),
     Workload(
         "map_default", "throughput", "map_default", "rate",
         "load-balanced map of a no-op, default chunking",
-        10_000, 2_000, 3, 2, "{:,} items",
+        10_000, 2_000, 2, 2, "{:,} items",
     ),
     Workload(
         "map_chunk100", "throughput", "map_chunk100", "rate",

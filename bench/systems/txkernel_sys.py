@@ -17,9 +17,19 @@ as not implemented, never estimated. Today (Foolscap adapter):
 - startup: ``LocalCluster().start(2)`` (controller up, then 2 engines
   registered), the programmatic form of ``txkernel cluster start -n 2``.
 
-The load-balanced workloads (apply_lb, tasks_one_by_one, map_default,
-chain_after, scale_memory) need the task interface over the network, and are
-measured once a remote task client can be made (see :meth:`_task_client`).
+The load-balanced workloads need the task interface over the network; they
+are measured once a remote task client can be made (``kernel.asyncclient``
+and the adapter's task module exist), with the blocking ``TaskClient``:
+
+- apply_lb: ``tc.get_task_result(tc.run(MapTask(noop)), block=True)``;
+- tasks_one_by_one: ``tc.run(MapTask(noop, (i,)))`` per task (each returns its
+  taskid), then ``tc.get_task_results(taskids)``;
+- map_default: ``tc.map(noop, range(n))``;
+- chain_after: ``tc.run(MapTask(noop, after=previous_taskid))``, then the last
+  result;
+- scale_memory: resident memory of the controller process (and any children)
+  after the tasks, submitted with ``tc.run_many`` in batches of 10,000
+  single-item ``MapTask``s and their results fetched.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ ADAPTERS = {
     "native": ("txkernel-native", ("kernel.multienginenative",)),
 }
 
+_SCALE_BATCH = 10_000
 _TASK_WORKLOADS = ("apply_lb", "tasks_one_by_one", "map_default", "chain_after", "scale_memory")
 _START_TIMEOUT = 120.0
 
@@ -49,6 +60,7 @@ class TxkernelSystem(System):
         self.name, self._modules = ADAPTERS[adapter]
         self._cluster = None
         self._mec = None
+        self._tc = None
         self._tub = None
         self._array = None
         # No chunksize knob to compare with ipyparallel's: txkernel's own
@@ -143,6 +155,12 @@ class TxkernelSystem(System):
         try:
             self._mec = self._connect()
             self._e0 = sorted(self._mec.get_ids())[0]
+            if not self._task_client_missing():
+                from kernel import client
+
+                self._tc = client.get_task_client(
+                    cluster_dir=str(self._cluster.cluster_dir.path), adapter=self.adapter
+                )
         except BaseException:
             self.stop()
             raise
@@ -150,7 +168,7 @@ class TxkernelSystem(System):
     def stop(self) -> None:
         from kernel import reactorthread
 
-        self._mec = None
+        self._mec = self._tc = None
         if self._tub is not None:
             tub, self._tub = self._tub, None
             try:
@@ -176,6 +194,67 @@ class TxkernelSystem(System):
         for _ in range(size):
             mec.raw_map(noop, [[None]], targets=e0, block=True)
         return {"apply_direct": time.perf_counter() - t0}
+
+    def probe_apply_lb(self, size: int) -> dict[str, float]:
+        from kernel.task import MapTask
+
+        tc = self._tc
+        t0 = time.perf_counter()
+        for _ in range(size):
+            tc.get_task_result(tc.run(MapTask(noop)), block=True)
+        return {"apply_lb": time.perf_counter() - t0}
+
+    def probe_tasks_one_by_one(self, size: int) -> dict[str, float]:
+        from kernel.task import MapTask
+
+        tc = self._tc
+        t0 = time.perf_counter()
+        taskids = [tc.run(MapTask(noop, (i,))) for i in range(size)]
+        results = tc.get_task_results(taskids, block=True)
+        elapsed = time.perf_counter() - t0
+        _check_results(results, size)
+        return {"tasks_one_by_one": elapsed}
+
+    def probe_map_default(self, size: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = self._tc.map(noop, range(size))
+        elapsed = time.perf_counter() - t0
+        if len(out) != size:
+            raise AssertionError(f"map returned {len(out)} results for {size} items")
+        return {"map_default": elapsed}
+
+    def probe_chain_after(self, size: int) -> dict[str, float]:
+        from kernel.task import MapTask
+
+        tc = self._tc
+        t0 = time.perf_counter()
+        previous = tc.run(MapTask(noop))
+        for _ in range(size - 1):
+            previous = tc.run(MapTask(noop, after=previous))
+        result = tc.get_task_result(previous, block=True)
+        elapsed = time.perf_counter() - t0
+        _check_results([result], 1)
+        return {"chain_after": elapsed}
+
+    def probe_scale_memory(self, size: int) -> dict[str, float]:
+        from kernel.task import MapTask
+
+        pid = self._cluster.controller.pid
+        baseline = _process_tree_rss(pid)
+        tc, done = self._tc, 0
+        t0 = time.perf_counter()
+        while done < size:
+            batch = min(_SCALE_BATCH, size - done)
+            taskids = tc.run_many([MapTask(noop, (i,)) for i in range(batch)])
+            _check_results(tc.get_task_results(taskids, block=True), batch)
+            done += batch
+        elapsed = time.perf_counter() - t0
+        return {
+            "scale_memory": _process_tree_rss(pid),
+            "_baseline_rss": baseline,
+            "_tasks": done,
+            "_tasks_per_s": done / elapsed,
+        }
 
     def _array_of(self, nbytes: int):
         import numpy as np
@@ -216,6 +295,28 @@ class TxkernelSystem(System):
         elapsed = time.perf_counter() - t0
         cluster.stop()
         return {"startup": elapsed}
+
+
+def _check_results(results: list, expected: int) -> None:
+    """Every task must have succeeded: a failed task is no measurement."""
+    if len(results) != expected:
+        raise AssertionError(f"{len(results)} results for {expected} tasks")
+    for result in results:
+        if getattr(result, "status", None) != "succeeded":
+            raise AssertionError(f"a task did not succeed: {result!r}")
+
+
+def _process_tree_rss(pid: int) -> int:
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def systems() -> list[System]:
