@@ -348,6 +348,8 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
     from kernel.error import SecurityError
     from kernel.heartbeat import HeartMonitor
 
+    # Everything this process creates (task database, logs, ...) is private.
+    os.umask(0o077)
     cd = ClusterDir(options["cluster-dir"])
     try:
         cd.create()
@@ -414,8 +416,8 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
     from twisted.internet import reactor
 
     def stop():
-        if reactor.running:
-            reactor.stop()
+        # (this may happen before the reactor runs: a refused FURL file)
+        reactor.callWhenRunning(reactor.stop)
 
     def give_up(reason):
         log.msg(f"engine stopping: {reason.getErrorMessage()}")

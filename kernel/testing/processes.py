@@ -77,7 +77,9 @@ class Process:
         self.name = name
         self.argv = argv
         self.log_path = log_path
-        with open(log_path, "ab") as log:
+        # logs are private like everything else in the cluster directory
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "ab") as log:
             self.popen = subprocess.Popen(
                 argv,
                 env=env,
