@@ -29,11 +29,9 @@ The names users need are re-exported here: :class:`MapTask`,
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from kernel import reactorthread
-from kernel.clusterdir import ClusterDir
 from kernel.error import (
     ClientError,
     CompositeError,
@@ -108,41 +106,13 @@ def _check_adapter(adapter: str) -> None:
         )
 
 
-def resolve_furl(furl_or_file: str | None, cluster_dir: str | None, default_file: str) -> str:
-    """The FURL to connect to.
-
-    :param furl_or_file: a FURL (``pb://...``), the path of a connection
-        file, or None for ``default_file`` in the cluster directory.
-    :param cluster_dir: the cluster directory (None: the default one).
-    :raises kernel.error.ConnectionError: no such connection file (with the
-        command that starts a cluster).
-    :raises kernel.error.SecurityError: the file is readable by others.
-    """
-    if furl_or_file is not None and cluster_dir is not None:
-        raise ValueError("give either furl_or_file or cluster_dir, not both")
-    if furl_or_file is None:
-        return ClusterDir(cluster_dir).read_furl(default_file)
-    if furl_or_file.startswith("pb://"):
-        return furl_or_file
-    path = os.path.abspath(os.path.expanduser(furl_or_file))
-    if not os.path.exists(path):
-        raise ConnectionError(
-            f"no connection file {path}: pass the FURL file a controller wrote (e.g. "
-            f"<cluster dir>/{default_file}) or a pb:// FURL"
-        )
-    directory, name = os.path.split(path)
-    return ClusterDir(directory).read_furl(name)
-
-
 def _connect(kind: str, furl_or_file: Any, cluster_dir: Any, adapter: str) -> Any:
     """Connect an asynchronous client in the reactor thread and return it."""
     _check_adapter(adapter)
     from kernel import asyncclient
 
     factory = getattr(asyncclient, f"get_{kind}_client")
-    return reactorthread.blocking_call(
-        factory, furl_or_file=furl_or_file, cluster_dir=cluster_dir, adapter=adapter
-    )
+    return reactorthread.blocking_call(factory, furl_or_file=furl_or_file, cluster_dir=cluster_dir)
 
 
 def get_multiengine_client(

@@ -28,3 +28,20 @@ def test_in_process_engines(name, local_outcomes):
     """The scenario passes against engines running in the client's process."""
     assert name in local_outcomes, f"scenario {name} did not run"
     assert local_outcomes[name] is None, local_outcomes[name]
+
+
+@pytest.fixture(scope="module")
+def process_outcomes(tmp_path_factory):
+    return client_scenarios.run_in_child(
+        "magic", "processes", str(tmp_path_factory.mktemp("magic-processes"))
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", NAMES)
+def test_real_cluster(name, process_outcomes):
+    """The scenario passes against a controller and engine processes, through
+    client.get_multiengine_client / get_task_client over the network."""
+    assert name in process_outcomes, f"scenario {name} did not run"
+    assert process_outcomes[name] is None, process_outcomes[name]
