@@ -50,6 +50,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from twisted.application import internet, service
 from twisted.cred import credentials as cred_credentials
 from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
@@ -77,6 +78,8 @@ __all__ = [
     "WireChunked",
     "WireSerialized",
     "WireParts",
+    "WireCopy",
+    "register_copyable",
     "to_wire",
     "from_wire",
     "Exposed",
@@ -88,6 +91,7 @@ __all__ = [
     "make_portal",
     "login",
     "read_connection_info",
+    "serve_controller",
 ]
 
 #: Size of one chunk of a large value on the wire (under banana's 640 KiB).
@@ -208,8 +212,31 @@ class WireParts(_Marker):
         self.parts = parts
 
 
-for _cls in (WireChunked, WireSerialized, WireParts):
+class WireCopy(_Marker):
+    """An object of a registered class (:func:`register_copyable`), as its
+    type ``name`` and its plain-data ``state``."""
+
+    def __init__(self, name: str = "", state: Any = None):
+        self.name = name
+        self.state = state
+
+
+for _cls in (WireChunked, WireSerialized, WireParts, WireCopy):
     pb.setUnjellyableForClass(_cls, _cls)
+
+_copiers: dict[type, tuple[str, Callable[[Any], Any]]] = {}
+_builders: dict[str, Callable[[Any], Any]] = {}
+
+
+def register_copyable(
+    cls: type, name: str, to_state: Callable[[Any], Any], from_state: Callable[[Any], Any]
+) -> None:
+    """Send instances of ``cls`` by value as ``to_state(obj)`` (plain data,
+    Serialized blobs allowed) and rebuild them with ``from_state(state)``.
+    Both sides must register the same ``name``. Idempotent.
+    """
+    _copiers[cls] = (name, to_state)
+    _builders[name] = from_state
 
 
 def _wire_bytes(b: bytes | bytearray | memoryview) -> Any:
@@ -249,6 +276,9 @@ def to_wire(obj: Any) -> Any:
         return {to_wire(k): to_wire(v) for k, v in obj.items()}
     if isinstance(obj, Serialized):
         return WireSerialized(obj)
+    if t in _copiers:
+        name, to_state = _copiers[t]
+        return WireCopy(name, to_wire(to_state(obj)))
     if isinstance(obj, (pb.Referenceable, _Marker, PBRemote)):
         return obj.reference if isinstance(obj, PBRemote) else obj
     if _exposable(obj):
@@ -275,6 +305,8 @@ def _find_chunked(obj: Any, found: list[WireChunked]) -> None:
         _find_chunked(getattr(obj, "frames", None), found)
     elif t is WireParts:
         _find_chunked(getattr(obj, "parts", None), found)
+    elif t is WireCopy:
+        _find_chunked(getattr(obj, "state", None), found)
 
 
 def _convert_in(obj: Any, fetched: dict[int, bytearray]) -> Any:
@@ -315,6 +347,11 @@ def _convert_in(obj: Any, fetched: dict[int, bytearray]) -> Any:
         if obj.kind == "dict":
             return dict(items)
         raise WireError(f"unknown kind of parts {obj.kind!r}")
+    if t is WireCopy:
+        builder = _builders.get(getattr(obj, "name", None))
+        if builder is None:
+            raise WireError(f"unknown copyable type {getattr(obj, 'name', None)!r} on the wire")
+        return builder(_convert_in(obj.state, fetched))
     if isinstance(obj, pb.RemoteReference):
         return PBRemote(obj)
     return obj
@@ -709,3 +746,107 @@ def read_connection_info(cd: Any) -> dict[str, Any]:
             f"`txkernel cluster start -n 4 --adapter pb --cluster-dir {cd.path}`."
         )
     return info
+
+
+# ---------------------------------------------------------------------------
+# The controller's listeners
+# ---------------------------------------------------------------------------
+
+
+def _port_is_free(interface: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((interface, port))
+        except OSError:
+            return False
+    return True
+
+
+def _choose_port(cd: Any, name: str, interface: str, port: int) -> int:
+    """``port``, else the port remembered for ``name`` if still free, else a
+    free one; remembered in the cluster directory for the next run."""
+    from kernel.tap import free_port
+
+    if not port:
+        remembered = cd.get_port(name)
+        port = remembered if remembered and _port_is_free(interface, remembered) else 0
+        port = port or free_port(interface)
+    cd.set_port(name, port)
+    return port
+
+
+class ConnectionFile(service.Service):
+    """Writes ``pb.json`` (mode 0600, atomically) once the listeners are up.
+
+    :param cd: the :class:`~kernel.clusterdir.ClusterDir`.
+    :param info: the connection info to write.
+    """
+
+    def __init__(self, cd: Any, info: dict[str, Any]):
+        self.cd = cd
+        self.info = info
+
+    def startService(self) -> None:  # noqa: N802
+        service.Service.startService(self)
+        self.cd.write_json(PB_FILE, self.info)
+
+
+def serve_controller(
+    cd: Any,
+    registrar: Any,
+    multiengine: Any = None,
+    task_controller: Any = None,
+    interface: str = "127.0.0.1",
+    engine_port: int = 0,
+    client_port: int = 0,
+) -> service.MultiService:
+    """The controller's PB side: an engine port, a client port, ``pb.json``.
+
+    Engines log in on the engine port as :data:`ENGINE_USER` and get the
+    registrar; clients log in on the client port as :data:`CLIENT_USER` and
+    get ``multiengine`` (sessions of their own, see
+    :mod:`kernel.multienginepb`) and ``task`` (see :mod:`kernel.taskpb`). The
+    secrets of an earlier ``pb.json`` are kept, so engines and clients of a
+    restarted controller log in again by themselves.
+
+    :param cd: the :class:`~kernel.clusterdir.ClusterDir` (created).
+    :param registrar: a :class:`kernel.enginefc.FCEngineRegistrar`.
+    :param multiengine: the core :class:`~kernel.multiengine.MultiEngine`, or None.
+    :param task_controller: the core task controller, or None.
+    :param engine_port: 0 for the port of the last run if free, else any free one.
+    :param client_port: likewise.
+    :returns: a MultiService to add to the controller's service tree.
+    :raises SecurityError: an existing ``pb.json`` is not private.
+    """
+    import socket
+
+    from kernel import enginepb
+
+    old = cd.read_json(PB_FILE) or {}
+    info = {
+        "host": socket.getfqdn() if interface in ("", "0.0.0.0") else interface,
+        "engine_port": _choose_port(cd, "pb-engine", interface, engine_port),
+        "client_port": _choose_port(cd, "pb-client", interface, client_port),
+        "engine_secret": old.get("engine_secret") or generate_secret(),
+        "client_secret": old.get("client_secret") or generate_secret(),
+    }
+    services: dict[str, Any] = {}
+    if multiengine is not None:
+        from kernel import multienginepb
+
+        services[multienginepb.MULTIENGINE] = multienginepb.make_client_referenceable(multiengine)
+    if task_controller is not None:
+        from kernel import taskpb
+
+        services[taskpb.TASK] = taskpb.PBTaskControllerFromTaskController(task_controller)
+
+    top = service.MultiService()
+    engines = pb.PBServerFactory(enginepb.engine_portal(registrar, info["engine_secret"]))
+    internet.TCPServer(info["engine_port"], engines, interface=interface).setServiceParent(top)
+    clients = pb.PBServerFactory(make_portal(CLIENT_USER, info["client_secret"], services))
+    internet.TCPServer(info["client_port"], clients, interface=interface).setServiceParent(top)
+    ConnectionFile(cd, info).setServiceParent(top)
+    return top
