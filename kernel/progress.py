@@ -106,9 +106,11 @@ class Progress:
         forced = _forced()
         if forced is False or (forced is None and not is_interactive()):
             return
-        delay = 0.0 if forced else AUTO_DELAY
+        # Forced on: draw at once and on every update. Automatic: only once
+        # the wait has lasted AUTO_DELAY, at tqdm's usual pace.
+        timing = {"delay": 0.0, "mininterval": 0.0} if forced else {"delay": AUTO_DELAY}
         self._bar = _tqdm_class()(
-            total=total, desc=desc, unit=unit, delay=delay, leave=False, file=sys.stderr
+            total=total, desc=desc, unit=unit, leave=False, file=sys.stderr, **timing
         )
 
     @property
