@@ -147,6 +147,12 @@ class LoadTable:
         """Is ``key`` below the high-water mark?"""
         return self.hwm == 0 or self._loads[key] < self.hwm
 
+    def has_room_anywhere(self) -> bool:
+        """Is any engine below the high-water mark?"""
+        if self.hwm == 0:
+            return bool(self._loads)
+        return any(n < self.hwm for n in self._loads.values())
+
     def available(self) -> list[Hashable]:
         """Engines below the high-water mark, in LRU order."""
         if self.hwm == 0:

@@ -622,29 +622,36 @@ class TaskController(service.Service):
             self._ready.move_to_end(state.taskid, last=False)
 
     def _place_ready(self) -> None:
-        """Assign ready tasks to engines, oldest first, while engines have room."""
+        """Assign ready tasks to engines, oldest first, while engines have room.
+
+        Stops at the first moment no engine has room, so a long ready queue
+        costs nothing while the engines are full.
+        """
         if not self._workers:
             return  # tasks wait for engines
-        for state in list(self._ready.values()):
-            if not self._table.available():
-                return
-            if state.stage != "ready":
-                continue
+        placed: list[_Task] = []
+        impossible: list[tuple[_Task, Exception]] = []
+        for state in self._ready.values():
+            if not self._table.has_room_anywhere():
+                break
             allowed = self._allowed_workers(state)
             if isinstance(allowed, Exception):
-                del self._ready[state.taskid]
-                self._finish(state, "failed", error=allowed)
+                impossible.append((state, allowed))
                 continue
             serial = self._choose(state, allowed)
             if serial is None:
                 continue
             worker = self._workers[serial]
-            del self._ready[state.taskid]
+            placed.append(state)
             state.stage = "assigned"
             state.worker = worker
             worker.assigned.append(state)
             self._table.add_job(serial)
             self._to_feed.add(worker)
+        for state in placed:
+            del self._ready[state.taskid]
+        for state, error in impossible:
+            self._finish(state, "failed", error=error)
 
     def _allowed_workers(self, state: _Task) -> set[int] | None | Exception:
         """The workers a task may go to (None: any), or why it can go nowhere."""

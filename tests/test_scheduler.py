@@ -150,3 +150,16 @@ def test_finish_job_on_removed_engine_is_harmless():
     t.remove_engine("a")
     t.finish_job("a")
     assert len(t) == 0
+
+
+def test_has_room_anywhere():
+    t = LoadTable(hwm=1)
+    assert not t.has_room_anywhere()
+    t.add_engine("a")
+    assert t.has_room_anywhere()
+    t.add_job("a")
+    assert not t.has_room_anywhere()
+    unlimited = LoadTable(hwm=0)
+    unlimited.add_engine("a")
+    unlimited.add_job("a")
+    assert unlimited.has_room_anywhere()

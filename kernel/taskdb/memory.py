@@ -12,6 +12,13 @@ from zope.interface import implementer
 from kernel.interfaces import ITaskDB
 from kernel.taskdb import RECORD_KEYS, check_query, match, new_record, project
 
+_IMMUTABLE = (str, bytes, int, float, bool, type(None))
+
+
+def _copy(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy sharing only immutable values with ``record``."""
+    return {k: v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v) for k, v in record.items()}
+
 
 @implementer(ITaskDB)
 class DictDB:
@@ -46,7 +53,7 @@ class DictDB:
         unknown = set(changes) - set(RECORD_KEYS)
         if unknown:
             return defer.fail(KeyError(f"not task record keys: {sorted(unknown)}"))
-        record.update(copy.deepcopy(dict(changes)))
+        record.update(_copy(changes))
         return defer.succeed(None)
 
     def get_record(self, taskid: int) -> defer.Deferred:
@@ -54,7 +61,7 @@ class DictDB:
         record = self._records.get(taskid)
         if record is None:
             return defer.fail(KeyError(f"no task record with taskid {taskid!r}"))
-        return defer.succeed(copy.deepcopy(record))
+        return defer.succeed(_copy(record))
 
     def drop_records(self, taskids: Iterable[int]) -> defer.Deferred:
         """Delete the records (unknown taskids are ignored). Fires None."""
@@ -70,9 +77,7 @@ class DictDB:
         try:
             check_query(query)
             found = [
-                copy.deepcopy(project(r, keys))
-                for _, r in sorted(self._records.items())
-                if match(r, query)
+                _copy(project(r, keys)) for _, r in sorted(self._records.items()) if match(r, query)
             ]
         except (KeyError, ValueError) as e:
             return defer.fail(e)
@@ -85,6 +90,6 @@ class DictDB:
 
 
 def _without_taskid(record: Mapping[str, Any]) -> dict[str, Any]:
-    fields = copy.deepcopy(dict(record))
+    fields = _copy(record)
     fields.pop("taskid", None)
     return fields
