@@ -20,8 +20,9 @@ Client half (client process)
     client: :class:`FCMultiEngine` is the core's
     :class:`~kernel.multiengine.MultiEngineCallerMixin` over engine methods
     that cross the wire, so ``push`` serializes once here, ``pull`` and
-    ``gather`` deserialize here, and ``scatter``/``raw_map``/``map`` partition
-    here with :mod:`kernel.map` exactly as in process. Failures come
+    ``gather`` deserialize here (on writable copies of the buffers), and
+    ``scatter``/``raw_map``/``map`` partition here with :mod:`kernel.map`
+    exactly as in process. Failures come
     back as the original exception types (a
     :class:`~kernel.error.CompositeError` holding each engine's
     :class:`~kernel.error.RemoteError`, whose ``raise_exception`` re-raises the
@@ -52,8 +53,7 @@ from kernel.interfaces import (
     IMultiEngineExtras,
     ISynchronousMultiEngine,
 )
-from kernel.multiengine import MultiEngineCallerMixin, SynchronousMultiEngine, _as
-from kernel.serialized import Serialized, deserialize
+from kernel.multiengine import MultiEngineCallerMixin, SynchronousMultiEngine
 
 __all__ = [
     "CLIENT_NAME",
@@ -235,18 +235,6 @@ def make_client_referenceable(multiengine: Any) -> FCSynchronousMultiEngineFromM
 # ---------------------------------------------------------------------------
 
 
-def _open(blob: Serialized) -> Any:
-    """Deserialize a blob that came over the wire, with writable buffers.
-
-    Foolscap delivers frames as immutable bytes; NumPy arrays built on them
-    would be read-only, unlike arrays pulled in process, so the out-of-band
-    buffers are copied into bytearrays first.
-    """
-    if blob.buffers:
-        blob = Serialized(blob.data, [bytearray(b) for b in blob.buffers])
-    return deserialize(blob)
-
-
 @implementer(IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
 class FCMultiEngine(MultiEngineCallerMixin):
     """A remote controller's multiengine, as a Deferred-returning IMultiEngine.
@@ -315,14 +303,6 @@ class FCMultiEngine(MultiEngineCallerMixin):
     def pull_serialized(self, keys: Any, targets: Any = "all") -> defer.Deferred:
         """Fire one Serialized (or list of them) per target, unopened."""
         return self._mux("pull_serialized", keys, targets)
-
-    async def _pull_serialized(self, method: str, keys: Any, targets: Any) -> list:
-        # The mixin's pull, pull_function, gather and zip_pull come through
-        # here: one remote call, the blobs opened in this process.
-        blobs = await _as(method, self.pull_serialized(keys, targets))
-        if isinstance(keys, str):
-            return [_open(b) for b in blobs]
-        return [[_open(b) for b in per_engine] for per_engine in blobs]
 
     def get_result(self, i: int | None = None, targets: Any = "all") -> defer.Deferred:
         """Fire each target's result dict of command ``i`` (None: the latest)."""

@@ -1,41 +1,31 @@
 """Clusters whose clients talk to the controller over Foolscap.
 
+:class:`FoolscapHarness` is the real thing: a controller process and engine
+processes started with :mod:`kernel.testing.processes`, clients connected
+through the cluster directory's connection files. The contract suites run on
+it, one cluster per test module.
+
 :class:`FoolscapLoopbackHarness` keeps the controller and engines in the test
 process (an :class:`~tests.harness.InProcessHarness`) and puts only the client
-adapters on the wire: quick, and it isolates the client halves.
+adapters on the wire: quick, and it isolates the client halves for the
+adapters' own tests.
 """
 
 from __future__ import annotations
 
 from foolscap.api import Tub
-from twisted.internet import reactor
 
-from kernel import multienginefc
+from kernel import multienginefc, taskfc
 from tests.fcloopback import Loopback
 from tests.harness import InProcessHarness
 
 
 class FoolscapLoopbackHarness(InProcessHarness):
-    """In-process controller and engines; clients over Foolscap on loopback.
-
-    Engines killed with the multiengine ``kill`` leave the controller as an
-    engine process does when its connection drops.
-    """
+    """In-process controller and engines; clients over Foolscap on loopback."""
 
     def __init__(self, n_engines: int = 4):
         super().__init__(n_engines)
         self.loopback: Loopback | None = None
-
-    async def add_engine(self) -> int:
-        engine_id = await super().add_engine()
-        engine = self.engine_services[engine_id]
-        engine.on_kill(reactor.callLater, 0, self._forget, engine_id, engine)
-        return engine_id
-
-    def _forget(self, engine_id: int, engine) -> None:
-        queued = self.controller.engines.get(engine_id)
-        if queued is not None and queued.engine is engine:
-            self.controller.unregister_engine(engine_id)
 
     @classmethod
     async def start(cls, n_engines: int = 4) -> FoolscapLoopbackHarness:
@@ -60,6 +50,15 @@ class FoolscapLoopbackHarness(InProcessHarness):
             await other_tub.getReference(furl)
         )
 
+        self.task_core = self.task_controller
+        if self.task_core is None:
+            from kernel.taskcontroller import TaskController
+
+            self.task_core = TaskController(self.controller)
+        self.task_controller = taskfc.FCTaskClient(
+            await self.loopback.reference(taskfc.FCTaskControllerFromTaskController(self.task_core))
+        )
+
     async def stop(self) -> None:
         try:
             await self._other_tub.stopService()
@@ -67,3 +66,107 @@ class FoolscapLoopbackHarness(InProcessHarness):
                 await self.loopback.stop()
         finally:
             await super().stop()
+
+
+class FoolscapHarness:
+    """A controller process and engine processes; clients over Foolscap.
+
+    Follows :class:`tests.contract.ClusterHarness`. The processes are a
+    :class:`~kernel.testing.processes.LocalCluster` (temp cluster directory,
+    ephemeral loopback ports, every process stopped by pid); the clients find
+    it through the connection files, as users' clients do, each from its own
+    Tub.
+
+    :ivar cluster: the LocalCluster.
+    :ivar multiengine: one client's FCFullSynchronousMultiEngineClient.
+    :ivar other_multiengine: a second client's (another Tub, another session).
+    :ivar task_controller: an FCTaskClient.
+    """
+
+    def __init__(self, n_engines: int = 4, **cluster_kwargs):
+        from kernel.testing.processes import LocalCluster
+
+        self.n_engines = n_engines
+        # A short heartbeat so that stopped engines are noticed quickly.
+        cluster_kwargs.setdefault("heartbeat", 0.5)
+        self.cluster = LocalCluster(**cluster_kwargs)
+        self.tubs: list[Tub] = []
+        self.multiengine = None
+        self.other_multiengine = None
+        self.task_controller = None
+
+    @classmethod
+    async def start(cls, n_engines: int = 4, **cluster_kwargs) -> FoolscapHarness:
+        """Start the processes and connect the clients."""
+        harness = cls(n_engines, **cluster_kwargs)
+        try:
+            await harness.cluster.start_async(n_engines)
+            harness.multiengine = await harness.connect("multiengine")
+            harness.other_multiengine = await harness.connect("multiengine")
+            harness.task_controller = await harness.connect("task")
+        except BaseException:
+            await harness.stop()
+            raise
+        return harness
+
+    async def connect(self, kind: str):
+        """A new client (``multiengine`` or ``task``) from a new Tub."""
+        from kernel import asyncclient
+
+        tub = Tub()
+        tub.startService()
+        self.tubs.append(tub)
+        factory = {
+            "multiengine": asyncclient.get_multiengine_client,
+            "task": asyncclient.get_task_client,
+        }[kind]
+        return await factory(cluster_dir=self.cluster.cluster_dir.path, tub=tub)
+
+    def engine_pids(self) -> dict[int, int]:
+        """``{engine id: pid}`` of the registered engines."""
+        return self.cluster.registered()
+
+    async def add_engine(self) -> int:
+        """Start one more engine process; return its id once it is registered."""
+        from kernel.testing.processes import wait_for_async
+
+        before = set(self.cluster.registered())
+        self.cluster.start_engine()
+
+        def new_id():
+            fresh = set(self.cluster.registered()) - before
+            return min(fresh) + 1 if fresh else None  # +1: id 0 is a valid answer
+
+        found = await wait_for_async(
+            new_id,
+            self.cluster.timeout,
+            lambda: f"a new engine to register:\n{self.cluster.logs()}",
+        )
+        return found - 1
+
+    async def kill_engine(self, engine_id: int) -> None:
+        """SIGKILL the engine's process; return once the controller unregistered it."""
+        self.cluster.kill_engine(engine_id)
+        await self.cluster.wait_until_unregistered_async(engine_id)
+
+    async def reset(self) -> None:
+        """Restore ``n_engines`` engines with empty namespaces, queues and
+        properties; no pending results and no tasks."""
+        from tests.contract.task import forget_all_tasks
+
+        for me in (self.multiengine, self.other_multiengine):
+            await me.clear_pending_deferreds()
+        await forget_all_tasks(self.task_controller)
+        while len(self.cluster.registered()) < self.n_engines:
+            await self.add_engine()
+        await self.multiengine.clear_queue()
+        await self.multiengine.reset()
+        await self.multiengine.clear_properties()
+
+    async def stop(self) -> None:
+        """Disconnect the clients and stop every process by pid."""
+        for tub in self.tubs:
+            if tub.running:
+                await tub.stopService()
+        self.tubs.clear()
+        self.cluster.stop()
