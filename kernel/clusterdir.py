@@ -34,6 +34,9 @@ ENV_VAR = "TXKERNEL_CLUSTER_DIR"
 ENGINE_FURL = "engine.furl"
 MULTIENGINE_FURL = "multiengine.furl"
 TASK_FURL = "task.furl"
+PB_FILE = "pb.json"
+#: Every adapter's connection files.
+FC_FILES = (ENGINE_FURL, MULTIENGINE_FURL, TASK_FURL)
 PORTS_FILE = "ports.json"
 ENGINES_FILE = "engines.json"
 TASK_DB = "tasks.sqlite"

@@ -123,10 +123,23 @@ class EngineOptions(usage.Options):
             "$TXKERNEL_CLUSTER_DIR or ~/.txkernel/default].",
         ],
         ["furl-file", "f", None, "The controller's engine.furl (overrides --cluster-dir)."],
+        [
+            "adapter",
+            "a",
+            "auto",
+            "How to reach the controller: fc, pb, or auto (the "
+            "adapter whose connection file the cluster directory holds).",
+        ],
         ["max-delay", None, 5.0, "Longest wait between reconnection attempts, seconds.", _positive],
     ]
 
     def postOptions(self) -> None:
+        if self["adapter"] not in ("auto", *ADAPTERS):
+            raise usage.UsageError(
+                f"unknown adapter {self['adapter']!r}: use --adapter fc, pb or auto"
+            )
+        if self["furl-file"] and self["adapter"] == "pb":
+            raise usage.UsageError("--furl-file is for Foolscap: drop it or use --adapter fc")
         f = self["furl-file"]
         if f is not None and os.path.isdir(f):
             raise usage.UsageError(
@@ -337,8 +350,33 @@ def _expose_clients(tub: Any, cd: ClusterDir, multiengine: Any, task_controller:
     return written
 
 
+def _serve_pb(
+    cd: ClusterDir, registrar: Any, multiengine: Any, task_controller: Any, options: Any
+) -> service.MultiService:
+    """The controller's Perspective Broker listeners (see :mod:`kernel.pbutil`)."""
+    try:
+        from kernel import pbutil
+    except ImportError as e:
+        raise usage.UsageError(
+            f"the PB adapter is not available in this installation ({e}): use --adapter fc"
+        )
+    return pbutil.serve_controller(
+        cd,
+        registrar,
+        multiengine,
+        task_controller,
+        interface=options["interface"],
+        engine_port=options["engine-port"],
+        client_port=options["client-port"],
+    )
+
+
 def make_controller_service(options: ControllerOptions) -> service.MultiService:
     """Build the controller process's service tree (see the module docstring).
+
+    With ``--adapter fc`` engines and clients connect over Foolscap
+    (``engine.furl``, ``multiengine.furl``, ``task.furl``); with ``--adapter
+    pb`` over Perspective Broker (``pb.json``, see :mod:`kernel.pbutil`).
 
     :raises usage.UsageError: the cluster directory is not private, or the PB
         adapter is asked for but not installed.
@@ -355,10 +393,6 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
         cd.create()
     except SecurityError as e:
         raise usage.UsageError(str(e))
-    if options["adapter"] == "pb":
-        raise usage.UsageError(
-            "the PB adapter is not available in this installation: use --adapter fc"
-        )
 
     top = service.MultiService()
     controller = ControllerService()
@@ -370,18 +404,26 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
     registrar = FCEngineRegistrar(controller, monitor, on_change=engine_list)
     monitor.setServiceParent(top)
 
-    interface = options["interface"]
-    engine_tub = make_tub(cd, "engine", interface, options["engine-port"])
-    engine_tub.setServiceParent(top)
-    register_furl(engine_tub, registrar, cd, clusterdir.ENGINE_FURL)
-
     multiengine, task_controller = _build_frontends(controller, options, cd)
     for part in (multiengine, task_controller):
         if service.IService.providedBy(part):
             part.setServiceParent(top)
-    client_tub = make_tub(cd, "client", interface, options["client-port"])
-    client_tub.setServiceParent(top)
-    _expose_clients(client_tub, cd, multiengine, task_controller)
+
+    # The connection files describe the running controller: drop the other
+    # adapter's, so that engines and clients cannot pick up stale ones.
+    interface = options["interface"]
+    if options["adapter"] == "pb":
+        for name in clusterdir.FC_FILES:
+            cd.remove_file(name)
+        _serve_pb(cd, registrar, multiengine, task_controller, options).setServiceParent(top)
+    else:
+        cd.remove_file(clusterdir.PB_FILE)
+        engine_tub = make_tub(cd, "engine", interface, options["engine-port"])
+        engine_tub.setServiceParent(top)
+        register_furl(engine_tub, registrar, cd, clusterdir.ENGINE_FURL)
+        client_tub = make_tub(cd, "client", interface, options["client-port"])
+        client_tub.setServiceParent(top)
+        _expose_clients(client_tub, cd, multiengine, task_controller)
 
     engine_list.setServiceParent(top)
     PidFile(cd, "controller").setServiceParent(top)
@@ -398,9 +440,20 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
 # ---------------------------------------------------------------------------
 
 
+def _engine_adapter(options: EngineOptions, cd: ClusterDir) -> str:
+    """The adapter an engine uses: as given, else ``pb`` when the cluster
+    directory holds only ``pb.json``, else ``fc``."""
+    if options["adapter"] != "auto" or options["furl-file"]:
+        return "fc" if options["furl-file"] else options["adapter"]
+    has_pb = os.path.exists(cd.file(clusterdir.PB_FILE))
+    has_fc = os.path.exists(cd.file(clusterdir.ENGINE_FURL))
+    return "pb" if has_pb and not has_fc else "fc"
+
+
 def make_engine_service(options: EngineOptions) -> service.MultiService:
-    """Build an engine process's service tree: a Tub, an EngineService and an
-    EngineConnector that keeps it registered with the controller."""
+    """Build an engine process's service tree: an EngineService and an
+    EngineConnector (Foolscap, with a Tub) or PBEngineConnector that keeps it
+    registered with the controller."""
     from foolscap.api import Tub
 
     from kernel.enginefc import EngineConnector
@@ -426,18 +479,19 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
         stop()
 
     top = service.MultiService()
-    tub = Tub()
-    tub.setOption("logLocalFailures", False)
-    tub.setServiceParent(top)
     engine = EngineService()
-    connector = EngineConnector(
-        tub,
-        lambda: cd.read_furl(furl_name),
-        engine,
-        on_fatal=give_up,
-        on_kill=stop,
-        max_delay=options["max-delay"],
-    )
+    common = {"on_fatal": give_up, "on_kill": stop, "max_delay": options["max-delay"]}
+    if _engine_adapter(options, cd) == "pb":
+        from kernel import enginepb, pbutil
+
+        connector = enginepb.PBEngineConnector(
+            lambda: pbutil.read_connection_info(cd), engine, **common
+        )
+    else:
+        tub = Tub()
+        tub.setOption("logLocalFailures", False)
+        tub.setServiceParent(top)
+        connector = EngineConnector(tub, lambda: cd.read_furl(furl_name), engine, **common)
     connector.setServiceParent(top)
     if cd.exists() and not options["furl-file"]:
         PidFile(cd, f"engine-{os.getpid()}").setServiceParent(top)

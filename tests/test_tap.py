@@ -175,3 +175,35 @@ def test_controller_service_tree_writes_engine_furl(tmp_path):
     assert top.cluster_dir.read_furl(clusterdir.ENGINE_FURL).startswith("pb://")
     assert oct(os.stat(cd / clusterdir.ENGINE_FURL).st_mode & 0o777) == "0o600"
     assert top.controller is not None
+
+
+@pytest.mark.parametrize(
+    "files, given, expected",
+    [
+        ([], "auto", "fc"),
+        ([clusterdir.ENGINE_FURL], "auto", "fc"),
+        ([clusterdir.PB_FILE], "auto", "pb"),
+        ([clusterdir.PB_FILE, clusterdir.ENGINE_FURL], "auto", "fc"),
+        ([clusterdir.PB_FILE], "fc", "fc"),
+        ([], "pb", "pb"),
+    ],
+)
+def test_engine_adapter_follows_connection_files(tmp_path, files, given, expected):
+    cd = ClusterDir(tmp_path / "c").create()
+    for name in files:
+        cd.write_file(name, "x")
+    options = parse(tap.EngineOptions, f"--cluster-dir={cd.path}", f"--adapter={given}")
+    assert tap._engine_adapter(options, cd) == expected
+
+
+def test_engine_furl_file_is_foolscap_only(tmp_path):
+    with pytest.raises(usage.UsageError, match="--furl-file is for Foolscap"):
+        parse(tap.EngineOptions, f"--furl-file={tmp_path / 'e.furl'}", "--adapter=pb")
+
+
+def test_controller_drops_the_other_adapters_connection_files(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    cd.write_json(clusterdir.PB_FILE, {"stale": True})
+    tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={cd.path}"))
+    assert not os.path.exists(cd.file(clusterdir.PB_FILE))
+    assert os.path.exists(cd.file(clusterdir.ENGINE_FURL))
