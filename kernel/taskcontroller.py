@@ -37,7 +37,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.defer import (
+    Deferred,
+    DeferredList,
+    ensureDeferred,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -426,6 +433,46 @@ class TaskController(service.Service):
         for tid in drop:
             del self._done[tid]
         return self._db_call("drop_records", drop)
+
+    # -- the task database -----------------------------------------------------
+
+    def db_query(self, query: dict[str, Any], keys: Iterable[str] | str | None = None) -> Deferred:
+        """Fire the task records matching the MongoDB-style ``query`` (see
+        :meth:`kernel.interfaces.ITaskDB.find_records`); blobs stay bytes."""
+        return self._db_call("find_records", query, keys)
+
+    def resubmit(self, taskids: Iterable[int]) -> Deferred:
+        """Run finished tasks again, as new tasks with the same body and flags
+        (their ``after``/``follow`` dependencies, already met once, dropped).
+
+        :returns: Deferred firing the list of new taskids, in order.
+        :raises: (errback) :class:`~kernel.error.InvalidTaskID` for an unknown
+            id; ``ValueError`` for a task that has not finished.
+        """
+        if isinstance(taskids, int):
+            taskids = [taskids]
+        taskids = list(taskids)
+        for tid in taskids:
+            if tid in self._tasks:
+                return fail(
+                    ValueError(
+                        f"task {tid} has not finished: only finished tasks can be resubmitted "
+                        "(abort it first to rerun it)"
+                    )
+                )
+            if tid not in self._done:
+                return fail(self._invalid(tid))
+
+        async def again() -> list[int]:
+            new = []
+            for tid in taskids:
+                record = await self._db_call("get_record", tid)
+                flags = dict(record["flags"], after=None, follow=None)
+                payload = Serialized.from_bytes(record["payload"])
+                new.append(await self.run_spec(flags, payload))
+            return new
+
+        return ensureDeferred(again())
 
     # -- load-balanced map ---------------------------------------------------
 

@@ -581,3 +581,38 @@ def test_stop_service_stops_watching_engines():
     taskid = submit(tc)
     controller.register_engine(FakeEngine())
     assert tc.queue_status(verbose=True).result["pending"] == [taskid]
+
+
+# -- the task database ------------------------------------------------------------
+
+
+def test_db_query_finds_records_by_status():
+    _, tc, engines, _ = make(1, hwm=0)
+    a, b = submit(tc), submit(tc)
+    engines[0].calls[0].succeed()
+    engines[0].calls[0].fail(ValueError("x"))
+    found = tc.db_query({"status": {"$in": ["failed"]}}, keys=["status", "engine_id"]).result
+    assert found == [{"taskid": b, "status": "failed", "engine_id": 0}]
+    assert [r["taskid"] for r in tc.db_query({}).result] == [a, b]
+
+
+def test_resubmit_runs_a_finished_task_again_as_a_new_task():
+    _, tc, engines, _ = make(1)
+    first = submit(tc, "body", retries=1, after=None)
+    engines[0].calls[0].succeed("once")
+    (second,) = tc.resubmit([first]).result
+    assert second != first
+    (call,) = engines[0].calls
+    assert serialized.deserialize(call.payload) == "body"
+    call.succeed("twice")
+    assert outcome(tc, second).results == "twice"
+    assert outcome(tc, first).results == "once"
+
+
+def test_resubmit_refuses_unfinished_and_unknown_tasks():
+    _, tc, engines, _ = make(1)
+    running = submit(tc)
+    failures = []
+    tc.resubmit([running]).addErrback(failures.append)
+    tc.resubmit([10**6]).addErrback(failures.append)
+    assert failures[0].check(ValueError) and failures[1].check(InvalidTaskID)
