@@ -19,7 +19,8 @@ from kernel.taskfc import (
     FCTaskControllerFromTaskController,
     IFCTaskController,
 )
-from tests.harness_fc import FoolscapLoopbackHarness
+from tests.contract.task import TaskControllerContract
+from tests.harness_fc import FoolscapHarness, FoolscapLoopbackHarness
 
 WAIT = 30
 
@@ -30,6 +31,29 @@ class Boom(Exception):
 
 def boom(x):
     raise Boom(f"bad input {x}")
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def processes():
+    """One controller process and four engine processes for this module."""
+    harness = await FoolscapHarness.start(n_engines=4)
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+@pytest.mark.slow
+class TestTaskControllerFoolscap(TaskControllerContract):
+    """Every ITaskController contract test over Foolscap, engines in their own processes."""
+
+    @pytest_twisted.async_yield_fixture
+    async def cluster(self, processes):
+        await processes.reset()
+        yield processes
+
+
+# -- the adapter itself (controller and engines in process) ------------------------
 
 
 @pytest_twisted.async_yield_fixture
