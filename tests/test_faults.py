@@ -110,3 +110,30 @@ async def test_killed_engine_leaves_the_others_and_new_engine_takes_lowest_free_
     cluster.start_engine()
     reg = await cluster.wait_for_engines_async(2)
     assert sorted(reg) == sorted([victim, survivor])
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_through_the_multiengine_stops_the_engine_process(cluster, client):
+    victim, survivor = sorted(cluster.registered())
+    proc = cluster.engine_process(victim)
+    await client.kill(targets=victim)
+    await cluster.wait_until_unregistered_async(victim)
+    await wait_for_exit(proc)
+    assert proc.returncode == 0
+    assert sorted(cluster.registered()) == [survivor]
+
+
+@pytest_twisted.ensureDeferred
+async def test_kill_with_controller_stops_every_process(cluster, client):
+    procs = [cluster.controller, *cluster.engines]
+    await client.kill(controller=True)
+    for proc in procs:
+        await wait_for_exit(proc)
+    assert [p.returncode for p in procs] == [0] * len(procs)
+    assert cluster.cluster_dir.pids() == {}
+
+
+async def wait_for_exit(proc):
+    from kernel.testing.processes import wait_for_async
+
+    await wait_for_async(lambda: not proc.alive(), PROMPT, lambda: f"{proc} still runs")
