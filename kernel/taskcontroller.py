@@ -215,6 +215,10 @@ class TaskController(service.Service):
 
     name = "task_controller"
 
+    #: Seconds between checks whether an aborted task that is still queued on
+    #: its engine has started (so it can be interrupted).
+    abort_poll_interval = 0.05
+
     def __init__(
         self,
         controller: Any,
@@ -830,27 +834,41 @@ class TaskController(service.Service):
             self._finish(state, "failed", error=info, worker=worker)
 
     def _interrupt(self, state: _Task) -> None:
-        """Interrupt a sent task on its engine if it is the one running there.
+        """Interrupt an aborted task on its engine as soon as it runs there.
 
-        Only one task per engine is ever in the engine's queue, so a queued
-        ``run_task`` command there is this task, not yet running: it is left to
-        run and its outcome ignored (QueuedEngine cannot withdraw a command).
+        Only one task per engine is ever in the engine's queue, so a
+        ``run_task`` command waiting there (behind multiengine commands) is
+        this task: the queue cannot withdraw it, so the engine is asked again
+        every :attr:`abort_poll_interval` seconds until the task is the one
+        running, then interrupted. Its outcome is ignored either way.
         """
         worker = state.worker
         engine = worker.engine
         token = state.attempt
 
+        def still_there() -> bool:
+            return not worker.lost and worker.sent == (state, token)
+
         def check(status: dict) -> Any:
-            queued = [q for q in status.get("queue", []) if str(q).startswith("run_task(")]
-            if queued or worker.sent is None or worker.sent != (state, token):
+            if not still_there():
+                return None
+            if any(str(q).startswith("run_task(") for q in status.get("queue", [])):
+                self.clock.callLater(self.abort_poll_interval, attempt)
                 return None
             return engine.interrupt()
 
-        if hasattr(engine, "queue_status"):
-            d = maybeDeferred(engine.queue_status).addCallback(check)
-        else:
-            d = maybeDeferred(engine.interrupt)
-        d.addErrback(lambda f: log.msg(f"could not interrupt aborted task {state.taskid}: {f}"))
+        def attempt() -> None:
+            if not still_there():
+                return
+            if hasattr(engine, "queue_status"):
+                d = maybeDeferred(engine.queue_status).addCallback(check)
+            else:
+                d = maybeDeferred(engine.interrupt)
+            d.addErrback(
+                lambda f: log.msg(f"could not interrupt aborted task {state.taskid}: {f.value}")
+            )
+
+        attempt()
 
     def _on_timeout(self, state: _Task) -> None:
         state.timer = None

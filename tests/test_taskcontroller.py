@@ -481,13 +481,34 @@ def test_abort_of_a_running_task_interrupts_and_frees_the_engine_later():
     assert outcome(tc, queued).results == "next"
 
 
-def test_abort_of_a_task_still_queued_on_the_engine_does_not_interrupt():
-    _, tc, engines, _ = make(1)
+def test_abort_of_a_task_still_queued_on_the_engine_interrupts_it_once_it_starts():
+    _, tc, engines, clock = make(1)
     engines[0].queued = ["run_task(<Serialized 10 bytes>)"]
     taskid = submit(tc)
     tc.abort(taskid)
+    assert outcome(tc, taskid).status == "aborted"
+    assert engines[0].interrupts == 0  # not running yet: interrupting would hit another command
+    clock.advance(tc.abort_poll_interval)
     assert engines[0].interrupts == 0
-    engines[0].calls[0].succeed("ran anyway")
+    engines[0].queued = []  # now it is the one running
+    clock.advance(tc.abort_poll_interval)
+    assert engines[0].interrupts == 1
+    engines[0].calls[0].fail(KeyboardInterrupt())
+    clock.advance(10 * tc.abort_poll_interval)
+    assert engines[0].interrupts == 1
+    assert outcome(tc, taskid).status == "aborted"
+
+
+def test_abort_polling_stops_when_the_task_finishes_anyway():
+    _, tc, engines, clock = make(1)
+    engines[0].queued = ["run_task(<Serialized 10 bytes>)"]
+    taskid = submit(tc)
+    tc.abort(taskid)
+    engines[0].calls[0].succeed("finished before it could be interrupted")
+    engines[0].queued = []
+    clock.advance(10 * tc.abort_poll_interval)
+    assert engines[0].interrupts == 0
+    assert clock.getDelayedCalls() == []
     assert outcome(tc, taskid).status == "aborted"
 
 

@@ -685,6 +685,43 @@ class TaskControllerContract:
         assert len(engines) == n
 
     @pytest_twisted.ensureDeferred
+    async def test_abort_of_task_queued_behind_multiengine_commands(self, cluster, tmp_path):
+        """A task sent to an engine busy with a multiengine command is aborted
+        at once, and interrupted when it starts: the engine is not lost to it."""
+        tc = cluster.task_controller
+        me = cluster.multiengine
+        me_gate = str(tmp_path / "me-gate")
+        never = str(tmp_path / "never-opened")
+        busy = me.execute(gate_code(me_gate))
+
+        async def executing():
+            statuses = await me.queue_status()
+            return all(str(st["pending"]).startswith("execute(") for _, st in statuses)
+
+        await until(executing, "the command to run on every engine")
+        taskid = await tc.run(MapTask(gated(never)))
+
+        async def sent():
+            return taskid in (await tc.queue_status(verbose=True))["running"]
+
+        await until(sent, "the task to be sent to an engine")
+        await tc.abort(taskid)
+        assert (await result(tc, taskid)).status == "aborted"
+        open_gate(me_gate)
+        await busy
+        n = cluster.n_engines
+        gate = str(tmp_path / "gate")
+        more = [await tc.run(MapTask(gated(gate, i))) for i in range(n)]
+
+        async def all_running():
+            return (await tc.queue_status())["running"] == n
+
+        await until(all_running, "a task to run on every engine")
+        open_gate(gate)
+        await tc.barrier(more).addTimeout(WAIT, reactor)
+        assert len({(await tc.get_task_result(t)).engine_id for t in more}) == n
+
+    @pytest_twisted.ensureDeferred
     async def test_abort_of_finished_task_fails(self, cluster):
         tc = cluster.task_controller
         t = await tc.run(MapTask(lambda: 1))
