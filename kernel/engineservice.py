@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import linecache
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -151,6 +152,9 @@ class EngineService:
         self._history: list[dict[str, Any]] = []
         self._cells = 0
         self._output_observers: list[Callable[[str, str], None]] = []
+        self._output_lock = threading.Lock()
+        self._output_pending: list[tuple[str, str]] = []
+        self._output_scheduled = False
         self._kill_callbacks: list[tuple[Callable, tuple, dict]] = []
         self._killed = False
         self._capturing = False
@@ -190,7 +194,9 @@ class EngineService:
 
         ``stream_name`` is ``'stdout'`` or ``'stderr'``. Observers are called
         on the reactor thread, in the order the text was written, and always
-        before the Deferred of the command that wrote it fires.
+        before the Deferred of the command that wrote it fires. Writes that
+        arrive together are joined: consecutive writes to one stream may come
+        as one piece of text.
         """
         self._output_observers.append(observer)
 
@@ -256,16 +262,35 @@ class EngineService:
         return f
 
     def _emit(self, stream_name: str, text: str) -> None:
-        # On the engine thread: hand the text to the reactor thread.
-        if self._output_observers:
-            self._reactor.callFromThread(self._notify_output, stream_name, text)
+        # On the engine thread: hand the text to the reactor thread, batching
+        # writes so a tight print loop costs one reactor wake-up per batch.
+        # The batch is scheduled before the command's result is, so observers
+        # always see a command's output before its Deferred fires.
+        if not self._output_observers:
+            return
+        with self._output_lock:
+            self._output_pending.append((stream_name, text))
+            if self._output_scheduled:
+                return
+            self._output_scheduled = True
+        self._reactor.callFromThread(self._notify_output)
 
-    def _notify_output(self, stream_name: str, text: str) -> None:
-        for obs in list(self._output_observers):
-            try:
-                obs(stream_name, text)
-            except Exception:
-                log.err(None, f"output observer {obs!r} of engine {self._id} failed")
+    def _notify_output(self) -> None:
+        with self._output_lock:
+            pending, self._output_pending = self._output_pending, []
+            self._output_scheduled = False
+        chunks: list[list[str]] = []  # [stream_name, text], same-stream runs joined
+        for stream_name, text in pending:
+            if chunks and chunks[-1][0] == stream_name:
+                chunks[-1][1] += text
+            else:
+                chunks.append([stream_name, text])
+        for stream_name, text in chunks:
+            for obs in list(self._output_observers):
+                try:
+                    obs(stream_name, text)
+                except Exception:
+                    log.err(None, f"output observer {obs!r} of engine {self._id} failed")
 
     def _run_code(self, lines: str) -> None:
         self._cells += 1
@@ -330,6 +355,7 @@ class EngineService:
             self._check_namespace(namespace)
         except TypeError as e:
             return fail(e)
+        namespace = dict(namespace)  # later changes by the caller do not leak in
         return self._submit(lambda: self._namespace.update(namespace))
 
     def pull(self, keys: str | list[str]) -> Deferred:
@@ -401,6 +427,7 @@ class EngineService:
             self._check_namespace(namespace)
         except TypeError as e:
             return fail(e)
+        namespace = dict(namespace)
         return self._submit(
             lambda: self._namespace.update(serialized.deserialize_namespace(namespace))
         )
@@ -502,9 +529,11 @@ class EngineService:
 
         ``payload`` deserializes (on the engine thread) to an object with a
         method ``run(namespace, properties)``; it is called with the live
-        namespace and a copy of the properties, and what it returns is
-        serialized into the result's ``result``.
+        namespace and a copy of the properties (taken when the engine is
+        handed the task), and what it returns is serialized into the result's
+        ``result``.
         """
+        properties = plain_property("", self.properties)
 
         def run():
             if clear_before:
@@ -514,7 +543,7 @@ class EngineService:
                 sink = capture.OutputSink(self._emit)
                 started = time.time()
                 with capture.capturing(sink):
-                    value = body.run(self._namespace, plain_property("", self.properties))
+                    value = body.run(self._namespace, properties)
                 completed = time.time()
                 return {
                     "result": serialized.serialize(value),

@@ -137,7 +137,7 @@ async def test_output_of_other_threads_is_not_captured(engines, capsys):
     engine = engines[0]
     ev = threading.Event()
     await engine.push({"ev": ev})
-    running = engine.execute("print('from engine'); ev.wait(20)")
+    running = engine.execute("print('from engine'); ev.wait(20);")
     await deferLater(reactor, 0.05, lambda: None)
     print("from the reactor thread")
     ev.set()
@@ -151,11 +151,38 @@ async def test_output_observers_see_text_before_the_command_fires(engines):
     engine = engines[0]
     seen = []
     engine.add_output_observer(lambda name, text: seen.append((name, text)))
-    d = engine.execute("import sys\nprint('a')\nsys.stderr.write('b')\nprint('c')")
+    d = engine.execute("import sys\nprint('a')\nsys.stderr.write('b');\nprint('c')")
     d.addCallback(lambda r: seen.append("done"))
     await d
-    assert seen == [("stdout", "a"), ("stdout", "\n"), ("stderr", "b"), ("stdout", "c"),
-                    ("stdout", "\n"), "done"]  # fmt: skip
+    assert seen[-1] == "done"
+    # Batching may join consecutive writes to one stream, never reorder them.
+    joined = []
+    for name, text in seen[:-1]:
+        if joined and joined[-1][0] == name:
+            joined[-1] = (name, joined[-1][1] + text)
+        else:
+            joined.append((name, text))
+    assert joined == [("stdout", "a\n"), ("stderr", "b"), ("stdout", "c\n")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_observers_get_batches_for_a_tight_print_loop(engines):
+    engine = engines[0]
+    seen = []
+    engine.add_output_observer(lambda name, text: seen.append(text))
+    result = await engine.execute("for i in range(20000):\n    print(i)")
+    assert "".join(seen) == result["stdout"]
+    assert len(seen) < 40000  # one call per write would be 40000
+
+
+@pytest_twisted.ensureDeferred
+async def test_removed_output_observer_is_not_called(engines):
+    engine = engines[0]
+    seen = []
+    engine.add_output_observer(seen.append)
+    engine.remove_output_observer(seen.append)
+    await engine.execute("print('x')")
+    assert seen == []
 
 
 @pytest_twisted.ensureDeferred

@@ -54,9 +54,10 @@ class EngineContract:
 
     @pytest_twisted.ensureDeferred
     async def test_execute_fires_result_dict_with_captured_output(self, engine):
-        result = await engine.execute("print('out'); import sys; sys.stderr.write('err')")
+        code = "print('out'); import sys; sys.stderr.write('err');"
+        result = await engine.execute(code)
         assert result["id"] == engine.id
-        assert result["input"] == "print('out'); import sys; sys.stderr.write('err')"
+        assert result["input"] == code
         assert result["stdout"] == "out\n"
         assert result["stderr"] == "err"
         assert isinstance(result["number"], int)
