@@ -137,3 +137,69 @@ async def wait_for_exit(proc):
     from kernel.testing.processes import wait_for_async
 
     await wait_for_async(lambda: not proc.alive(), PROMPT, lambda: f"{proc} still runs")
+
+
+@pytest_twisted.async_yield_fixture
+async def task_client(cluster):
+    """A Foolscap task client of the cluster."""
+    from kernel.taskfc import FCTaskClient
+
+    tub = Tub()
+    tub.startService()
+    furl = cluster.cluster_dir.read_furl(clusterdir.TASK_FURL)
+    ref = await tub.getReference(furl).addTimeout(PROMPT, reactor)
+    yield FCTaskClient(ref)
+    await tub.stopService()
+
+
+def hang_first_time(marker):
+    """Source of a task that records its engine's pid, then hangs on its
+    first attempt and returns the pid on any later one."""
+    return (
+        "import os, time\n"
+        f"first = not os.path.exists({str(marker)!r})\n"
+        f"with open({str(marker)!r}, 'a') as f:\n"
+        "    f.write(f'{os.getpid()}\\n')\n"
+        "if first:\n"
+        "    time.sleep(600)\n"
+        "pid = os.getpid()\n"
+    )
+
+
+async def sigkill_first_runner(cluster, marker):
+    from kernel.testing.processes import wait_for_async
+
+    await wait_for_async(marker.exists, PROMPT, "the task never started")
+    pid = int(marker.read_text().split()[0])
+    (proc,) = [p for p in cluster.engines if p.pid == pid]
+    proc.kill()
+    return pid
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_during_task_with_retries_completes_on_another_engine(
+    cluster, task_client, tmp_path
+):
+    from kernel.task import StringTask
+
+    marker = tmp_path / "attempts"
+    taskid = await task_client.run(StringTask(hang_first_time(marker), pull="pid", retries=1))
+    victim_pid = await sigkill_first_runner(cluster, marker)
+    tr = await task_client.get_task_result(taskid, block=True).addTimeout(PROMPT, reactor)
+    assert tr.status == "succeeded", tr.error
+    assert tr.results["pid"] != victim_pid
+    assert tr.results["pid"] in cluster.registered().values()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigkill_during_task_without_retries_fails_with_engine_error(
+    cluster, task_client, tmp_path
+):
+    from kernel.task import StringTask
+
+    marker = tmp_path / "attempts"
+    taskid = await task_client.run(StringTask(hang_first_time(marker), pull="pid"))
+    await sigkill_first_runner(cluster, marker)
+    tr = await task_client.get_task_result(taskid, block=True).addTimeout(PROMPT, reactor)
+    assert tr.status == "failed"
+    assert tr.error.ename == "EngineError"
