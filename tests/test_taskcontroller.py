@@ -637,3 +637,33 @@ def test_resubmit_refuses_unfinished_and_unknown_tasks():
     tc.resubmit([running]).addErrback(failures.append)
     tc.resubmit([10**6]).addErrback(failures.append)
     assert failures[0].check(ValueError) and failures[1].check(InvalidTaskID)
+
+
+# -- load-balanced map --------------------------------------------------------------
+
+
+def test_mapper_and_parallel_function_provide_their_interfaces():
+    from kernel.interfaces import IParallelFunction
+    from kernel.taskmapper import TaskMapper
+
+    _, tc, _, _ = make()
+    assert verifyObject(IMapper, tc.mapper())
+    assert isinstance(tc.mapper(), TaskMapper)
+    assert verifyObject(IParallelFunction, tc.parallel()(abs))
+
+
+def test_mapper_chunks_elements_and_keeps_order():
+    _, tc, engines, _ = make(3)
+    d = tc.mapper(chunksize=4).map(lambda x, y: x + y, range(10), range(10, 20))
+    calls = all_calls(engines)
+    bodies = [serialized.deserialize(c.payload) for c in calls]
+    assert sorted(len(b.args[1]) for b in bodies) == [2, 4, 4]
+    for call, body in reversed(list(zip(calls, bodies, strict=True))):  # finish out of order
+        call.succeed([body.args[0](*args) for args in body.args[1]])
+    assert d.result == [x + y for x, y in zip(range(10), range(10, 20), strict=True)]
+
+
+def test_mapper_rejects_bad_chunksize():
+    _, tc, _, _ = make()
+    with pytest.raises(ValueError, match="chunksize"):
+        tc.mapper(chunksize=0)
