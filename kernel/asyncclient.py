@@ -9,8 +9,12 @@ return Deferreds::
     tc = await get_task_client(cluster_dir="/tmp/my-cluster")
     taskid = await tc.run(MapTask(abs, args=(-1,)))
 
-All clients made by these factories share one client Tub (started on first
-use). The blocking clients of :mod:`kernel.client` are built on these.
+Foolscap (``adapter='fc'``, the default) clients made by these factories
+share one client Tub (started on first use) unless given one. With
+``adapter='pb'`` they log in over Perspective Broker with the credentials in
+the cluster directory's ``pb.json`` (:mod:`kernel.multienginepb`,
+:mod:`kernel.taskpb`). The blocking clients of :mod:`kernel.client` are built
+on these.
 """
 
 from __future__ import annotations
@@ -20,12 +24,19 @@ import os
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.defer import CancelledError
+from twisted.python.failure import Failure
 
 from kernel import clusterdir, fcutil
 from kernel.clusterdir import ClusterDir
 from kernel.error import ConnectionError
 
 __all__ = ["get_multiengine_client", "get_task_client", "connect", "client_tub", "find_furl"]
+
+#: Seconds a factory waits to reach the controller.
+CONNECT_TIMEOUT = 30.0
+#: The network adapters the factories speak.
+ADAPTERS = ("fc", "pb")
 
 _tub: Any = None
 
@@ -71,19 +82,52 @@ def find_furl(
     return ClusterDir(cluster_dir).read_furl(default_file)
 
 
-async def connect(furl: str, tub: Any = None) -> Any:
+async def connect(furl: str, tub: Any = None, timeout: float = CONNECT_TIMEOUT) -> Any:
     """A RemoteReference to ``furl`` from ``tub`` (default: :func:`client_tub`).
 
-    :raises ConnectionError: naming the FURL's location when it cannot be reached.
+    :param timeout: seconds to wait for the connection.
+    :raises ConnectionError: naming the FURL's location when it cannot be
+        reached, or when the controller there does not know the FURL.
     """
-    try:
-        return await (tub or client_tub()).getReference(furl)
-    except Exception as e:
-        where = furl.split("@", 1)[-1].split("/", 1)[0] if "@" in furl else furl[:40]
-        raise ConnectionError(
-            f"cannot reach the controller at {where}: {e}. Is it running? "
-            "Start a cluster with `txkernel cluster start -n 4`."
-        ) from e
+    from twisted.internet import reactor
+
+    d = (tub or client_tub()).getReference(furl).addTimeout(timeout, reactor)
+    # Translate before awaiting: a failure Foolscap copied from the far side
+    # (an unknown swissnum) cannot be thrown into a coroutine.
+    d.addErrback(_unreachable, furl)
+    return await d
+
+
+def _unreachable(f: Failure, furl: str) -> Failure:
+    where = furl.split("@", 1)[-1].split("/", 1)[0] if "@" in furl else furl[:40]
+    if f.check(defer.TimeoutError, CancelledError):
+        why = "no answer"
+    else:
+        why = f.getErrorMessage()
+    return Failure(
+        ConnectionError(
+            f"cannot reach the controller at {where} ({why}). Is it running, and is the "
+            "FURL current? Start a cluster with `txkernel cluster start -n 4`."
+        )
+    )
+
+
+def _adapter(adapter: str) -> str:
+    if adapter not in ADAPTERS:
+        raise ValueError(f"unknown adapter {adapter!r}: use one of {', '.join(ADAPTERS)}")
+    return adapter
+
+
+def _pb_dir(furl_or_file: Any, cluster_dir: Any) -> Any:
+    """The cluster directory a PB client reads ``pb.json`` from."""
+    if furl_or_file is None:
+        return cluster_dir
+    if os.path.isdir(os.fspath(furl_or_file)):
+        return furl_or_file
+    raise ValueError(
+        "the PB adapter connects through a cluster directory (its pb.json): pass "
+        "cluster_dir=..., not a FURL or connection file"
+    )
 
 
 async def _client(reference: Any) -> Any:
@@ -100,22 +144,32 @@ async def _client(reference: Any) -> Any:
 def get_multiengine_client(
     furl_or_file: str | None = None,
     cluster_dir: str | os.PathLike | None = None,
+    adapter: str = "fc",
     *,
     tub: Any = None,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> defer.Deferred:
     """Connect to a controller's multiengine interface.
 
     :param furl_or_file: a FURL, a ``multiengine.furl`` file, or None.
     :param cluster_dir: where to find ``multiengine.furl`` when
         ``furl_or_file`` is None.
+    :param adapter: ``'fc'`` (Foolscap) or ``'pb'`` (Perspective Broker).
     :param tub: the Foolscap Tub to connect from (default: :func:`client_tub`).
+    :param timeout: seconds to wait for the controller.
     :returns: Deferred firing a
         :class:`~kernel.multienginefc.FCFullSynchronousMultiEngineClient`.
     """
 
     async def go() -> Any:
+        if _adapter(adapter) == "pb":
+            from kernel import multienginepb
+
+            return await multienginepb.get_multiengine_client(
+                _pb_dir(furl_or_file, cluster_dir), timeout=timeout
+            )
         furl = find_furl(furl_or_file, cluster_dir, clusterdir.MULTIENGINE_FURL)
-        return await _client(await connect(furl, tub))
+        return await _client(await connect(furl, tub, timeout))
 
     return defer.ensureDeferred(go())
 
@@ -123,19 +177,27 @@ def get_multiengine_client(
 def get_task_client(
     furl_or_file: str | None = None,
     cluster_dir: str | os.PathLike | None = None,
+    adapter: str = "fc",
     *,
     tub: Any = None,
+    timeout: float = CONNECT_TIMEOUT,
 ) -> defer.Deferred:
     """Connect to a controller's task interface.
 
     :param furl_or_file: a FURL, a ``task.furl`` file, or None.
     :param cluster_dir: where to find ``task.furl`` when ``furl_or_file`` is None.
+    :param adapter: ``'fc'`` (Foolscap) or ``'pb'`` (Perspective Broker).
     :param tub: the Foolscap Tub to connect from (default: :func:`client_tub`).
+    :param timeout: seconds to wait for the controller.
     :returns: Deferred firing a :class:`~kernel.taskfc.FCTaskClient`.
     """
 
     async def go() -> Any:
+        if _adapter(adapter) == "pb":
+            from kernel import taskpb
+
+            return await taskpb.get_task_client(_pb_dir(furl_or_file, cluster_dir), timeout=timeout)
         furl = find_furl(furl_or_file, cluster_dir, clusterdir.TASK_FURL)
-        return await _client(await connect(furl, tub))
+        return await _client(await connect(furl, tub, timeout))
 
     return defer.ensureDeferred(go())
