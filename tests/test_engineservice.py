@@ -339,3 +339,28 @@ async def test_executor_interrupt_when_idle_is_false_and_stop_fails_queued_work(
     await ex.when_stopped().addTimeout(WAIT, reactor)
     f = await failure_of(ex.submit(lambda: None))
     assert isinstance(f.value, executor.ExecutorStopped)
+
+
+@pytest_twisted.ensureDeferred
+async def test_interrupts_at_random_moments_never_lose_a_command_or_the_thread(engines):
+    """Interrupts racing with short commands: every command resolves (done or
+    KeyboardInterrupt), no interrupt leaks into a later command, and the
+    engine keeps working."""
+    import random
+
+    engine = engines[0]
+    await engine.push({"count": 0})
+    rng = random.Random(1234)
+    ds = [engine.execute("for _ in range(50_000):\n    count += 1") for _ in range(80)]
+    outcomes = []
+    for d in ds:
+        d.addCallbacks(lambda r: outcomes.append("ok"), lambda f: outcomes.append(f.type))
+    interrupted = 0
+    while len(outcomes) < len(ds):
+        interrupted += await engine.interrupt()
+        await deferLater(reactor, rng.random() * 0.002, lambda: None)
+    assert set(outcomes) <= {"ok", KeyboardInterrupt}
+    assert 0 < outcomes.count(KeyboardInterrupt) <= interrupted
+    result = await engine.execute("after = count")
+    assert result["input"] == "after = count"
+    assert engine.thread.is_alive()
