@@ -192,6 +192,9 @@ class _Done:
         self.serial = serial
 
 
+#: Failures (by type name) that end a task at once, whatever its retries.
+_NEVER_RETRIED = frozenset({"ImpossibleDependency", "InvalidDependency", "DependencyTimeout"})
+
 _WAIT = "wait"
 _READY = "ready"
 
@@ -806,6 +809,9 @@ class TaskController(service.Service):
         if info.ename == "UnmetDependency":
             state.blacklist.add(worker.serial)
             self._make_ready(state, front=True)
+        elif info.ename in _NEVER_RETRIED:
+            # the task itself says it can never run: retrying cannot help
+            self._finish(state, "failed", error=info, worker=worker)
         elif info.ename == "EngineError":
             # The engine is gone (or killed): do not send it anything else.
             state.attempt += 1

@@ -667,3 +667,12 @@ def test_mapper_rejects_bad_chunksize():
     _, tc, _, _ = make()
     with pytest.raises(ValueError, match="chunksize"):
         tc.mapper(chunksize=0)
+
+
+def test_a_task_raising_impossible_dependency_is_not_retried():
+    _, tc, engines, _ = make(2)
+    taskid = submit(tc, retries=3)
+    all_calls(engines)[0].fail(ImpossibleDependency("this can never run"))
+    assert all_calls(engines) == []
+    with pytest.raises(ImpossibleDependency, match="never run"):
+        outcome(tc, taskid).raise_exception()
