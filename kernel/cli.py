@@ -196,42 +196,39 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cluster_adapter(cd: ClusterDir) -> str:
+    """The adapter the running controller of ``cd`` serves: ``pb`` when it
+    wrote ``pb.json``, else ``fc``."""
+    return "pb" if os.path.exists(cd.file(clusterdir.PB_FILE)) else "fc"
+
+
 def _queue_status(cd: ClusterDir, timeout: float) -> tuple[list | None, dict | None, str]:
-    """Ask the controller for engine queues and task counts.
+    """Ask the controller for engine queues and task counts, as a client.
 
     :returns: ``(engine queues or None, task counts or None, note)``.
     """
-    from foolscap.api import Tub
     from twisted.internet import defer, task
 
+    from kernel import asyncclient
+
+    adapter = cluster_adapter(cd)
     out: dict = {}
 
     async def ask(reactor):
-        tub = Tub()
-        tub.startService()
         try:
-            try:
-                from kernel.multienginefc import FCMultiEngine
-
-                furl = cd.read_furl(clusterdir.MULTIENGINE_FURL)
-                ref = await tub.getReference(furl).addTimeout(timeout, reactor)
-                out["queues"] = await defer.ensureDeferred(
-                    FCMultiEngine(ref).queue_status()
-                ).addTimeout(timeout, reactor)
-            except Exception as e:
-                out["note"] = f"engine queues unavailable: {e}"
-            try:
-                from kernel.taskfc import FCTaskClient
-
-                furl = cd.read_furl(clusterdir.TASK_FURL)
-                ref = await tub.getReference(furl).addTimeout(timeout, reactor)
-                out["tasks"] = await defer.ensureDeferred(
-                    FCTaskClient(ref).queue_status()
-                ).addTimeout(timeout, reactor)
-            except Exception as e:
-                out.setdefault("note", f"task queue unavailable: {e}")
-        finally:
-            await tub.stopService()
+            me = await asyncclient.get_multiengine_client(
+                cluster_dir=cd.path, adapter=adapter, timeout=timeout
+            )
+            out["queues"] = await me.queue_status().addTimeout(timeout, reactor)
+        except Exception as e:
+            out["note"] = f"engine queues unavailable: {e}"
+        try:
+            tc = await asyncclient.get_task_client(
+                cluster_dir=cd.path, adapter=adapter, timeout=timeout
+            )
+            out["tasks"] = await tc.queue_status().addTimeout(timeout, reactor)
+        except Exception as e:
+            out.setdefault("note", f"task queue unavailable: {e}")
 
     try:
         task.react(lambda reactor: defer.ensureDeferred(ask(reactor)))
@@ -249,7 +246,7 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     data = cd.read_json(clusterdir.ENGINES_FILE) or {}
     engines = {int(k): v for k, v in data.get("engines", {}).items()}
     print(f"cluster directory: {cd.path}")
-    print(f"controller: pid {pid}")
+    print(f"controller: pid {pid} (adapter {cluster_adapter(cd)})")
     print(f"engines: {len(engines)}")
     queues, tasks, note = _queue_status(cd, args.timeout)
     by_id = dict(queues or [])

@@ -78,9 +78,12 @@ def test_cluster_dir_comes_from_environment(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_cluster_start_status_stop(tmp_path):
+@pytest.mark.parametrize("adapter", ["fc", "pb"])
+def test_cluster_start_status_stop(tmp_path, adapter):
     d = str(tmp_path / "cluster")
-    started = txkernel("cluster", "start", "-n", "2", "--cluster-dir", d, "--daemon")
+    started = txkernel(
+        "cluster", "start", "-n", "2", "--cluster-dir", d, "--daemon", f"--adapter={adapter}"
+    )
     assert started.returncode == 0, started.stderr
     assert "2 engines (ids 0, 1)" in started.stdout
     pids = list(ClusterDir(d).pids().values())
@@ -92,8 +95,12 @@ def test_cluster_start_status_stop(tmp_path):
 
         status = txkernel("cluster", "status", "--cluster-dir", d)
         assert status.returncode == 0, status.stderr
+        assert f"(adapter {adapter})" in status.stdout
         assert "engines: 2" in status.stdout
-        assert "engine 0: pid" in status.stdout and "engine 1: pid" in status.stdout
+        for engine_id in (0, 1):
+            assert f"engine {engine_id}: pid" in status.stdout
+        # the queues come from the controller itself, as a client asks
+        assert status.stdout.count("queue 0, running nothing") == 2, status.stdout
     finally:
         stopped = txkernel("cluster", "stop", "--cluster-dir", d)
     assert stopped.returncode == 0, stopped.stderr
