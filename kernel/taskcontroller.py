@@ -932,7 +932,6 @@ class TaskController(service.Service):
         if error is not None:
             info = error if isinstance(error, RemoteError) else _describe(error, engine_id)
             changes["error"] = info.to_dict()
-            changes["stdout"] = ""
         self._db_write("update_record", state.taskid, changes)
         waiters, state.waiters = state.waiters, []
         for d in waiters:
