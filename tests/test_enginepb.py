@@ -1,0 +1,144 @@
+"""Engines over PB: registration, the controller-side engine, cred, reconnection."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from zope.interface.verify import verifyObject
+
+from kernel import pbutil
+from kernel.engineservice import QueuedEngine
+from kernel.error import RemoteError, SecurityError
+from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
+from kernel.serialized import deserialize, serialize
+from tests.harness_pb import PBLoopback
+
+
+@pytest_twisted.async_yield_fixture
+async def loop(tmp_path):
+    harness = await PBLoopback.start(n_engines=1, cluster_dir=str(tmp_path / "cluster"))
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+def _remote(loop: PBLoopback, engine_id: int):
+    queued = loop.controller.engines[engine_id]
+    assert isinstance(queued, QueuedEngine)
+    return queued, queued.engine
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_registers_and_the_controller_side_engine_has_the_engine_interfaces(loop):
+    (engine_id,) = loop.controller.engines
+    _, remote = _remote(loop, engine_id)
+    assert isinstance(remote.reference, pbutil.PBRemote)
+    verifyObject(IEngineBase, remote)
+    verifyObject(IEngineInterrupt, remote)
+    verifyObject(IEngineTasks, remote)
+    assert remote.id == engine_id == loop.engines[engine_id].id
+
+
+@pytest_twisted.ensureDeferred
+async def test_execute_runs_on_the_engine_and_its_errors_arrive_as_plain_data(loop):
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    result = await queued.execute("x = 6 * 7\nprint(x)")
+    assert result["stdout"] == "42\n" and result["id"] == engine_id
+    with pytest.raises(RemoteError) as info:
+        await queued.execute("1 / 0")
+    # the controller side never unpickles the engine's exception: plain data only
+    assert info.value.ename == "ZeroDivisionError"
+    assert "1 / 0" in info.value.traceback
+
+
+@pytest_twisted.ensureDeferred
+async def test_serialized_blobs_cross_unopened_both_ways_chunked(loop):
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    payload = os.urandom(3 * pbutil.CHUNK_SIZE + 1)
+    await queued.push_serialized({"blob": serialize(payload)})
+    await queued.execute("n = len(blob)")
+    assert deserialize(await queued.pull_serialized("n")) == len(payload)
+    back = await queued.pull_serialized("blob")
+    assert deserialize(back) == payload
+
+
+@pytest_twisted.ensureDeferred
+async def test_tasks_run_through_the_controller_side_engine(loop):
+    from kernel.task import MapTask
+
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    _, payload = MapTask(pow, args=(2, 10)).to_spec()
+    result = await queued.run_task(payload)
+    assert deserialize(result["result"]) == 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_engine_secret_is_refused_and_nothing_registers(loop):
+    before = set(loop.controller.engines)
+    bad = dict(loop.info, engine_secret=pbutil.generate_secret())
+    fatal = []
+    with pytest.raises(SecurityError, match="refused the PB credentials"):
+        await loop.add_engine(info=bad, on_fatal=fatal.append)
+    assert fatal and fatal[0].check(SecurityError)
+    assert set(loop.controller.engines) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_secret_does_not_open_the_engine_port(loop):
+    info = loop.info
+    with pytest.raises(SecurityError):
+        await pbutil.login(
+            info["host"],
+            info["engine_port"],
+            pbutil.ENGINE_USER,
+            info["client_secret"],
+            "registrar",
+        )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_connection_unregisters_the_engine_which_registers_again_with_its_id(loop):
+    (engine_id,) = loop.controller.engines
+    connector = loop.connectors[engine_id]
+    first = loop.controller.engines[engine_id]
+    connector.controller.disconnect()
+    await loop.wait_unregistered(engine_id)
+    assert await connector.when_registered().addTimeout(30, reactor) == engine_id
+    assert loop.controller.engines[engine_id] is not first
+    assert connector.registrations == 2
+    result = await loop.controller.engines[engine_id].execute("y = 1")
+    assert result["id"] == engine_id
+
+
+def test_connection_file_is_private_and_keeps_its_secrets_across_restarts(tmp_path):
+    from kernel.clusterdir import ClusterDir
+    from kernel.controllerservice import ControllerService
+    from kernel.enginefc import FCEngineRegistrar
+
+    cd = ClusterDir(tmp_path / "c").create()
+    registrar = FCEngineRegistrar(ControllerService())
+    first = pbutil.serve_controller(cd, registrar)
+    first.startService()
+    try:
+        info = pbutil.read_connection_info(cd)
+    finally:
+        first.stopService()
+    assert stat.S_IMODE(os.stat(cd.file(pbutil.PB_FILE)).st_mode) == 0o600
+    assert info["engine_secret"] != info["client_secret"]
+    assert info["engine_port"] != info["client_port"]
+    second = pbutil.serve_controller(cd, registrar)
+    second.startService()
+    try:
+        again = pbutil.read_connection_info(cd)
+    finally:
+        second.stopService()
+    assert again["engine_secret"] == info["engine_secret"]
+    assert again["client_secret"] == info["client_secret"]
