@@ -86,8 +86,8 @@ __all__ = [
     "remote",
 ]
 
-#: The network adapters a client can connect with.
-ADAPTERS = ("fc",)
+#: The network adapters a client can connect with: Foolscap, Perspective Broker.
+ADAPTERS = ("fc", "pb")
 
 
 def __getattr__(name: str) -> Any:
@@ -112,7 +112,9 @@ def _connect(kind: str, furl_or_file: Any, cluster_dir: Any, adapter: str) -> An
     from kernel import asyncclient
 
     factory = getattr(asyncclient, f"get_{kind}_client")
-    return reactorthread.blocking_call(factory, furl_or_file=furl_or_file, cluster_dir=cluster_dir)
+    return reactorthread.blocking_call(
+        factory, furl_or_file=furl_or_file, cluster_dir=cluster_dir, adapter=adapter
+    )
 
 
 def get_multiengine_client(
@@ -124,7 +126,8 @@ def get_multiengine_client(
         ``multiengine.furl`` in the cluster directory.
     :param cluster_dir: the cluster directory (None: ``$TXKERNEL_CLUSTER_DIR``
         or ``~/.txkernel/default``).
-    :param adapter: the network adapter (``'fc'``, Foolscap).
+    :param adapter: the network adapter: ``'fc'`` (Foolscap) or ``'pb'``
+        (Perspective Broker, which connects through ``cluster_dir``).
     :raises kernel.error.ConnectionError: no cluster found, or the controller
         cannot be reached.
     """

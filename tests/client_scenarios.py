@@ -668,26 +668,35 @@ def _local(n: int) -> tuple[Any, Any, Any, Any]:
     return cluster, cluster.multiengine_client(), cluster.task_client(), cluster.multiengine_client
 
 
-def _processes(n: int, cluster_dir: str | None = None) -> tuple[Any, Any, Any, Any]:
+def _processes(
+    n: int, cluster_dir: str | None = None, adapter: str = "fc"
+) -> tuple[Any, Any, Any, Any]:
     from kernel import client
     from kernel.testing.processes import LocalCluster
 
-    cluster = LocalCluster(cluster_dir=cluster_dir)
+    cluster = LocalCluster(cluster_dir=cluster_dir, controller_args=[f"--adapter={adapter}"])
     try:
         cluster.start(n_engines=n)
         path = cluster.cluster_dir.path
-        mec = client.get_multiengine_client(cluster_dir=path)
-        tc = client.get_task_client(cluster_dir=path)
+        mec = client.get_multiengine_client(cluster_dir=path, adapter=adapter)
+        tc = client.get_task_client(cluster_dir=path, adapter=adapter)
     except BaseException:
         cluster.stop()
         raise
-    return cluster, mec, tc, lambda: client.get_multiengine_client(cluster_dir=path)
+    return (
+        cluster,
+        mec,
+        tc,
+        lambda: client.get_multiengine_client(cluster_dir=path, adapter=adapter),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one group of scenarios; write their outcomes as JSON."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", choices=["local", "processes"], default="local")
+    parser.add_argument(
+        "--backend", choices=["local", "processes", "processes-pb"], default="local"
+    )
     parser.add_argument("--group", choices=GROUPS, required=True)
     parser.add_argument("--engines", type=int, default=3)
     parser.add_argument("--only", action="append", default=[])
@@ -700,7 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "local":
         cluster, mec, tc, new_mec = _local(args.engines)
     else:
-        cluster, mec, tc, new_mec = _processes(args.engines, args.cluster_dir)
+        adapter = "pb" if args.backend == "processes-pb" else "fc"
+        cluster, mec, tc, new_mec = _processes(args.engines, args.cluster_dir, adapter)
     outcomes: dict[str, str | None] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="txkernel-scenarios-") as tmp:

@@ -1,11 +1,14 @@
 """The blocking multiengine client (FullBlockingMultiEngineClient, PendingResult,
-ResultList, QueueStatusList), driven in child processes.
+ResultList, QueueStatusList, dictionary access, with-blocks), driven in child
+processes.
 
 Each test checks one scenario of :mod:`tests.client_scenarios` (where its
-assertions live). The scenarios of a group run in one child process per
-backend: ``local`` engines inside the child (:class:`kernel.client.LocalCluster`),
-and ``processes``, a real controller and engine processes reached over the
-network.
+assertions live). All the scenarios of the group run in one child process per
+backend (blocking clients cannot share a process with pytest-twisted's
+reactor): ``local``, engines inside the child (:class:`kernel.client.LocalCluster`);
+``processes``, a real controller and engine processes reached over Foolscap
+through ``client.get_*_client(cluster_dir=...)``; and ``processes-pb``, the same
+over Perspective Broker.
 """
 
 import pytest
@@ -14,34 +17,23 @@ from tests import client_scenarios
 
 NAMES = list(client_scenarios.scenarios("multiengine"))
 
+BACKENDS = [
+    pytest.param("local", id="local"),
+    pytest.param("processes", id="processes", marks=pytest.mark.slow),
+    pytest.param("processes-pb", id="processes-pb", marks=pytest.mark.slow),
+]
 
-@pytest.fixture(scope="module")
-def local_outcomes(tmp_path_factory):
-    return client_scenarios.run_in_child(
-        "multiengine", "local", str(tmp_path_factory.mktemp("mec-local"))
-    )
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def outcomes(request, tmp_path_factory):
+    backend = request.param
+    workdir = str(tmp_path_factory.mktemp(f"multiengine-{backend}"))
+    return client_scenarios.run_in_child("multiengine", backend, workdir)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", NAMES)
-def test_in_process_engines(name, local_outcomes):
-    """The scenario passes against engines running in the client's process."""
-    assert name in local_outcomes, f"scenario {name} did not run"
-    assert local_outcomes[name] is None, local_outcomes[name]
-
-
-@pytest.fixture(scope="module")
-def process_outcomes(tmp_path_factory):
-    return client_scenarios.run_in_child(
-        "multiengine", "processes", str(tmp_path_factory.mktemp("multiengine-processes"))
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("name", NAMES)
-def test_real_cluster(name, process_outcomes):
-    """The scenario passes against a controller and engine processes, through
-    client.get_multiengine_client / get_task_client over the network."""
-    assert name in process_outcomes, f"scenario {name} did not run"
-    assert process_outcomes[name] is None, process_outcomes[name]
+def test_scenario(name, outcomes):
+    """The scenario passes on the backend."""
+    assert name in outcomes, f"scenario {name} did not run"
+    assert outcomes[name] is None, outcomes[name]
