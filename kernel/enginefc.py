@@ -73,6 +73,8 @@ MAX_SOURCE = 64 * 2**20
 MAX_KEYS = 100_000
 #: Longest variable or property name.
 MAX_NAME = 1000
+#: Seconds an engine gathers output before streaming it to the controller.
+OUTPUT_DELAY = 0.05
 
 Blob = ByteStringConstraint(maxLength=MAX_BLOB)
 Name = UnicodeConstraint(maxLength=MAX_NAME)
@@ -140,6 +142,20 @@ class RIEngine(RemoteInterface):
 
     def ping():
         return Reply
+
+    def set_output_sink(sink=PlainData):
+        """Stream the engine's stdout/stderr to ``sink`` (an :class:`RIOutputSink`)."""
+        return Reply
+
+
+class RIOutputSink(RemoteInterface):
+    """Where an engine streams its output as it is written."""
+
+    __remote_name__ = "RIOutputSink.txkernel"
+
+    def write(chunks=PlainData):
+        """``chunks``: a list of ``(stream_name, text)`` pairs, in order."""
+        return None
 
 
 class RIEngineRegistrar(RemoteInterface):
@@ -212,6 +228,10 @@ class FCEngineReferenceFromService(Referenceable):
     def __init__(self, engine: Any, on_kill: Callable[[], Any] | None = None):
         self.engine = engine
         self.on_kill = on_kill
+        self._sink: Any = None
+        self._observing = False
+        self._chunks: list[tuple[str, str]] = []
+        self._flush_call: Any = None
 
     def _call(self, method: str, *args: Any, convert: Callable | None = None, **kwargs: Any):
         d = defer.maybeDeferred(getattr(self.engine, method), *args, **kwargs)
@@ -290,6 +310,45 @@ class FCEngineReferenceFromService(Referenceable):
 
     def remote_ping(self):
         return _ok("pong")
+
+    # -- streaming output ----------------------------------------------------
+
+    def remote_set_output_sink(self, sink):
+        add = getattr(self.engine, "add_output_observer", None)
+        if add is None:
+            return _ok(False)
+        self._sink = sink
+        if not self._observing:
+            add(self._output)
+            self._observing = True
+        return _ok(True)
+
+    def _output(self, stream_name: str, text: str) -> None:
+        if self._sink is None:
+            return
+        if self._chunks and self._chunks[-1][0] == stream_name:
+            self._chunks[-1] = (stream_name, self._chunks[-1][1] + text)
+        else:
+            self._chunks.append((stream_name, text))
+        if self._flush_call is None:
+            from twisted.internet import reactor
+
+            # Coalesce what is written in a burst into one message.
+            self._flush_call = reactor.callLater(OUTPUT_DELAY, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        chunks, self._chunks = self._chunks, []
+        sink = self._sink
+        if not chunks or sink is None:
+            return
+        d = defer.maybeDeferred(sink.callRemote, "write", chunks)
+        d.addErrback(self._sink_failed, sink)
+
+    def _sink_failed(self, f: Failure, sink: Any) -> None:
+        # The controller went away; a new registration brings a new sink.
+        if self._sink is sink:
+            self._sink = None
 
 
 # ---------------------------------------------------------------------------
@@ -467,6 +526,12 @@ class EngineFromReference:
         """Fire when the engine answers (used by the heartbeat monitor)."""
         return self._call("ping")
 
+    def set_output_sink(self, sink: Any) -> defer.Deferred:
+        """Have the engine stream its stdout/stderr to ``sink`` (a
+        Referenceable with ``remote_write(chunks)``). Fires True if the engine
+        can stream its output."""
+        return self._call("set_output_sink", sink)
+
     def disconnect(self) -> None:
         """Drop the connection to the engine (after it was declared dead), so
         that a merely paused engine notices and registers again."""
@@ -516,6 +581,7 @@ class FCEngineRegistrar(Referenceable):
         self.controller = controller
         self.monitor = monitor
         self.on_change = on_change
+        self._output_observers: list[Callable[[int, str, str], Any]] = []
         if monitor is not None:
             monitor.on_dead = self._dead
         self._wrap = wrap
@@ -545,6 +611,8 @@ class FCEngineRegistrar(Referenceable):
             self.monitor.add(engine_id, remote.ping)
         if self.on_change is not None:
             self.on_change.engine_added(engine_id, {"pid": pid, "ip": ip, "port": port})
+        if self._output_observers:
+            self._stream_output(engine_id, remote)
         return engine_id
 
     def _disconnected(self, engine_id: int, engine: Any) -> None:
@@ -570,9 +638,52 @@ class FCEngineRegistrar(Referenceable):
         if self.on_change is not None:
             self.on_change.engine_removed(engine_id)
 
+    def add_output_observer(self, observer: Callable[[int, str, str], Any]) -> None:
+        """Call ``observer(engine_id, stream_name, text)`` with every engine's
+        stdout/stderr as it is written (streaming starts with the first
+        observer, so it costs nothing when nobody listens)."""
+        first = not self._output_observers
+        self._output_observers.append(observer)
+        if first:
+            for engine_id, (_, remote) in self._connected.items():
+                self._stream_output(engine_id, remote)
+
+    def remove_output_observer(self, observer: Callable[[int, str, str], Any]) -> None:
+        """Stop calling ``observer``."""
+        self._output_observers.remove(observer)
+
+    def _stream_output(self, engine_id: int, remote: EngineFromReference) -> None:
+        sink = FCOutputSink(engine_id, self._output_observers)
+        d = remote.set_output_sink(sink)
+        d.addErrback(lambda f: log.msg(f"engine {engine_id} cannot stream output: {f.value}"))
+
     def connected_engines(self) -> list[int]:
         """The ids of the engines registered through this registrar, sorted."""
         return sorted(self._connected)
+
+
+@implementer(RIOutputSink)
+class FCOutputSink(Referenceable):
+    """Receives one engine's streamed output on the controller.
+
+    :param engine_id: the engine it belongs to (fixed: an engine cannot speak
+        for another).
+    :param observers: the list of ``observer(engine_id, stream_name, text)``
+        callables to call (shared with the registrar, so later observers see
+        the output too).
+    """
+
+    def __init__(self, engine_id: int, observers: list[Callable[[int, str, str], Any]]):
+        self.engine_id = engine_id
+        self.observers = observers
+
+    def remote_write(self, chunks):
+        for stream_name, text in chunks:
+            for observer in list(self.observers):
+                try:
+                    observer(self.engine_id, str(stream_name), str(text))
+                except Exception:
+                    log.err(None, f"output observer {observer!r} failed")
 
 
 # ---------------------------------------------------------------------------

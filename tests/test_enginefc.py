@@ -381,3 +381,43 @@ def test_engine_error_message_names_engine():
     engine.execute("x").addErrback(failures.append)
     assert failures[0].check(EngineError)
     assert "engine 5 disconnected" in failures[0].getErrorMessage()
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_streams_to_controller_while_command_runs(pair):
+    c, e = pair
+    seen = []
+    c.registrar.add_output_observer(lambda *chunk: seen.append(chunk))
+    # the first observer makes the controller hand the engine a sink
+    await wait_until(lambda: e.connector.reference._sink is not None)
+    d = remote(c).execute(
+        "import sys, time\nprint('started')\nsys.stderr.write('warn')\ntime.sleep(2)\nprint('done')"
+    )
+    await wait_until(lambda: (0, "stdout", "started\n") in seen)
+    assert (0, "stderr", "warn") in seen
+    assert not d.called  # still running: the output was streamed, not returned
+    result = await d
+    assert result["stdout"] == "started\ndone\n"  # the result still carries all of it
+    await wait_until(lambda: (0, "stdout", "done\n") in seen)
+
+
+@pytest_twisted.ensureDeferred
+async def test_output_observer_gets_output_of_engines_registering_later(cd):
+    c = Controller(cd)
+    seen = []
+    c.registrar.add_output_observer(lambda *chunk: seen.append(chunk))
+    e = Engine(lambda: cd.read_furl(clusterdir.ENGINE_FURL))
+    try:
+        await e.connector.when_registered().addTimeout(TIMEOUT, reactor)
+        await remote(c).execute("print('hello')")
+        await wait_until(lambda: (0, "stdout", "hello\n") in seen)
+    finally:
+        await e.stop()
+        await c.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_output_is_streamed_without_observers(pair):
+    c, e = pair
+    await remote(c).execute("print('quiet')")
+    assert e.connector.reference._sink is None
