@@ -1,6 +1,6 @@
 """Engines over Foolscap: exposing an engine, registering it, and using it remotely.
 
-Three pieces, following the adapter split of the design (server half exposes a
+The pieces, following the adapter split of the design (server half exposes a
 core interface, client half implements the *same* interface remotely):
 
 - :class:`FCEngineReferenceFromService` (runs in the engine process): a
@@ -20,6 +20,10 @@ core interface, client half implements the *same* interface remotely):
   backoff when the controller goes away. The controller watches each engine
   with a :class:`~kernel.heartbeat.HeartMonitor` and unregisters it on
   connection loss or missed heartbeats.
+- Streaming output: once something on the controller calls
+  :meth:`FCEngineRegistrar.add_output_observer`, each engine is handed an
+  :class:`FCOutputSink` and streams its stdout/stderr to it as written
+  (coalesced every :data:`OUTPUT_DELAY` seconds).
 
 Every remote method answers with an envelope, ``("ok", value)`` or
 ``("error", info)`` where ``info`` is :meth:`RemoteError.to_dict` plain data:
