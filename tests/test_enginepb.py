@@ -142,3 +142,59 @@ def test_connection_file_is_private_and_keeps_its_secrets_across_restarts(tmp_pa
         second.stopService()
     assert again["engine_secret"] == info["engine_secret"]
     assert again["client_secret"] == info["client_secret"]
+
+
+# -- real processes ---------------------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def processes():
+    """A controller process and one engine process, both ``--adapter pb``."""
+    from kernel.testing.processes import LocalCluster
+
+    cluster = LocalCluster(
+        heartbeat=0.5, controller_args=["--adapter=pb"], engine_args=["--adapter=pb"]
+    )
+    try:
+        await cluster.start_async(1)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_an_engine_process_with_a_wrong_secret_gives_up_and_never_registers(
+    processes, tmp_path
+):
+    from kernel.clusterdir import ClusterDir
+    from kernel.testing.processes import Process, subprocess_env, twist_argv, wait_for_async
+
+    real = pbutil.read_connection_info(processes.cluster_dir)
+    bad_dir = ClusterDir(tmp_path / "bad").create()
+    bad_dir.write_json(pbutil.PB_FILE, dict(real, engine_secret=pbutil.generate_secret()))
+    log_path = bad_dir.log_file("engine")
+    argv = twist_argv(
+        "txkernel-engine", [f"--cluster-dir={bad_dir.path}", "--adapter=pb"], log_path
+    )
+    proc = Process("bad-engine", argv, log_path, subprocess_env())
+    try:
+        await wait_for_async(lambda: not proc.alive(), 30, lambda: proc.log())
+    finally:
+        proc.stop()
+    assert proc.returncode == 1
+    assert "refused the PB credentials" in proc.log(200)
+    assert len(processes.registered()) == 1
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_engines_register_again_with_their_ids_after_a_controller_restart(processes):
+    before = processes.registered()
+    info = pbutil.read_connection_info(processes.cluster_dir)
+    processes.stop_controller()
+    await processes.start_controller_async()
+    assert await processes.wait_for_engines_async(1) == before
+    again = pbutil.read_connection_info(processes.cluster_dir)
+    assert again["engine_secret"] == info["engine_secret"]
+    assert again["client_secret"] == info["client_secret"]
