@@ -305,14 +305,6 @@ def _exec_plugin(plugin: str, argv: list[str]) -> int:
     return subprocess.call(cmd, env=subprocess_env())
 
 
-def cmd_controller(args: argparse.Namespace) -> int:
-    return _exec_plugin("txkernel-controller", args.plugin_args)
-
-
-def cmd_engine(args: argparse.Namespace) -> int:
-    return _exec_plugin("txkernel-engine", args.plugin_args)
-
-
 # ---------------------------------------------------------------------------
 # Parsing
 # ---------------------------------------------------------------------------
@@ -375,17 +367,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script_args", nargs=argparse.REMAINDER, help="the script's arguments")
     run.set_defaults(func=cmd_run)
 
-    for name, func in (("controller", cmd_controller), ("engine", cmd_engine)):
-        p = sub.add_parser(
-            name, help=f"run a {name} in the foreground (options as twistd txkernel-{name})"
-        )
-        p.add_argument("plugin_args", nargs=argparse.REMAINDER, help=f"txkernel-{name} options")
-        p.set_defaults(func=func)
+    # Listed for --help; main() hands their arguments to the twistd plugins.
+    for name in ("controller", "engine"):
+        sub.add_parser(name, help=f"run a {name} in the foreground (see `txkernel {name} --help`)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``txkernel`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("controller", "engine"):
+        # Everything after the command belongs to the twistd plugin (argparse
+        # cannot pass leading options through untouched).
+        return _exec_plugin(f"txkernel-{argv[0]}", argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -177,3 +177,17 @@ def test_run_script_against_temporary_cluster(tmp_path):
     pids = [int(p) for p in pids_line[len("pids [") : -1].split(",")]
     assert len(pids) == 3  # the controller and two engines, all stopped now
     assert_all_stopped(pids)
+
+
+@pytest.mark.parametrize("name", ["controller", "engine"])
+def test_controller_and_engine_commands_run_the_twistd_plugins(name):
+    out = txkernel(name, "--help")
+    assert out.returncode == 0, out.stderr
+    assert f"txkernel-{name}" in out.stdout
+    assert "--cluster-dir" in out.stdout
+
+
+def test_engine_command_passes_option_errors_through():
+    out = txkernel("engine", "--adapter=zmq")
+    assert out.returncode != 0
+    assert "use --adapter fc, pb or auto" in out.stdout + out.stderr
