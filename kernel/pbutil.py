@@ -84,6 +84,8 @@ __all__ = [
     "from_wire",
     "Exposed",
     "PBRemote",
+    "Broker",
+    "server_factory",
     "generate_secret",
     "SecretChecker",
     "GatewayAvatar",
@@ -480,6 +482,24 @@ def _as_wire_error(f: Failure, method: str) -> Failure:
     return Failure(WireError(f"{method} failed on the far side: {f.type.__name__}: {f.value}"))
 
 
+class Broker(pb.Broker):
+    """A PB broker with Nagle's algorithm off: request/response calls and
+    chunk reads do not wait for delayed acknowledgements."""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        super().connectionMade()
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
+
+def server_factory(portal: Portal) -> pb.PBServerFactory:
+    """A PB server factory for ``portal`` using :class:`Broker`."""
+    factory = pb.PBServerFactory(portal)
+    factory.protocol = Broker
+    return factory
+
+
 _LOST = (pb.PBConnectionLost, pb.DeadReferenceError, error.ConnectionLost, error.ConnectionDone)
 
 
@@ -487,6 +507,8 @@ def _translate(f: Failure, method: str) -> Failure:
     """PB's failures in the terms the client halves understand."""
     if f.check(*_LOST):
         return Failure(error.ConnectionLost(f"{method}: {f.getErrorMessage()}"))
+    if f.check(WireError):
+        return Failure(ProtocolError(f"malformed reply to {method}: {f.getErrorMessage()}"))
     kind = _remote_type(f)
     if kind:
         return Failure(
@@ -520,8 +542,8 @@ class PBRemote:
             d = self.reference.callRemote(method, *wire_args, **wire_kwargs)
         except Exception:
             d = defer.fail()
-        d.addErrback(_translate, method)
         d.addCallback(from_wire)
+        d.addErrback(_translate, method)
         return d
 
     def notifyOnDisconnect(self, callback: Callable, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
@@ -699,13 +721,14 @@ async def login(
     if reactor is None:
         from twisted.internet import reactor
     factory = pb.PBClientFactory()
+    factory.protocol = Broker
     connector = reactor.connectTCP(host, port, factory, timeout=timeout)
     where = f"{host}:{port}"
     try:
         d = factory.login(cred_credentials.UsernamePassword(username.encode(), secret.encode()))
+        d.addCallback(lambda avatar: avatar.callRemote("get", service_name))
         d.addTimeout(timeout, reactor)
-        avatar = await d
-        service = await avatar.callRemote("get", service_name)
+        service = await d
     except Exception:
         f = Failure()
         connector.disconnect()
@@ -844,9 +867,9 @@ def serve_controller(
         services[taskpb.TASK] = taskpb.PBTaskControllerFromTaskController(task_controller)
 
     top = service.MultiService()
-    engines = pb.PBServerFactory(enginepb.engine_portal(registrar, info["engine_secret"]))
+    engines = server_factory(enginepb.engine_portal(registrar, info["engine_secret"]))
     internet.TCPServer(info["engine_port"], engines, interface=interface).setServiceParent(top)
-    clients = pb.PBServerFactory(make_portal(CLIENT_USER, info["client_secret"], services))
+    clients = server_factory(make_portal(CLIENT_USER, info["client_secret"], services))
     internet.TCPServer(info["client_port"], clients, interface=interface).setServiceParent(top)
     ConnectionFile(cd, info).setServiceParent(top)
     return top

@@ -12,7 +12,7 @@ from foolscap.constraint import ByteStringConstraint
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm
 from twisted.internet import defer, error, reactor
-from twisted.spread import banana, pb
+from twisted.spread import banana
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -67,7 +67,7 @@ class Server:
 
     def __init__(self, services: dict, secret: str = SECRET, username: str = pbutil.CLIENT_USER):
         portal = pbutil.make_portal(username, secret, services)
-        self.factory = pb.PBServerFactory(portal)
+        self.factory = pbutil.server_factory(portal)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.address = self.port.getHost()
 
