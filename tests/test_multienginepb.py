@@ -157,3 +157,46 @@ async def test_a_lost_connection_fails_calls_with_connection_error(loop):
 async def test_a_missing_connection_file_says_how_to_start_a_pb_cluster(tmp_path):
     with pytest.raises(ConnectionError, match="--adapter pb"):
         await multienginepb.get_multiengine_client(str(tmp_path / "nothing-here"))
+
+
+# -- the controller never unpickles user data, over PB ---------------------------
+
+from tests import test_no_unpickle as no_unpickle  # noqa: E402
+from tests.test_no_unpickle import marker_dir, private, private_dir  # noqa: E402, F401
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def private_types_cluster(private_dir):  # noqa: F811
+    """A controller process without the private module; two engines with it."""
+    harness = await PBHarness.start(n_engines=2, engine_path=[private_dir])
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+@pytest.mark.slow
+class TestNoUnpickleOverPB:
+    """The proofs of :mod:`tests.test_no_unpickle`, with engines and clients on
+    PB: a type only the client and the engines can import round-trips through
+    the controller, and tripwire pickles never go off in the controller."""
+
+    @pytest.fixture
+    def cluster(self, private_types_cluster):
+        return private_types_cluster
+
+    test_the_controller_cannot_import_the_private_module = staticmethod(
+        no_unpickle.test_the_controller_cannot_import_the_private_module
+    )
+    test_push_and_pull_of_a_private_type_round_trip = staticmethod(
+        no_unpickle.test_push_and_pull_of_a_private_type_round_trip
+    )
+    test_scatter_and_gather_of_private_types = staticmethod(
+        no_unpickle.test_scatter_and_gather_of_private_types
+    )
+    test_tasks_take_and_return_private_types = staticmethod(
+        no_unpickle.test_tasks_take_and_return_private_types
+    )
+    test_tripwire_pickles_cross_the_controller_unopened = staticmethod(
+        no_unpickle.test_tripwire_pickles_cross_the_controller_unopened
+    )
