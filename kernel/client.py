@@ -47,6 +47,7 @@ from kernel.error import (
     TaskTimeout,
 )
 from kernel.interfaces import IBlockingClientAdaptor
+from kernel.multiengine import SynchronousMultiEngine
 from kernel.multiengineclient import (
     FullBlockingMultiEngineClient,
     PendingResult,
@@ -167,6 +168,36 @@ def TaskClient(  # noqa: N802 - reads as a class, as in the seeds
 # ---------------------------------------------------------------------------
 
 
+class _StreamingMultiEngine(SynchronousMultiEngine):
+    """A SynchronousMultiEngine over in-process engines that also streams
+    their output to observers (called in the reactor thread only)."""
+
+    def __init__(self, multiengine: Any, engines: list[Any]):
+        super().__init__(multiengine)
+        self._engines = engines
+        self._adapters: dict[Any, list[tuple[Any, Any]]] = {}
+
+    def add_output_observer(self, observer: Any) -> None:
+        """Call ``observer(engine_id, stream_name, text)`` with output as written."""
+        pairs = []
+        for engine in self._engines:
+
+            def adapter(stream_name: str, text: str, engine: Any = engine) -> None:
+                observer(engine.id, stream_name, text)
+
+            engine.add_output_observer(adapter)
+            pairs.append((engine, adapter))
+        self._adapters.setdefault(observer, []).extend(pairs)
+
+    def remove_output_observer(self, observer: Any) -> None:
+        """Stop calling ``observer``."""
+        for engine, adapter in self._adapters.pop(observer, []):
+            try:
+                engine.remove_output_observer(adapter)
+            except ValueError:
+                pass
+
+
 class LocalCluster:
     """A controller with ``n_engines`` engines running inside this process.
 
@@ -220,10 +251,10 @@ class LocalCluster:
         return self.task_controller
 
     def multiengine_client(self) -> FullBlockingMultiEngineClient:
-        """A new blocking multiengine client (with its own pending results)."""
-        from kernel.multiengine import SynchronousMultiEngine
-
-        return FullBlockingMultiEngineClient(SynchronousMultiEngine(self.multiengine))
+        """A new blocking multiengine client (with its own pending results);
+        it streams the engines' output (see
+        :meth:`~kernel.multiengineclient.FullBlockingMultiEngineClient.add_output_observer`)."""
+        return FullBlockingMultiEngineClient(_StreamingMultiEngine(self.multiengine, self._engines))
 
     def task_client(self) -> BlockingTaskClient:
         """A blocking task client (all share one task controller)."""

@@ -16,7 +16,9 @@ use)::
     In [8]: %autopx          # and back to running here
     In [9]: %result          # the last command's result on each engine
 
-Each engine's output is printed under its id (``[stdout:0] ...``). When
+Each engine's output is printed under its id (``[stdout:0] ...``), as it
+is written when the client's connection can stream it (else when the command
+is done). When
 engines fail, the error shows every failing engine's traceback. ``%px`` and
 ``%autopx`` use the active client's ``targets`` and ``block``: with
 ``mec.block = False``, ``%px`` returns a PendingResult instead of waiting.
@@ -25,6 +27,7 @@ engines fail, the error shows every failing engine's traceback. ``%px`` and
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -79,9 +82,43 @@ def _print_output(results: Any) -> None:
             text = r.get(stream_name) or ""
             if text:
                 lines = text.rstrip("\n").split("\n")
-                rest = "".join(f"    {line}\n" for line in lines[1:])
-                stream.write(f"[{stream_name}:{engine}] {lines[0]}\n{rest}")
+                stream.write("".join(f"[{stream_name}:{engine}] {line}\n" for line in lines))
         sys.stdout.flush()
+
+
+class _StreamPrinter:
+    """Prints engines' streamed output as it arrives (called from the reactor
+    thread): each complete line labelled ``[stdout:<id>]``, so that lines
+    from several engines do not mix; partial lines wait for their end, or
+    for :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._partial: dict[tuple[int, str], str] = {}
+
+    def __call__(self, engine_id: int, stream_name: str, text: str) -> None:
+        key = (engine_id, stream_name)
+        with self._lock:
+            text = self._partial.pop(key, "") + text
+            lines = text.split("\n")
+            if lines[-1]:
+                self._partial[key] = lines[-1]
+            self._write(key, lines[:-1])
+
+    def _write(self, key: tuple[int, str], lines: list[str]) -> None:
+        if not lines:
+            return
+        engine_id, stream_name = key
+        stream = sys.stderr if stream_name == "stderr" else sys.stdout
+        stream.write("".join(f"[{stream_name}:{engine_id}] {line}\n" for line in lines))
+        stream.flush()
+
+    def finish(self) -> None:
+        """Print the partial last lines."""
+        with self._lock:
+            for key, text in sorted(self._partial.items()):
+                self._write(key, [text])
+            self._partial.clear()
 
 
 def _engine_tracebacks(shell: Any, etype: type, value: Any, tb: Any, tb_offset: Any = None) -> list:
@@ -107,14 +144,25 @@ class ParallelMagics(Magics):
     def run_on_engines(self, code: str) -> Any:
         """Execute ``code`` with the active client and print each engine's output.
 
+        Output is printed as the engines write it when the client's
+        connection can stream it, else once the command is done.
+
         :returns: None, or a PendingResult when the client does not block.
         :raises kernel.error.CompositeError: when engines fail.
         """
         mec = active_client()
-        result = mec.execute(code)
-        if not isinstance(result, list):
-            return result  # a PendingResult: the client does not block
-        _print_output(result)
+        if not mec.block:
+            return mec.execute(code)  # a PendingResult
+        printer = _StreamPrinter()
+        streaming = mec.add_output_observer(printer)
+        try:
+            result = mec.execute(code)
+        finally:
+            if streaming:
+                mec.remove_output_observer(printer)
+                printer.finish()
+        if not streaming:
+            _print_output(result)
         return None
 
     @line_cell_magic

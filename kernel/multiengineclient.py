@@ -583,6 +583,30 @@ class FullBlockingMultiEngineClient(InteractiveMultiEngineClient):
 
     clear_pending_results = flush
 
+    # -- streamed output ----------------------------------------------------
+
+    def supports_streaming(self) -> bool:
+        """Can this connection stream engines' output as it is written?"""
+        return callable(getattr(self.smultiengine, "add_output_observer", None))
+
+    def add_output_observer(self, observer: Callable[[int, str, str], Any]) -> bool:
+        """Call ``observer(engine_id, stream_name, text)`` with engines' stdout
+        and stderr as they are written (called in the reactor thread, before
+        the command that wrote the text returns).
+
+        :returns: False, doing nothing, when the connection cannot stream
+            output (the output still arrives in each command's result).
+        """
+        if not self.supports_streaming():
+            return False
+        self._blockFromThread(self.smultiengine.add_output_observer, observer)
+        return True
+
+    def remove_output_observer(self, observer: Callable[[int, str, str], Any]) -> None:
+        """Stop calling an observer added with :meth:`add_output_observer`."""
+        if self.supports_streaming():
+            self._blockFromThread(self.smultiengine.remove_output_observer, observer)
+
     # -- dictionary access -------------------------------------------------
 
     def __setitem__(self, key: str, value: Any) -> None:

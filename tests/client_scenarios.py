@@ -66,15 +66,15 @@ class Context:
         self.ids = mec.get_ids()
         self.n = len(self.ids)
 
-    def gate(self) -> tuple[str, str]:
+    def gate(self, timeout: float = GATE_TIMEOUT) -> tuple[str, str]:
         """A closed gate: ``(path, code)``; engine ``code`` waits until
-        :meth:`open_gate` creates ``path`` (at most :data:`GATE_TIMEOUT` s)."""
+        :meth:`open_gate` creates ``path`` (at most ``timeout`` seconds)."""
         path = os.path.join(self.tmp, f"gate-{uuid.uuid4().hex}")
         code = (
             "import os as _os, time as _time\n"
             "_t0 = _time.monotonic()\n"
             f"while not _os.path.exists({path!r}):\n"
-            f"    if _time.monotonic() - _t0 > {GATE_TIMEOUT}:\n"
+            f"    if _time.monotonic() - _t0 > {timeout}:\n"
             "        raise TimeoutError('gate never opened')\n"
             "    _time.sleep(0.01)\n"
         )
@@ -434,6 +434,31 @@ def scenario_multiengine__threads_share_a_client(ctx: Context) -> None:
     assert not errors, errors
 
 
+def scenario_multiengine__output_observers_see_output_as_written(ctx: Context) -> None:
+    """Where the connection streams output, observers get each engine's
+    text before the command returns and nothing after removal; elsewhere
+    add_output_observer says no."""
+    seen: list[tuple[int, str, str]] = []
+
+    def observer(engine_id: int, stream_name: str, text: str) -> None:
+        seen.append((engine_id, stream_name, text))
+
+    if not ctx.mec.supports_streaming():
+        assert ctx.mec.add_output_observer(observer) is False
+        return
+    assert ctx.mec.add_output_observer(observer) is True
+    try:
+        ctx.mec.execute("import sys\nprint('out', id)\nsys.stderr.write('err\\n')")
+    finally:
+        ctx.mec.remove_output_observer(observer)
+    for i in ctx.ids:
+        assert "".join(t for e, s, t in seen if e == i and s == "stdout") == f"out {i}\n", seen
+        assert "".join(t for e, s, t in seen if e == i and s == "stderr") == "err\n", seen
+    before = len(seen)
+    ctx.mec.execute("print('unseen')")
+    assert len(seen) == before
+
+
 # ---------------------------------------------------------------------------
 # Tasks
 # ---------------------------------------------------------------------------
@@ -627,6 +652,49 @@ def scenario_magic__result_shows_last_command(ctx: Context) -> None:
     assert result.success, result.error_in_exec
     assert "last_cmd = 1" in out, out
     assert [d["input"] for d in result.result] == ["last_cmd = 1"] * ctx.n
+
+
+def scenario_magic__px_output_streams_while_the_command_runs(ctx: Context) -> None:
+    """Where the connection streams output, a %%px cell's first line shows
+    before the cell finishes (the cell waits for a gate that only opens once
+    that line has been seen); elsewhere it shows when the cell is done."""
+    import contextlib
+    import io
+    import time
+
+    shell = _shell()
+    ctx.mec.activate()
+    first = ctx.ids[0]
+    ctx.mec.targets = first
+    gate, wait = ctx.gate(timeout=20)
+    cell = "%%px\nprint('early')\n" + wait + "print('late')\n"
+    out = io.StringIO()
+    streaming = ctx.mec.supports_streaming()
+    opened_early = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if f"[stdout:{first}] early" in out.getvalue():
+                opened_early.set()
+                ctx.open_gate(gate)
+                return
+            time.sleep(0.01)
+
+    if streaming:
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+    else:
+        ctx.open_gate(gate)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        result = shell.run_cell(cell)
+    assert result.success, (result.error_in_exec, out.getvalue())
+    text = out.getvalue()
+    if streaming:
+        assert opened_early.is_set(), text
+    assert text.count(f"[stdout:{first}] early") == 1, text
+    assert f"[stdout:{first}] late" in text, text
+    assert text.index("early") < text.index("late"), text
 
 
 def scenario_magic__px_without_active_client_explains(ctx: Context) -> None:
