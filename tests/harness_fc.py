@@ -87,8 +87,10 @@ class FoolscapHarness:
         from kernel.testing.processes import LocalCluster
 
         self.n_engines = n_engines
-        # A short heartbeat so that stopped engines are noticed quickly.
-        cluster_kwargs.setdefault("heartbeat", 0.5)
+        # Killed engines are noticed by their lost connections, not by missed
+        # heartbeats; a long period keeps a large transfer (whose bytes hold up
+        # the heartbeat on the same connection) from passing for a dead engine.
+        cluster_kwargs.setdefault("heartbeat", 5.0)
         self.cluster = LocalCluster(**cluster_kwargs)
         self.tubs: list[Tub] = []
         self.multiengine = None

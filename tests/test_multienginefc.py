@@ -183,13 +183,16 @@ async def test_server_never_receives_plain_push_or_pull(fc_cluster):
             await root.callRemote(method, {"a": 1})
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_a_100_mb_push_and_pull_round_trip(fc_cluster):
-    me = fc_cluster.multiengine
+async def test_a_100_mb_push_and_pull_round_trip_through_the_processes(processes):
+    """Client -> controller -> engine process and back, within the size limits."""
+    me = processes.multiengine
     ids = await me.get_ids()
     big = np.arange(100 * 2**20 // 8, dtype=np.int64)
     await me.push({"big": big}, targets=ids[0])
     (back,) = await me.pull("big", targets=ids[0])
+    await me.execute("del big", targets=ids[0])
     assert back.nbytes == 100 * 2**20
     assert np.array_equal(back, big)
 
