@@ -134,19 +134,29 @@ class LoginRefused(cred_error.UnauthorizedLogin, pb.Error):
 
 
 class ChunkSource(pb.Referenceable):
-    """Serves one large value to the peer, a chunk at a time.
+    """Serves the large values of one message to the peer, a chunk at a time.
 
-    :param data: the bytes to serve (kept as a view: no copy is made here).
+    One source per message (not per value) keeps a message with many large
+    values far from PB's limit on live references per connection.
     """
 
-    def __init__(self, data: bytes | bytearray | memoryview):
-        self.view = memoryview(data).cast("B")
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
 
-    def remote_read(self, index: int) -> bytes:
-        """Chunk ``index`` (``CHUNK_SIZE`` bytes, the last one shorter)."""
-        if not isinstance(index, int) or index < 0 or index * CHUNK_SIZE >= len(self.view):
-            raise WireError(f"no chunk {index!r} in a value of {len(self.view)} bytes")
-        return bytes(self.view[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE])
+    def add(self, data: bytes | bytearray | memoryview) -> int:
+        """Serve ``data`` (kept as a view: no copy is made here); returns its index."""
+        self.views.append(memoryview(data).cast("B"))
+        return len(self.views) - 1
+
+    def remote_read(self, value: int, index: int) -> bytes:
+        """Chunk ``index`` of value ``value`` (``CHUNK_SIZE`` bytes, the last
+        one shorter)."""
+        if not isinstance(value, int) or not 0 <= value < len(self.views):
+            raise WireError(f"no value {value!r} in this message")
+        view = self.views[value]
+        if not isinstance(index, int) or index < 0 or index * CHUNK_SIZE >= len(view):
+            raise WireError(f"no chunk {index!r} in a value of {len(view)} bytes")
+        return bytes(view[index * CHUNK_SIZE : (index + 1) * CHUNK_SIZE])
 
 
 class _Marker(pb.Copyable, pb.RemoteCopy):
@@ -163,20 +173,27 @@ class _Marker(pb.Copyable, pb.RemoteCopy):
 
 class WireChunked(_Marker):
     """A byte string (``kind='bytes'``) or text (``kind='str'``, UTF-8) of
-    ``size`` bytes, to be read from ``source`` (a :class:`ChunkSource`)."""
+    ``size`` bytes: value ``index`` of ``source`` (a :class:`ChunkSource`)."""
 
-    def __init__(self, data: bytes | bytearray | memoryview | None = None, kind: str = "bytes"):
-        if data is not None:
-            self.kind = kind
-            self.size = memoryview(data).nbytes
-            self.source = ChunkSource(data)
+    def __init__(
+        self, kind: str = "bytes", size: int = 0, source: Any = None, index: int = 0
+    ) -> None:
+        self.kind = kind
+        self.size = size
+        self.source = source
+        self.index = index
 
     async def fetch(self) -> bytearray:
         """Read the whole value from the peer (``WINDOW`` chunk reads in flight)."""
-        size, source = self.size, self.source
+        size, source = getattr(self, "size", None), getattr(self, "source", None)
+        value = getattr(self, "index", None)
         if not isinstance(size, int) or not 0 <= size <= MAX_CHUNKED_BYTES:
             raise WireError(f"refusing a chunked value of {size!r} bytes")
-        if self.kind not in ("bytes", "str") or not isinstance(source, pb.RemoteReference):
+        if (
+            getattr(self, "kind", None) not in ("bytes", "str")
+            or not isinstance(source, pb.RemoteReference)
+            or not isinstance(value, int)
+        ):
             raise WireError("malformed chunked value on the wire")
         out = bytearray(size)
         count = -(-size // CHUNK_SIZE)
@@ -184,7 +201,7 @@ class WireChunked(_Marker):
 
         async def reader() -> None:
             for i in indices:
-                chunk = await source.callRemote("read", i)
+                chunk = await source.callRemote("read", value, i)
                 expected = min(CHUNK_SIZE, size - i * CHUNK_SIZE)
                 if not isinstance(chunk, bytes) or len(chunk) != expected:
                     raise WireError(f"chunk {i} of a chunked value has the wrong size")
@@ -201,9 +218,8 @@ class WireChunked(_Marker):
 class WireSerialized(_Marker):
     """A :class:`~kernel.serialized.Serialized`, frame by frame (unopened)."""
 
-    def __init__(self, s: Serialized | None = None):
-        if s is not None:
-            self.frames = [_wire_bytes(f) for f in s.frames()]
+    def __init__(self, frames: list | None = None):
+        self.frames = frames
 
 
 class WireParts(_Marker):
@@ -241,14 +257,60 @@ def register_copyable(
     _builders[name] = from_state
 
 
-def _wire_bytes(b: bytes | bytearray | memoryview) -> Any:
-    if memoryview(b).nbytes > INLINE_LIMIT:
-        return WireChunked(b, "bytes")
-    return b if type(b) is bytes else bytes(b)
-
-
 def _split(items: list, kind: str) -> WireParts:
     return WireParts(kind, [items[i : i + MAX_ITEMS] for i in range(0, len(items), MAX_ITEMS)])
+
+
+class _Sender:
+    """Converts one message to wire form; its large values share one source."""
+
+    def __init__(self) -> None:
+        self.source: ChunkSource | None = None
+
+    def chunked(self, data: bytes | bytearray | memoryview, kind: str) -> WireChunked:
+        if self.source is None:
+            self.source = ChunkSource()
+        return WireChunked(kind, memoryview(data).nbytes, self.source, self.source.add(data))
+
+    def blob(self, b: bytes | bytearray | memoryview) -> Any:
+        if memoryview(b).nbytes > INLINE_LIMIT:
+            return self.chunked(b, "bytes")
+        return b if type(b) is bytes else bytes(b)
+
+    def convert(self, obj: Any) -> Any:
+        t = type(obj)
+        if t in (int, float, bool) or obj is None:
+            return obj
+        if t is str:
+            if len(obj) * 4 > INLINE_LIMIT:
+                raw = obj.encode("utf-8")
+                if len(raw) > INLINE_LIMIT:
+                    return self.chunked(raw, "str")
+            return obj
+        if t in (bytes, bytearray, memoryview):
+            return self.blob(obj)
+        if t is list or t is tuple:
+            items = [self.convert(x) for x in obj]
+            if len(items) > MAX_ITEMS:
+                return _split(items, "list" if t is list else "tuple")
+            return items if t is list else tuple(items)
+        if t is dict:
+            if len(obj) > MAX_ITEMS:
+                pairs = [(self.convert(k), self.convert(v)) for k, v in obj.items()]
+                return _split(pairs, "dict")
+            return {self.convert(k): self.convert(v) for k, v in obj.items()}
+        if isinstance(obj, Serialized):
+            return WireSerialized([self.blob(f) for f in obj.frames()])
+        if t in _copiers:
+            name, to_state = _copiers[t]
+            return WireCopy(name, self.convert(to_state(obj)))
+        if isinstance(obj, PBRemote):
+            return obj.reference
+        if isinstance(obj, (pb.Referenceable, _Marker)):
+            return obj
+        if _exposable(obj):
+            return Exposed(obj)
+        return obj
 
 
 def to_wire(obj: Any) -> Any:
@@ -256,36 +318,7 @@ def to_wire(obj: Any) -> Any:
     docstring). Objects with ``remote_*`` methods that are not PB
     Referenceables (the Foolscap server halves) are wrapped in :class:`Exposed`.
     """
-    t = type(obj)
-    if t in (int, float, bool) or obj is None:
-        return obj
-    if t is str:
-        if len(obj) * 4 > INLINE_LIMIT:
-            raw = obj.encode("utf-8")
-            if len(raw) > INLINE_LIMIT:
-                return WireChunked(raw, "str")
-        return obj
-    if t in (bytes, bytearray, memoryview):
-        return _wire_bytes(obj)
-    if t is list or t is tuple:
-        items = [to_wire(x) for x in obj]
-        if len(items) > MAX_ITEMS:
-            return _split(items, "list" if t is list else "tuple")
-        return items if t is list else tuple(items)
-    if t is dict:
-        if len(obj) > MAX_ITEMS:
-            return _split([(to_wire(k), to_wire(v)) for k, v in obj.items()], "dict")
-        return {to_wire(k): to_wire(v) for k, v in obj.items()}
-    if isinstance(obj, Serialized):
-        return WireSerialized(obj)
-    if t in _copiers:
-        name, to_state = _copiers[t]
-        return WireCopy(name, to_wire(to_state(obj)))
-    if isinstance(obj, (pb.Referenceable, _Marker, PBRemote)):
-        return obj.reference if isinstance(obj, PBRemote) else obj
-    if _exposable(obj):
-        return Exposed(obj)
-    return obj
+    return _Sender().convert(obj)
 
 
 def _exposable(obj: Any) -> bool:

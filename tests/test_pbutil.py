@@ -126,6 +126,16 @@ async def test_large_bytes_travel_chunked_both_ways(echo):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_large_values_of_one_message_share_one_chunk_source(echo):
+    _, remote = echo
+    values = [os.urandom(pbutil.INLINE_LIMIT + 1 + i) for i in range(3)]
+    wire = pbutil.to_wire({"a": values[0], "b": [values[1], serialize(values[2])]})
+    sources = {id(wire["a"].source), id(wire["b"][0].source)}
+    assert len(sources) == 1  # one PB reference per message, however many values
+    assert await remote.callRemote("echo", values) == values
+
+
+@pytest_twisted.ensureDeferred
 async def test_large_text_travels_chunked_both_ways(echo):
     _, remote = echo
     text = "é☃x" * 400_000  # about 2.4 MB of UTF-8
