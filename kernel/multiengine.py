@@ -56,7 +56,7 @@ from kernel.interfaces import (
 )
 from kernel.mapper import MultiEngineMapper
 from kernel.pendingdeferred import PendingDeferredManager
-from kernel.serialized import Serialized, deserialize, serialize, serialize_namespace
+from kernel.serialized import Serialized, deserialize_private, serialize, serialize_namespace
 
 __all__ = [
     "MultiEngine",
@@ -149,17 +149,9 @@ def _merge_failures(method: str, ids: list[int], outcomes: list) -> list:
 
 
 def open_blob(blob: Serialized) -> Any:
-    """Deserialize ``blob`` into an object of the caller's own.
-
-    Out-of-band buffers are copied into private bytearrays first: a blob made
-    in this process borrows the memory of the object it came from (an
-    in-process engine's array, say), and one that came over a wire may be
-    read-only bytes; either way the caller gets writable data that shares
-    memory with nothing else.
-    """
-    if blob.buffers:
-        blob = Serialized(blob.data, [bytearray(b) for b in blob.buffers])
-    return deserialize(blob)
+    """Deserialize ``blob`` into an object of the caller's own (see
+    :func:`kernel.serialized.deserialize_private`)."""
+    return deserialize_private(blob)
 
 
 async def _as(method: str, d: defer.Deferred) -> Any:

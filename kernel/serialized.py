@@ -165,6 +165,22 @@ def deserialize(s: Serialized) -> Any:
     return pickle.loads(s.data, buffers=s.buffers)
 
 
+def deserialize_private(s: Serialized) -> Any:
+    """Deserialize into an object that shares memory with nothing else.
+
+    A blob made in this process borrows the memory of the object it came from
+    (a client's array pushed to an in-process engine), and one received from a
+    wire may hold read-only ``bytes``; either way its out-of-band buffers are
+    copied into private, writable bytearrays first. Buffers that already are
+    bytearrays (a receiver's own, preallocated) are used as they are.
+    """
+    if any(type(b) is not bytearray for b in s.buffers):
+        s = Serialized(
+            s.data, [b if type(b) is bytearray else bytearray(b) for b in s.buffers]
+        )
+    return deserialize(s)
+
+
 def dumps(obj: Any) -> bytes:
     """Serialize ``obj`` to one contiguous bytes blob."""
     return serialize(obj).to_bytes()
@@ -186,5 +202,6 @@ def serialize_namespace(namespace: dict[str, Any]) -> dict[str, Serialized]:
 
 
 def deserialize_namespace(namespace: dict[str, Serialized]) -> dict[str, Any]:
-    """Inverse of :func:`serialize_namespace`."""
-    return {key: deserialize(value) for key, value in namespace.items()}
+    """Inverse of :func:`serialize_namespace`; every value is private
+    (see :func:`deserialize_private`)."""
+    return {key: deserialize_private(value) for key, value in namespace.items()}

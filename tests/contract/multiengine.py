@@ -239,6 +239,17 @@ class MultiEngineContract:
         assert (await me.pull("part", targets=ids[0]))[0].sum() == 0.0
 
     @pytest_twisted.ensureDeferred
+    async def test_pushed_arrays_are_private_and_writable_on_each_engine(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        mine = np.zeros(100_000)
+        await me.push({"shared": mine}, targets=ids[:2])
+        await me.execute("shared[0] = 99.0", targets=ids[0])  # raises if read-only
+        assert mine[0] == 0.0, "an engine's write must not reach the client's array"
+        first, second = await me.pull("shared", targets=ids[:2])
+        assert (first[0], second[0]) == (99.0, 0.0)
+
+    @pytest_twisted.ensureDeferred
     async def test_push_to_some_targets_leaves_the_others_alone(self, cluster):
         me = cluster.multiengine
         ids = await me.get_ids()
