@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TXKERNEL_EXTRAS=test bash scripts/bootstrap.sh
-exec .venv/bin/python examples/inprocess_pi.py "$@"
+exec .venv/bin/txkernel run -n 4 examples/montecarlo_pi.py "$@"
