@@ -154,13 +154,14 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
         cluster.detach()
         print(f"stop it with `txkernel cluster stop --cluster-dir {cd.path}`")
         return 0
-    print("press Ctrl-C to stop it")
     stopping = []
 
     def on_signal(signum, frame):
         stopping.append(signum)
 
+    # Handlers go in before the prompt: a Ctrl-C right after it must stop cleanly.
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    print("press Ctrl-C to stop it", flush=True)
     try:
         while not stopping:
             if not cluster.controller.alive():
