@@ -73,6 +73,7 @@ __all__ = [
     "NameList",
     "SerializedNamespace",
     "Source",
+    "Text",
     "package_failure",
     "package_success",
     "unpackage",
@@ -106,6 +107,8 @@ Name = UnicodeConstraint(maxLength=MAX_NAME_CHARS)
 NameList = ListOf(Name, maxLength=MAX_NAMES)
 #: Python source text.
 Source = UnicodeConstraint(maxLength=MAX_SOURCE_CHARS)
+#: Text an engine wrote (one streamed piece of stdout or stderr).
+Text = UnicodeConstraint(maxLength=MAX_SOURCE_CHARS)
 
 _Frames = ListOf(ByteStringConstraint(maxLength=MAX_FRAME_BYTES), maxLength=MAX_FRAMES)
 

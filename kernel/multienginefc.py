@@ -37,15 +37,22 @@ clients that prefer to leave results on the controller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from foolscap.api import Referenceable, RemoteInterface
+from foolscap.api import (
+    DeadReferenceError,
+    Referenceable,
+    RemoteInterface,
+    flushEventualQueue,
+)
 from twisted.internet import defer
+from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import fcutil
-from kernel.fcutil import Anything, SerializedNamespace, Source
+from kernel.fcutil import Anything, Name, SerializedNamespace, Source, Text
 from kernel.interfaces import (
     IBlockingClientAdaptor,
     IMultiEngine,
@@ -58,6 +65,7 @@ from kernel.multiengine import MultiEngineCallerMixin, SynchronousMultiEngine
 __all__ = [
     "CLIENT_NAME",
     "RIMultiEngine",
+    "RIOutputObserver",
     "FCSynchronousMultiEngineFromMultiEngine",
     "make_client_referenceable",
     "FCMultiEngine",
@@ -66,6 +74,15 @@ __all__ = [
 
 #: What ``get_client_name`` answers: the class a client builds over the reference.
 CLIENT_NAME = "kernel.multienginefc.FCFullSynchronousMultiEngineClient"
+
+
+class RIOutputObserver(RemoteInterface):
+    """A client's receiver of engines' streamed stdout/stderr."""
+
+    __remote_name__ = "RIOutputObserver.txkernel"
+
+    def output(engine_id=int, stream_name=Name, text=Text):
+        return None
 
 
 class RIMultiEngine(RemoteInterface):
@@ -138,6 +155,14 @@ class RIMultiEngine(RemoteInterface):
     def clear_pending_deferreds():
         return Anything
 
+    def add_output_observer(observer=RIOutputObserver):
+        """Stream engines' output to ``observer``; fires whether the
+        controller can (an envelope around a bool)."""
+        return Anything
+
+    def remove_output_observer(observer=RIOutputObserver):
+        return Anything
+
 
 # ---------------------------------------------------------------------------
 # Server half
@@ -150,13 +175,20 @@ class FCSynchronousMultiEngineFromMultiEngine(Referenceable):
 
     :param multiengine: the controller's core
         :class:`~kernel.multiengine.MultiEngine` (shared by every session).
+    :param output: where engines' streamed output comes from: an object with
+        ``add_output_observer(f)``/``remove_output_observer(f)`` calling
+        ``f(engine_id, stream_name, text)`` (the controller's
+        :class:`~kernel.enginefc.FCEngineRegistrar`), or None when the
+        controller cannot stream output.
     :ivar smultiengine: this session's
         :class:`~kernel.multiengine.SynchronousMultiEngine` (its own pending results).
     """
 
-    def __init__(self, multiengine: Any):
+    def __init__(self, multiengine: Any, output: Any = None):
         self.multiengine = multiengine
+        self.output = output
         self.smultiengine = SynchronousMultiEngine(multiengine)
+        self._forwarders: dict[Any, Any] = {}
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:
         d = defer.maybeDeferred(getattr(self.smultiengine, method), *args, **kwargs)
@@ -164,7 +196,7 @@ class FCSynchronousMultiEngineFromMultiEngine(Referenceable):
         return d
 
     def remote_connect(self) -> FCSynchronousMultiEngineFromMultiEngine:
-        return FCSynchronousMultiEngineFromMultiEngine(self.multiengine)
+        return FCSynchronousMultiEngineFromMultiEngine(self.multiengine, self.output)
 
     def remote_get_client_name(self) -> str:
         return CLIENT_NAME
@@ -220,19 +252,66 @@ class FCSynchronousMultiEngineFromMultiEngine(Referenceable):
     def remote_clear_pending_deferreds(self):
         return self._call("clear_pending_deferreds")
 
+    def remote_add_output_observer(self, observer):
+        if self.output is None:
+            return fcutil.package_success(False)
+        if observer not in self._forwarders:
 
-def make_client_referenceable(multiengine: Any) -> FCSynchronousMultiEngineFromMultiEngine:
+            def forward(engine_id: int, stream_name: str, text: str) -> None:
+                try:
+                    observer.callRemoteOnly("output", engine_id, stream_name, text)
+                except DeadReferenceError:
+                    self._drop_observer(observer)
+
+            self._forwarders[observer] = forward
+            self.output.add_output_observer(forward)
+            observer.notifyOnDisconnect(self._drop_observer, observer)
+        return fcutil.package_success(True)
+
+    def remote_remove_output_observer(self, observer):
+        self._drop_observer(observer)
+        return fcutil.package_success(None)
+
+    def _drop_observer(self, observer: Any) -> None:
+        forward = self._forwarders.pop(observer, None)
+        if forward is not None and self.output is not None:
+            try:
+                self.output.remove_output_observer(forward)
+            except ValueError:
+                pass
+
+
+def make_client_referenceable(
+    multiengine: Any, output: Any = None
+) -> FCSynchronousMultiEngineFromMultiEngine:
     """The object a controller publishes as ``multiengine.furl``.
 
     :param multiengine: the controller's :class:`~kernel.multiengine.MultiEngine`.
+    :param output: the source of engines' streamed output (the controller's
+        :class:`~kernel.enginefc.FCEngineRegistrar`), or None.
     :returns: a Referenceable; clients connect to it and open their own sessions.
     """
-    return FCSynchronousMultiEngineFromMultiEngine(multiengine)
+    return FCSynchronousMultiEngineFromMultiEngine(multiengine, output)
 
 
 # ---------------------------------------------------------------------------
 # Client half
 # ---------------------------------------------------------------------------
+
+
+@implementer(RIOutputObserver)
+class _OutputReceiver(Referenceable):
+    """Receives streamed output in the client and hands it to local observers."""
+
+    def __init__(self) -> None:
+        self.observers: list[Callable[[int, str, str], Any]] = []
+
+    def remote_output(self, engine_id, stream_name, text):
+        for observer in list(self.observers):
+            try:
+                observer(engine_id, stream_name, text)
+            except Exception:
+                log.err(None, f"output observer {observer!r} failed")
 
 
 @implementer(IMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras)
@@ -254,6 +333,7 @@ class FCMultiEngine(MultiEngineCallerMixin):
         self.remote_reference = remote_reference
         self._session: Any = None
         self._session_waiters: list[defer.Deferred] = []
+        self._receiver = _OutputReceiver()
 
     # -- the wire ----------------------------------------------------------
 
@@ -281,7 +361,14 @@ class FCMultiEngine(MultiEngineCallerMixin):
 
     async def _remote(self, method: str, *args: Any) -> Any:
         session = await self._get_session()
-        return await fcutil.call_remote(session, method, *args, block=True)
+        try:
+            return await fcutil.call_remote(session, method, *args, block=True)
+        finally:
+            if self._receiver.observers:
+                # Foolscap delivers inbound calls (streamed output) a reactor
+                # turn after they arrive but replies at once: let the output
+                # that came before this reply reach the observers first.
+                await flushEventualQueue()
 
     # -- one multiplexed call each ---------------------------------------
 
@@ -352,6 +439,43 @@ class FCMultiEngine(MultiEngineCallerMixin):
         """Fire the sorted list of registered engine ids."""
         return self._mux("get_ids")
 
+    # -- streamed output ---------------------------------------------------
+
+    def add_output_observer(self, observer: Callable[[int, str, str], Any]) -> defer.Deferred:
+        """Call ``observer(engine_id, stream_name, text)`` with the engines'
+        stdout and stderr as they are written (before the command's result
+        arrives).
+
+        :returns: Deferred firing True, or False if this controller cannot
+            stream output (the output still comes in each result dict).
+        """
+
+        async def go() -> bool:
+            receiver = self._receiver
+            first = not receiver.observers
+            receiver.observers.append(observer)
+            if not first:
+                return True
+            session = await self._get_session()
+            ok = await fcutil.call_remote(session, "add_output_observer", receiver)
+            if not ok:
+                receiver.observers.remove(observer)
+            return bool(ok)
+
+        return defer.ensureDeferred(go())
+
+    def remove_output_observer(self, observer: Callable[[int, str, str], Any]) -> defer.Deferred:
+        """Stop calling ``observer``. Fires None."""
+
+        async def go() -> None:
+            receiver = self._receiver
+            if observer in receiver.observers:
+                receiver.observers.remove(observer)
+            if not receiver.observers and self._session is not None:
+                await fcutil.call_remote(self._session, "remove_output_observer", receiver)
+
+        return defer.ensureDeferred(go())
+
 
 @implementer(
     ISynchronousMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras, IBlockingClientAdaptor
@@ -374,6 +498,14 @@ class FCFullSynchronousMultiEngineClient(SynchronousMultiEngine):
 
     def __repr__(self) -> str:
         return f"<FCFullSynchronousMultiEngineClient {self.remote_reference!r}>"
+
+    def add_output_observer(self, observer: Callable[[int, str, str], Any]) -> defer.Deferred:
+        """See :meth:`FCMultiEngine.add_output_observer`."""
+        return self.multiengine.add_output_observer(observer)
+
+    def remove_output_observer(self, observer: Callable[[int, str, str], Any]) -> defer.Deferred:
+        """See :meth:`FCMultiEngine.remove_output_observer`."""
+        return self.multiengine.remove_output_observer(observer)
 
     def adapt_to_blocking_client(self) -> Any:
         """Wrap self in a blocking client

@@ -20,6 +20,30 @@ from tests.fcloopback import Loopback
 from tests.harness import InProcessHarness
 
 
+class _InProcessOutput:
+    """Streamed output of a harness's in-process engines, as the controller's
+    engine registrar offers it: ``observer(engine_id, stream_name, text)``."""
+
+    def __init__(self, harness: InProcessHarness):
+        self.harness = harness
+        self._adapters: dict = {}
+
+    def add_output_observer(self, observer) -> None:
+        pairs = []
+        for engine_id, engine in self.harness.engine_services.items():
+
+            def adapter(stream_name, text, engine_id=engine_id):
+                observer(engine_id, stream_name, text)
+
+            engine.add_output_observer(adapter)
+            pairs.append((engine, adapter))
+        self._adapters[observer] = pairs
+
+    def remove_output_observer(self, observer) -> None:
+        for engine, adapter in self._adapters.pop(observer, []):
+            engine.remove_output_observer(adapter)
+
+
 class FoolscapLoopbackHarness(InProcessHarness):
     """In-process controller and engines; clients over Foolscap on loopback."""
 
@@ -35,8 +59,9 @@ class FoolscapLoopbackHarness(InProcessHarness):
 
     async def _connect_clients(self) -> None:
         self.loopback = Loopback()
+        self.output = _InProcessOutput(self)
         ref = await self.loopback.reference(
-            multienginefc.make_client_referenceable(self.multiengine_core)
+            multienginefc.make_client_referenceable(self.multiengine_core, output=self.output)
         )
         self.multiengine = multienginefc.FCFullSynchronousMultiEngineClient(ref)
         # A second client: its own Tub, as another process would have.

@@ -222,6 +222,43 @@ async def test_engine_exception_reraises_with_original_type_and_remote_traceback
 
 
 @pytest_twisted.ensureDeferred
+async def test_engine_output_streams_to_observers_before_the_result(fc_cluster):
+    me = fc_cluster.multiengine
+    ids = await me.get_ids()
+    seen = []
+    assert await me.add_output_observer(lambda *args: seen.append(args)) is True
+    await me.execute("import sys\nprint('hello')\nsys.stderr.write('oops')", targets=ids[0])
+    text: dict = {}
+    for engine_id, stream_name, piece in seen:  # the engine may send a write in pieces
+        text[engine_id, stream_name] = text.get((engine_id, stream_name), "") + piece
+    assert text == {(ids[0], "stdout"): "hello\n", (ids[0], "stderr"): "oops"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_removed_output_observer_hears_nothing_more(fc_cluster):
+    me = fc_cluster.multiengine
+    ids = await me.get_ids()
+    seen = []
+
+    def observer(*args):
+        seen.append(args)
+
+    await me.add_output_observer(observer)
+    await me.remove_output_observer(observer)
+    await me.execute("print('after')", targets=ids[0])
+    assert seen == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_controller_without_output_cannot_stream(fc_cluster):
+    furl = fc_cluster.loopback.server.registerReference(
+        make_client_referenceable(fc_cluster.multiengine_core)
+    )
+    me = FCFullSynchronousMultiEngineClient(await fc_cluster.loopback.client.getReference(furl))
+    assert await me.add_output_observer(print) is False
+
+
+@pytest_twisted.ensureDeferred
 async def test_lost_controller_connection_raises_connection_error(fc_cluster):
     me = fc_cluster.multiengine
     await me.get_ids()
