@@ -198,3 +198,17 @@ async def test_engines_register_again_with_their_ids_after_a_controller_restart(
     again = pbutil.read_connection_info(processes.cluster_dir)
     assert again["engine_secret"] == info["engine_secret"]
     assert again["client_secret"] == info["client_secret"]
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_paused_engine_is_declared_dead_and_registers_again_when_resumed(processes):
+    ((engine_id, pid),) = processes.registered().items()
+    proc = processes.pause_engine(engine_id)
+    try:
+        # heartbeat 0.5 s, 3 missed: dead long before this bound
+        await processes.wait_until_unregistered_async(engine_id, timeout=30)
+    finally:
+        proc.resume()
+    # the controller dropped the connection; the resumed engine notices and comes back
+    assert await processes.wait_for_engines_async(1) == {engine_id: pid}
