@@ -446,8 +446,9 @@ class FCMultiEngine(MultiEngineCallerMixin):
         stdout and stderr as they are written (before the command's result
         arrives).
 
-        :returns: Deferred firing True, or False if this controller cannot
-            stream output (the output still comes in each result dict).
+        :returns: Deferred firing True, or False if this controller (or the
+            transport) cannot stream output; the output still comes in each
+            result dict.
         """
 
         async def go() -> bool:
@@ -456,8 +457,14 @@ class FCMultiEngine(MultiEngineCallerMixin):
             receiver.observers.append(observer)
             if not first:
                 return True
-            session = await self._get_session()
-            ok = await fcutil.call_remote(session, "add_output_observer", receiver)
+            try:
+                session = await self._get_session()
+                ok = await fcutil.call_remote(session, "add_output_observer", receiver)
+            except Exception as e:
+                # A transport that cannot carry the receiver: no streaming,
+                # the output still comes in each result dict.
+                log.msg(f"engine output cannot be streamed here: {e}")
+                ok = False
             if not ok:
                 receiver.observers.remove(observer)
             return bool(ok)
