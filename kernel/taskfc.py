@@ -171,6 +171,14 @@ class IFCTaskController(RemoteInterface):
     def clear(taskids=_OptionalTaskids):
         return Anything
 
+    def db_query(query=Anything, keys=Anything):
+        """Task records matching a MongoDB-style query (blobs as bytes)."""
+        return Anything
+
+    def resubmit(taskids=Anything):
+        """Run finished tasks again; fires the new taskids."""
+        return Anything
+
     def get_client_name():
         return str
 
@@ -232,6 +240,12 @@ class FCTaskControllerFromTaskController(Referenceable):
 
     def remote_clear(self, taskids=None):
         return self._call("clear", taskids)
+
+    def remote_db_query(self, query, keys=None):
+        return self._call("db_query", query, keys)
+
+    def remote_resubmit(self, taskids):
+        return self._call("resubmit", taskids)
 
     def remote_get_client_name(self):
         return CLIENT_NAME
@@ -324,6 +338,22 @@ class FCTaskClient:
         if taskids is not None and not isinstance(taskids, int):
             taskids = list(taskids)
         return self._call("clear", taskids)
+
+    # -- the task database ----------------------------------------------------
+
+    def db_query(self, query: dict[str, Any], keys: Any = None) -> defer.Deferred:
+        """Fire the task records matching ``query``, a MongoDB-style dict
+        (``{'status': 'failed'}``, ``{'completed': {'$gt': t}}``, …); ``keys``
+        limits the fields returned. Blob fields (payload, result) stay bytes."""
+        if keys is not None and not isinstance(keys, str):
+            keys = list(keys)
+        return self._call("db_query", query, keys)
+
+    def resubmit(self, taskids: Any) -> defer.Deferred:
+        """Run finished tasks again as new tasks; fires the new taskids in order."""
+        if not isinstance(taskids, int):
+            taskids = list(taskids)
+        return self._call("resubmit", taskids)
 
     # -- load-balanced map ---------------------------------------------------
 

@@ -194,6 +194,21 @@ async def test_map_mapper_and_parallel_are_load_balanced_and_ordered(fc_cluster)
 
 
 @pytest_twisted.ensureDeferred
+async def test_db_query_and_resubmit(fc_cluster):
+    tc = fc_cluster.task_controller
+    ok = await tc.run(MapTask(abs, args=(-5,)))
+    bad = await tc.run(MapTask(boom, args=(1,)))
+    await tc.barrier([ok, bad])
+    failed = await tc.db_query({"status": "failed"}, keys=["status"])
+    assert [(r["taskid"], r["status"]) for r in failed] == [(bad, "failed")]
+    (again,) = await tc.resubmit([ok])
+    assert again not in (ok, bad)
+    assert (await tc.get_task_result(again, block=True)).results == 5
+    with pytest.raises(InvalidTaskID):
+        await tc.resubmit([10**6])
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_malformed_task_spec_is_refused(fc_cluster):
     ref = fc_cluster.task_controller.remote_reference
     with pytest.raises(TypeError, match="flags, payload"):
