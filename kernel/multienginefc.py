@@ -22,11 +22,11 @@ Client half (client process)
     that cross the wire, so ``push`` serializes once here, ``pull`` and
     ``gather`` deserialize here (on writable copies of the buffers), and
     ``scatter``/``raw_map``/``map`` partition here with :mod:`kernel.map`
-    exactly as in process. Failures come
-    back as the original exception types (a
-    :class:`~kernel.error.CompositeError` holding each engine's
+    exactly as in process. Failures come back as the original exception types
+    (a :class:`~kernel.error.CompositeError` holding each engine's
     :class:`~kernel.error.RemoteError`, whose ``raise_exception`` re-raises the
-    engine's own exception type).
+    engine's own exception type). Engines' output can be streamed to the
+    client as it is written (``add_output_observer``).
 
 Pending results (``block=False``) of this client are kept in the client, by
 the same :class:`~kernel.pendingdeferred.PendingDeferredManager` the core uses:
