@@ -586,7 +586,8 @@ class FullBlockingMultiEngineClient(InteractiveMultiEngineClient):
     # -- streamed output ----------------------------------------------------
 
     def supports_streaming(self) -> bool:
-        """Can this connection stream engines' output as it is written?"""
+        """Might this connection stream engines' output as it is written?
+        (:meth:`add_output_observer` gives the definite answer.)"""
         return callable(getattr(self.smultiengine, "add_output_observer", None))
 
     def add_output_observer(self, observer: Callable[[int, str, str], Any]) -> bool:
@@ -599,8 +600,9 @@ class FullBlockingMultiEngineClient(InteractiveMultiEngineClient):
         """
         if not self.supports_streaming():
             return False
-        self._blockFromThread(self.smultiengine.add_output_observer, observer)
-        return True
+        # Implementations answer None (in process) or whether they can stream.
+        answer = self._blockFromThread(self.smultiengine.add_output_observer, observer)
+        return answer is None or bool(answer)
 
     def remove_output_observer(self, observer: Callable[[int, str, str], Any]) -> None:
         """Stop calling an observer added with :meth:`add_output_observer`."""
