@@ -75,6 +75,17 @@ def system_order(names: Iterable[str]) -> list[str]:
     return ours + peers + others + ref
 
 
+#: Short names for the ratio columns' headers.
+SHORT_NAMES = {"ipyparallel": "ipp", "dask": "dask", "loopback": "tcp"}
+
+
+def short_name(system: str) -> str:
+    """``txkernel-foolscap`` -> ``foolscap``, ``ipyparallel`` -> ``ipp``."""
+    if system.startswith("txkernel-"):
+        return system[len("txkernel-") :]
+    return SHORT_NAMES.get(system, system)
+
+
 def _entry(results: dict, system: str, workload: str) -> dict | None:
     return results["systems"].get(system, {}).get("workloads", {}).get(workload)
 
@@ -157,7 +168,7 @@ def table(results: dict) -> str:
     peers = [p for p in PEERS if p in systems] or list(PEERS)
     columns = list(dict.fromkeys(ours_all + systems))
     header = ["workload", "size", "unit", "better"] + columns
-    header += [f"{o}/{p}" for o in ours for p in peers]
+    header += [f"{short_name(o)}/{short_name(p)}" for o in ours for p in peers]
     rows = [header]
     run_names = {n for s in results["systems"].values() for n in s.get("workloads", {})}
     for workload in WORKLOADS:
@@ -179,6 +190,10 @@ def table(results: dict) -> str:
                 )
         rows.append(row)
     out = render_table(rows)
+    out += (
+        "\nratios: txkernel's median / the peer's (ipp = ipyparallel); below 1x is better "
+        "for ms, s and MB, above 1x for /s and MB/s"
+    )
     notes = notes_for(results)
     if notes:
         out += "\n\n" + "\n".join(notes)

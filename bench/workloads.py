@@ -139,22 +139,22 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "tasks_one_by_one", "throughput", "tasks_one_by_one", "rate",
         "no-op tasks submitted one by one, then all awaited",
-        10_000, 1_000, 2, 2, "{:,} tasks",
+        10_000, 500, 2, 2, "{:,} tasks",
     ),
     Workload(
         "map_default", "throughput", "map_default", "rate",
         "load-balanced map of a no-op, default chunking",
-        10_000, 2_000, 2, 2, "{:,} items",
+        10_000, 1_000, 2, 2, "{:,} items",
     ),
     Workload(
         "map_chunk100", "throughput", "map_chunk100", "rate",
         "load-balanced map of a no-op, chunksize=100",
-        10_000, 2_000, 3, 2, "{:,} items",
+        10_000, 1_000, 3, 2, "{:,} items",
     ),
     Workload(
         "chain_after", "throughput", "chain_after", "rate",
         "chain of tasks, each running after the previous one",
-        2_000, 300, 3, 2, "{:,} tasks",
+        2_000, 200, 3, 2, "{:,} tasks",
     ),
     Workload(
         "push", "data", "push_pull", "bandwidth",
@@ -184,7 +184,7 @@ WORKLOADS: tuple[Workload, ...] = (
     Workload(
         "scale_memory", "scale", "scale_memory", "memory",
         "controller/scheduler resident memory after completed tasks",
-        100_000, 10_000, 1, 1, "{:,} tasks", repeatable=False,
+        100_000, 2_000, 1, 1, "{:,} tasks", repeatable=False,
     ),
 )  # fmt: skip
 

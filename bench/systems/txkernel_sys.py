@@ -1,12 +1,13 @@
 """txkernel: a controller process and 2 engine processes, one system per adapter.
 
-The cluster is started with :class:`kernel.testing.processes.LocalCluster`
-(``twistd``-style controller and engine processes on ephemeral loopback
-ports, in a private cluster directory) and driven by the blocking
-multiengine client over the adapter's network transport.
+The cluster is what ``txkernel cluster start -n 2 --adapter A`` starts (the
+same :class:`kernel.testing.processes.LocalCluster` with the command's
+defaults: 3 s heartbeat, 3 missed beats allowed), in a private cluster
+directory, driven by the blocking clients of :mod:`kernel.client` over the
+adapter's transport.
 
-Only what txkernel already provides is measured; everything else is reported
-as not implemented, never estimated. Today (Foolscap adapter):
+Only what txkernel already provides is measured; a workload the client API
+cannot do yet is reported as n/a with the reason, never estimated.
 
 - execute: ``mec.execute('pass', targets=e0, block=True)``;
 - apply_direct: ``mec.raw_map(noop, [[None]], targets=e0, block=True)`` -- the
@@ -14,12 +15,11 @@ as not implemented, never estimated. Today (Foolscap adapter):
   map on one engine (push, execute, pull, clean-up: four commands);
 - push/pull: ``mec.push({'a': array}, targets=e0)`` then ``mec.pull('a', targets=e0)``;
 - scatter/gather: ``mec.scatter('a', array)`` then ``mec.gather('a')`` over both engines;
-- startup: ``LocalCluster().start(2)`` (controller up, then 2 engines
-  registered), the programmatic form of ``txkernel cluster start -n 2``.
+- startup: ``txkernel cluster start -n 2 --daemon`` run as a command, from
+  launch until it returns (it returns once both engines are registered);
+  then ``txkernel cluster stop``, untimed.
 
-The load-balanced workloads need the task interface over the network; they
-are measured once a remote task client can be made (``kernel.asyncclient``
-and the adapter's task module exist), with the blocking ``TaskClient``:
+The load-balanced workloads use the blocking ``TaskClient``:
 
 - apply_lb: ``tc.get_task_result(tc.run(MapTask(noop)), block=True)``;
 - tasks_one_by_one: ``tc.run(MapTask(noop, (i,)))`` per task (each returns its
@@ -42,14 +42,15 @@ from bench.tasks import noop
 
 #: adapter key -> (system name, modules the adapter needs).
 ADAPTERS = {
-    "fc": ("txkernel-foolscap", ("kernel.multienginefc",)),
-    "pb": ("txkernel-pb", ("kernel.multienginepb",)),
-    "native": ("txkernel-native", ("kernel.multienginenative",)),
+    "fc": ("txkernel-foolscap", ("kernel.multienginefc", "kernel.taskfc")),
+    "pb": ("txkernel-pb", ("kernel.multienginepb", "kernel.taskpb")),
+    "native": ("txkernel-native", ("kernel.multienginenative", "kernel.tasknative")),
 }
 
 _SCALE_BATCH = 10_000
-_TASK_WORKLOADS = ("apply_lb", "tasks_one_by_one", "map_default", "chain_after", "scale_memory")
 _START_TIMEOUT = 120.0
+#: ``txkernel cluster start``'s default heartbeat period, seconds.
+_HEARTBEAT = 3.0
 
 
 class TxkernelSystem(System):
@@ -61,7 +62,6 @@ class TxkernelSystem(System):
         self._cluster = None
         self._mec = None
         self._tc = None
-        self._tub = None
         self._array = None
         # No chunksize knob to compare with ipyparallel's: txkernel's own
         # default map is the map_default row.
@@ -69,26 +69,18 @@ class TxkernelSystem(System):
             "map_chunk100": "the comparison is txkernel's default map against ipyparallel's "
             "chunksize=100 (see the targets)",
         }
-        if self._task_client_missing():
-            reason = self._task_client_missing()
-            for name in _TASK_WORKLOADS:
-                self.not_applicable[name] = f"not measurable yet: {reason}"
-
-    def _task_client_missing(self) -> str | None:
-        """Why no remote task client can be made yet, or ``None``."""
-        for module in ("kernel.asyncclient", f"kernel.task{self.adapter}"):
-            try:
-                importlib.import_module(module)
-            except ImportError as e:
-                return f"no remote task client ({module}: {e})"
-        return None
 
     def unavailable(self) -> str | None:
-        for module in ("kernel.testing.processes", "kernel.multiengineclient", *self._modules):
+        modules = ("kernel.testing.processes", "kernel.client", "kernel.asyncclient")
+        for module in (*modules, *self._modules):
             try:
                 importlib.import_module(module)
             except ImportError as e:
                 return f"{module} cannot be imported ({e}); adapter {self.adapter!r} not built yet"
+        from kernel import client
+
+        if self.adapter not in client.ADAPTERS:
+            return f"kernel.client does not offer adapter {self.adapter!r} yet"
         return None
 
     def versions(self) -> dict[str, str]:
@@ -106,11 +98,14 @@ class TxkernelSystem(System):
 
     # -- lifecycle -----------------------------------------------------------
 
-    @staticmethod
-    def _launch():
+    def _launch(self):
         from kernel.testing.processes import LocalCluster
 
-        cluster = LocalCluster(timeout=_START_TIMEOUT)
+        cluster = LocalCluster(
+            heartbeat=_HEARTBEAT,
+            controller_args=[f"--adapter={self.adapter}"],
+            timeout=_START_TIMEOUT,
+        )
         try:
             cluster.start(2)
         except BaseException:
@@ -118,63 +113,21 @@ class TxkernelSystem(System):
             raise
         return cluster
 
-    def _connect(self):
-        """A blocking multiengine client of the running cluster."""
-        from kernel import clusterdir, reactorthread
-        from kernel.multiengineclient import FullBlockingMultiEngineClient
-
-        try:
-            from kernel import client
-
-            return client.get_multiengine_client(
-                cluster_dir=str(self._cluster.cluster_dir.path), adapter=self.adapter
-            )
-        except ImportError:
-            pass
-        # Until kernel.asyncclient lands: the same pieces, put together here.
-        if self.adapter != "fc":
-            raise RuntimeError(f"no client construction known for adapter {self.adapter!r}")
-        furl = self._cluster.cluster_dir.read_furl(clusterdir.MULTIENGINE_FURL)
-
-        async def connect():
-            from foolscap.api import Tub
-            from twisted.internet import reactor
-
-            from kernel.multienginefc import FCFullSynchronousMultiEngineClient
-
-            tub = Tub()
-            tub.startService()
-            self._tub = tub
-            ref = await tub.getReference(furl).addTimeout(_START_TIMEOUT, reactor)
-            return FCFullSynchronousMultiEngineClient(ref)
-
-        return FullBlockingMultiEngineClient(reactorthread.blocking_call(connect))
-
     def start(self) -> None:
+        from kernel import client
+
         self._cluster = self._launch()
         try:
-            self._mec = self._connect()
+            where = str(self._cluster.cluster_dir.path)
+            self._mec = client.get_multiengine_client(cluster_dir=where, adapter=self.adapter)
+            self._tc = client.get_task_client(cluster_dir=where, adapter=self.adapter)
             self._e0 = sorted(self._mec.get_ids())[0]
-            if not self._task_client_missing():
-                from kernel import client
-
-                self._tc = client.get_task_client(
-                    cluster_dir=str(self._cluster.cluster_dir.path), adapter=self.adapter
-                )
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        from kernel import reactorthread
-
         self._mec = self._tc = None
-        if self._tub is not None:
-            tub, self._tub = self._tub, None
-            try:
-                reactorthread.blocking_call(tub.stopService)
-            except Exception:  # noqa: BLE001 -- the processes are stopped regardless
-                pass
         if self._cluster is not None:
             cluster, self._cluster = self._cluster, None
             cluster.stop()
@@ -279,6 +232,9 @@ class TxkernelSystem(System):
 
     def probe_scatter_gather(self, size: int) -> dict[str, float]:
         mec, array = self._mec, self._array_of(size)
+        ids = mec.get_ids()
+        if len(ids) != 2:
+            raise AssertionError(f"scatter needs both engines; registered now: {ids}")
         t0 = time.perf_counter()
         mec.scatter("a", array, targets="all", block=True)
         t1 = time.perf_counter()
@@ -290,10 +246,32 @@ class TxkernelSystem(System):
         return {"scatter": t1 - t0, "gather": t2 - t1}
 
     def probe_startup(self, size: int) -> dict[str, float]:
+        import shutil
+        import subprocess
+        import sys
+        import tempfile
+
+        from kernel.testing.processes import subprocess_env
+
+        where = tempfile.mkdtemp(prefix="txkernel-bench-start-")
+        txkernel = [sys.executable, "-m", "kernel.cli", "cluster"]
+        env = subprocess_env()
         t0 = time.perf_counter()
-        cluster = self._launch()
+        started = subprocess.run(
+            [*txkernel, "start", f"-n{size}", "--daemon", f"--adapter={self.adapter}",
+             f"--cluster-dir={where}", f"--timeout={_START_TIMEOUT}"],
+            env=env, capture_output=True, text=True, timeout=_START_TIMEOUT + 30,
+        )  # fmt: skip
         elapsed = time.perf_counter() - t0
-        cluster.stop()
+        stopped = subprocess.run(
+            [*txkernel, "stop", f"--cluster-dir={where}"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        shutil.rmtree(where, ignore_errors=True)
+        if started.returncode != 0:
+            raise RuntimeError(f"txkernel cluster start failed: {started.stderr.strip()}")
+        if stopped.returncode != 0:
+            raise RuntimeError(f"txkernel cluster stop failed: {stopped.stderr.strip()}")
         return {"startup": elapsed}
 
 
