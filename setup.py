@@ -26,6 +26,9 @@ setup(
             "pytest-timeout>=2.2",
             "numpy>=1.24",
             "ipython>=8",
+            # tests/test_client_jupyter.py runs the clients and magics in a
+            # real Jupyter kernel (brings jupyter_client)
+            "ipykernel>=6",
             "ruff>=0.5",
         ],
     },
