@@ -699,6 +699,21 @@ def scenario_magic__px_output_streams_while_the_command_runs(ctx: Context) -> No
     assert text.index("early") < text.index("late"), text
 
 
+def scenario_magic__with_block_typed_into_ipython_runs_on_engines(ctx: Context) -> None:
+    shell = _shell()
+    shell.user_ns["mec"] = ctx.mec
+    result, out = _run(
+        shell,
+        "from kernel.multiengineclient import remote\n"
+        "with mec:\n"
+        "    remote()\n"
+        "    typed = id + 1\n",
+    )
+    assert result.success, (result.error_in_exec, out)
+    assert "typed" not in shell.user_ns
+    assert ctx.mec.pull("typed") == [i + 1 for i in ctx.ids]
+
+
 def scenario_magic__px_without_active_client_explains(ctx: Context) -> None:
     from kernel import magic
 
