@@ -599,8 +599,12 @@ class FCEngineRegistrar(Referenceable):
             self._wrap = QueuedEngine
         return self._wrap
 
+    #: The controller-side engine built over each registering engine's
+    #: reference (a transport may use a subclass).
+    engine_class: type = EngineFromReference
+
     def remote_register_engine(self, engine_reference, id=None, pid=None, properties=None):
-        remote = EngineFromReference(engine_reference, properties)
+        remote = self.engine_class(engine_reference, properties)
         engine = self._wrapper()(remote)
         try:
             peer = engine_reference.getPeer()
@@ -722,6 +726,9 @@ class EngineConnector(service.Service):
     :param on_kill: passed to :class:`FCEngineReferenceFromService`.
     """
 
+    #: How the engine is exposed to the controller (a transport may use a subclass).
+    reference_class: type = FCEngineReferenceFromService
+
     def __init__(
         self,
         tub: Any,
@@ -738,7 +745,7 @@ class EngineConnector(service.Service):
         self.tub = tub
         self.get_furl = get_furl
         self.engine = engine
-        self.reference = FCEngineReferenceFromService(engine, on_kill=on_kill)
+        self.reference = self.reference_class(engine, on_kill=on_kill)
         self.on_fatal = on_fatal
         self.initial_delay = initial_delay
         self.max_delay = max_delay
