@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {system_name} (load average {load_before[0]:.2f})", file=sys.stderr, flush=True)
         entry = run_child(args, cli_name, system_name, timeout)
         entry["loadavg_before"], entry["loadavg_after"] = load_before, os.getloadavg()
-        if load_before[0] > 0.5 * (os.cpu_count() or 1):
+        if entry.get("available") and load_before[0] > 0.5 * (os.cpu_count() or 1):
             busy.append(f"{system_name} {load_before[0]:.1f}")
         results["systems"][system_name] = entry
     results["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
