@@ -1,0 +1,185 @@
+"""Engines over the native transport: registration and remote use.
+
+The engine side of the native adapter is the Foolscap adapter's, carried over
+:mod:`kernel.nativeproto` (the same pieces and envelopes; no second copy of
+their logic). Only the data methods differ: over Foolscap a
+:class:`~kernel.serialized.Serialized` travels as one joined blob
+(:meth:`~kernel.serialized.Serialized.to_bytes`), while the native wire
+carries its frames as they are, so a pushed array crosses without being
+joined, and lands in the engine's namespace in the buffer it was received in.
+
+- Engine process: :class:`NativeEngineConnector` keeps the engine registered
+  (:class:`kernel.enginefc.EngineConnector`: register, ask for the previous id
+  after a reconnection, exponential backoff, give up on a
+  :class:`~kernel.error.SecurityError`), reaching the controller through a
+  :class:`NativeControllerLocator` with the cluster key of ``native.json``.
+  The engine is exposed as :class:`NativeEngineReferenceFromService`.
+- Controller process: :class:`NativeEngineRegistrar` registers each engine as
+  ``QueuedEngine(NativeEngineFromReference(reference), max_in_flight=PIPELINE)``:
+  up to :data:`PIPELINE` commands are sent ahead to each engine (the engine
+  runs them in order), so the next command is already there when one ends.
+  Lost connections and missed heartbeats unregister the engine as with
+  Foolscap.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from kernel import nativeproto
+from kernel.enginefc import (
+    EngineConnector,
+    EngineFromReference,
+    FCEngineReferenceFromService,
+    FCEngineRegistrar,
+)
+from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
+from kernel.serialized import Serialized
+
+__all__ = [
+    "PIPELINE",
+    "REGISTRAR",
+    "NativeEngineReferenceFromService",
+    "NativeEngineFromReference",
+    "NativeEngineRegistrar",
+    "NativeControllerLocator",
+    "NativeEngineConnector",
+]
+
+#: Commands in flight per engine (sent ahead; the engine runs them in order).
+PIPELINE = 8
+#: The service name of the engine registrar on a native controller.
+REGISTRAR = "registrar"
+
+
+def _owned(s: Serialized) -> Serialized:
+    """``s`` with buffers that share no memory with live objects.
+
+    A blob pulled from a namespace views the object's memory; the engine may
+    run the next (pipelined) command while the reply is still being written,
+    so the reply takes a snapshot first (``bytes``, written without another
+    copy, see :mod:`kernel.nativeproto`).
+    """
+    if all(type(b) is bytes for b in s.buffers):
+        return s
+    return Serialized(s.data, [b if type(b) is bytes else bytes(b) for b in s.buffers])
+
+
+class NativeEngineReferenceFromService(FCEngineReferenceFromService):
+    """Expose an engine to a controller over the native transport (engine
+    process): :class:`kernel.enginefc.FCEngineReferenceFromService` with
+    Serialized blobs passed as they arrive."""
+
+    # Anything but Serialized values fails in the engine (SerializationError).
+
+    def remote_push_serialized(self, namespace):
+        return self._call("push_serialized", namespace)
+
+    def remote_pull_serialized(self, keys):
+        def convert(result):
+            return _owned(result) if isinstance(keys, str) else [_owned(s) for s in result]
+
+        return self._call("pull_serialized", keys, convert=convert)
+
+    def remote_run_task(self, payload, clear_before=False, clear_after=False):
+        def convert(result):
+            return dict(result, result=_owned(result["result"]))
+
+        return self._call(
+            "run_task",
+            payload,
+            clear_before=bool(clear_before),
+            clear_after=bool(clear_after),
+            convert=convert,
+        )
+
+
+@implementer(IEngineBase, IEngineInterrupt, IEngineTasks)
+class NativeEngineFromReference(EngineFromReference):
+    """An engine in another process, used over the native transport
+    (controller process): :class:`kernel.enginefc.EngineFromReference` with
+    Serialized blobs sent and received as they are (never joined, never opened).
+    """
+
+    def push_serialized(self, namespace: dict[str, Serialized]) -> defer.Deferred:
+        """Push ``name: Serialized`` pairs, unopened."""
+        return self._call("push_serialized", dict(namespace))
+
+    def pull_serialized(self, keys: str | list[str]) -> defer.Deferred:
+        """Fire a Serialized (``keys`` a str) or a list of them, unopened."""
+        return self._call("pull_serialized", keys if isinstance(keys, str) else list(keys))
+
+    def run_task(
+        self, payload: Serialized, clear_before: bool = False, clear_after: bool = False
+    ) -> defer.Deferred:
+        """Run a task body on the engine; fires its result dict with
+        ``result`` a Serialized (unopened)."""
+        return self._call(
+            "run_task", payload, clear_before=bool(clear_before), clear_after=bool(clear_after)
+        )
+
+
+class NativeEngineRegistrar(FCEngineRegistrar):
+    """The controller's registration desk for engines over the native transport.
+
+    :class:`kernel.enginefc.FCEngineRegistrar` (same arguments) registering
+    :class:`NativeEngineFromReference` engines behind a pipelining
+    :class:`~kernel.engineservice.QueuedEngine` (``max_in_flight`` =
+    :data:`PIPELINE`) unless ``wrap`` says otherwise.
+    """
+
+    engine_class = NativeEngineFromReference
+
+    def __init__(self, controller: Any, monitor: Any = None, wrap: Callable | None = None, **kw):
+        if wrap is None:
+            from kernel.engineservice import QueuedEngine
+
+            wrap = functools.partial(QueuedEngine, max_in_flight=PIPELINE)
+        super().__init__(controller, monitor, wrap=wrap, **kw)
+
+
+class NativeControllerLocator:
+    """Finds a controller's engine registrar over the native transport.
+
+    Plays the part of the Foolscap ``Tub`` for
+    :class:`~kernel.enginefc.EngineConnector`: :meth:`getReference` takes the
+    connection info (``native.json``'s content) where the Tub takes a FURL.
+
+    :param timeout: bound on each connection and handshake, seconds.
+    """
+
+    def __init__(self, timeout: float = 30.0):
+        self.timeout = timeout
+
+    def getReference(self, info: dict[str, Any]) -> defer.Deferred:  # noqa: N802
+        """Connect, prove the cluster key, and fire the registrar (a
+        :class:`~kernel.nativeproto.NativeRemote`).
+
+        :raises: (errback) :class:`~kernel.error.SecurityError` if the keys
+            differ; :class:`~kernel.error.ConnectionError` if the controller
+            cannot be reached.
+        """
+        return defer.ensureDeferred(nativeproto.connect_info(info, REGISTRAR, self.timeout))
+
+
+class NativeEngineConnector(EngineConnector):
+    """Keep an engine registered with a controller over the native transport.
+
+    :param get_info: returns the controller's connection info (e.g.
+        ``lambda: nativeproto.read_connection_info(cluster_dir)``); called
+        before each attempt, so a rewritten ``native.json`` is picked up.
+    :param engine: the engine service to expose.
+    :param kwargs: the other arguments of
+        :class:`~kernel.enginefc.EngineConnector` (``on_fatal``, ``on_kill``,
+        ``initial_delay``, ``max_delay``, ``clock``).
+    """
+
+    reference_class = NativeEngineReferenceFromService
+
+    def __init__(self, get_info: Callable[[], dict], engine: Any, **kwargs: Any):
+        super().__init__(NativeControllerLocator(), get_info, engine, **kwargs)

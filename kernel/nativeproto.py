@@ -1,0 +1,1129 @@
+"""The native transport: signed, length-prefixed frames and calls over them.
+
+The native adapters (:mod:`kernel.enginenative`, :mod:`kernel.multienginenative`,
+:mod:`kernel.tasknative`) carry the *same* remote protocol as the Foolscap and
+PB adapters — the same ``remote_*`` server halves, the same plain-data
+envelopes, the same client halves — over a lean wire of their own. This
+module is that wire:
+
+- :class:`NativeProtocol` speaks it on one TCP (or TLS) connection, in both
+  directions: calls, replies and one-way messages, many in flight at once
+  (pipelined; replies are matched to calls by id).
+- :class:`NativeRemote` is a far object with the Foolscap reference API the
+  client halves use (``callRemote``, ``callRemoteOnly``,
+  ``notifyOnDisconnect``, ``getPeer``, ``tracker``), like
+  :class:`kernel.pbutil.PBRemote` for PB.
+- :func:`connect` and :func:`serve_controller` are the two ends: a controller
+  listens on one port and offers named services (``registrar`` to engines,
+  ``multiengine`` and ``task`` to clients); the port and the cluster key are
+  in the cluster directory's ``native.json`` (mode 0600).
+
+Frames
+------
+Every message is one frame::
+
+    prefix   magic "TXN1", header length (u32), buffer count (u32)
+    sizes    one u64 per buffer
+    header   UTF-8 JSON: the message, plain data only
+    tag      HMAC-SHA256 of (sequence number, prefix, sizes, header)
+    buffers  the raw bytes of each buffer, back to back
+    tag      HMAC-SHA256 of all the above and the buffers (only if there are any)
+
+The header is JSON, never pickle: the controller parses headers and routes
+buffers, and never unpickles anything. Bytes, long texts and the pickle
+stream and out-of-band buffers of a :class:`~kernel.serialized.Serialized`
+travel as buffers. The first tag lets a receiver check a frame's header
+*before* allocating room for its buffers, so a peer without the key cannot
+make it allocate anything large; buffers are then received straight into
+preallocated ``bytearray``\\ s (a pushed array reaches the engine's
+namespace without another copy: see :func:`kernel.serialized.deserialize_private`).
+Sizes are bounded (:data:`MAX_HEADER_BYTES`, :data:`MAX_BUFFERS`,
+:data:`MAX_FRAME_BYTES`); an oversized frame is refused and the connection
+dropped.
+
+Keys and handshake
+------------------
+The cluster key (:func:`generate_key`, 256 random bits) never crosses the
+wire. Each side first sends a hello holding a fresh random nonce; each
+direction then signs with its own key, ``HMAC(cluster key, label, role,
+client nonce, server nonce)``, and every frame's tag covers an implicit
+per-direction sequence number, so frames cannot be replayed, reordered,
+reflected or moved to another connection. The client's first frame proves it
+holds the key; the server answers with a frame proving the same. A frame with
+a wrong tag is a :class:`~kernel.error.SecurityError`: it is logged, the
+server tells the peer it was refused, and the connection is dropped before
+anything runs.
+
+Writing without joining
+-----------------------
+Twisted's transports accept only ``bytes`` (``write``/``writeSequence``
+refuse memoryviews) and join what is queued in one reactor turn into one
+send. Small frames go out that way, so several messages written in one turn
+(replies, pipelined calls, heartbeats) leave in one ``send``. A large buffer
+that is not ``bytes`` (an array's memory, a received ``bytearray``) is never
+joined into one big copy: it is fed to the transport in slices of
+:data:`WRITE_SLICE` bytes by a pull producer, as the socket drains, so a
+100 MB push holds at most a few slices of extra memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IPullProducer
+from twisted.python import log
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from kernel.error import ConnectionError, ProtocolError, SecurityError
+from kernel.serialized import Serialized
+
+__all__ = [
+    "MAGIC",
+    "MAX_HEADER_BYTES",
+    "MAX_BUFFERS",
+    "MAX_FRAME_BYTES",
+    "NATIVE_FILE",
+    "FrameWriter",
+    "FrameReader",
+    "session_keys",
+    "generate_key",
+    "register_copyable",
+    "NativeProtocol",
+    "NativeRemote",
+    "NativeServerFactory",
+    "Gateway",
+    "connect",
+    "read_connection_info",
+    "serve_controller",
+]
+
+#: First bytes of every frame.
+MAGIC = b"TXN1"
+#: What a hello starts with (followed by a nonce).
+HELLO = b"TXNH"
+#: Sent (unsigned) by a side that refused the peer's key, just before it hangs up.
+REFUSED = b"TXNR"
+#: Bytes of a hello's nonce.
+NONCE_BYTES = 32
+#: Bytes of a tag (HMAC-SHA256).
+TAG_BYTES = 32
+#: Largest JSON header of one frame.
+MAX_HEADER_BYTES = 16 * 2**20
+#: Most buffers in one frame.
+MAX_BUFFERS = 100_000
+#: Largest frame (header and buffers), bytes.
+MAX_FRAME_BYTES = 2**31 + MAX_HEADER_BYTES
+#: Texts longer than this travel as buffers, not inside the header.
+LONG_TEXT = 64 * 1024
+#: Bytes of a large buffer handed to the transport at a time.
+WRITE_SLICE = 1024 * 1024
+#: The connection file of a native controller (in its cluster directory).
+NATIVE_FILE = "native.json"
+
+_PREFIX = struct.Struct(">4sII")
+_SEQ = struct.Struct(">Q")
+_LABEL = b"txkernel-native-v1"
+
+
+def generate_key() -> str:
+    """A new cluster key: 256 random bits, hex."""
+    return secrets.token_hex(32)
+
+
+def _key_bytes(key: str | bytes) -> bytes:
+    if isinstance(key, bytes):
+        return key
+    try:
+        return bytes.fromhex(key)
+    except ValueError:
+        return key.encode("utf-8")
+
+
+def session_keys(key: str | bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
+    """The two directions' signing keys of one connection.
+
+    :returns: ``(client_to_server, server_to_client)``.
+    """
+    k = _key_bytes(key)
+    return tuple(
+        hmac.new(k, _LABEL + role + client_nonce + server_nonce, hashlib.sha256).digest()
+        for role in (b"c", b"s")
+    )
+
+
+# ---------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------
+
+
+class FrameWriter:
+    """Signs frames for one direction of one connection.
+
+    :param key: this direction's session key.
+    """
+
+    def __init__(self, key: bytes):
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.seq = 0
+
+    def frame(self, header: bytes, buffers: list[Any]) -> list[Any]:
+        """The segments of one frame: ``bytes`` and buffer objects, in order.
+
+        :raises ProtocolError: the frame exceeds a size limit.
+        """
+        views = [memoryview(b).cast("B") if type(b) is not bytes else b for b in buffers]
+        sizes = [len(v) for v in views]
+        if len(header) > MAX_HEADER_BYTES:
+            raise ProtocolError(
+                f"a message header of {len(header)} bytes exceeds the native "
+                f"transport's limit of {MAX_HEADER_BYTES}"
+            )
+        if len(views) > MAX_BUFFERS or sum(sizes) + len(header) > MAX_FRAME_BYTES:
+            raise ProtocolError(
+                f"a message of {sum(sizes)} bytes in {len(views)} buffers exceeds the "
+                f"native transport's limits ({MAX_FRAME_BYTES} bytes, {MAX_BUFFERS} buffers)"
+            )
+        head = b"".join(
+            (_PREFIX.pack(MAGIC, len(header), len(views)), struct.pack(f">{len(sizes)}Q", *sizes))
+        )
+        mac = self._mac.copy()
+        mac.update(_SEQ.pack(self.seq))
+        self.seq += 1
+        mac.update(head)
+        mac.update(header)
+        if not views:
+            return [head + header + mac.digest()]
+        first = head + header + mac.copy().digest()
+        for v in views:
+            mac.update(v)
+        return [first, *views, mac.digest()]
+
+
+class FrameReader:
+    """Checks and unpacks the frames of one direction of one connection.
+
+    Feed it bytes as they arrive with :meth:`feed`; it returns the complete
+    frames, each as ``(header_bytes, [bytearray, ...])``.
+
+    :param key: this direction's session key.
+    :raises SecurityError: (from :meth:`feed`) a tag does not verify.
+    :raises ProtocolError: (from :meth:`feed`) a malformed or oversized frame.
+    """
+
+    def __init__(self, key: bytes):
+        self._key_mac = hmac.new(key, digestmod=hashlib.sha256)
+        self.seq = 0
+        self._pending = bytearray()  # bytes of the current small part
+        self._state = "prefix"
+        self._need = _PREFIX.size
+        self._header_len = 0
+        self._count = 0
+        self._sizes: tuple[int, ...] = ()
+        self._header = b""
+        self._buffers: list[bytearray] = []
+        self._index = 0  # buffer being filled
+        self._filled = 0  # bytes of it received
+        self._mac: Any = None
+
+    def feed(self, data: bytes) -> list[tuple[bytes, list[bytearray]]]:
+        """Consume ``data``; return the frames it completed."""
+        out = []
+        view = memoryview(data)
+        pos = 0
+        end = len(view)
+        while True:
+            if self._state == "buffers":
+                buf = self._buffers[self._index]
+                take = min(len(buf) - self._filled, end - pos)
+                buf[self._filled : self._filled + take] = view[pos : pos + take]
+                self._filled += take
+                pos += take
+                if self._filled < len(buf):
+                    break
+                self._mac.update(buf)
+                self._index += 1
+                self._filled = 0
+                self._next_buffer()
+                continue
+            if self._state == "done":
+                out.append((self._header, self._buffers))
+                self._reset()
+                continue
+            take = min(self._need - len(self._pending), end - pos)
+            self._pending += view[pos : pos + take]
+            pos += take
+            if len(self._pending) < self._need:
+                break
+            part, self._pending = bytes(self._pending), bytearray()
+            self._advance(part)
+        return out
+
+    def _reset(self) -> None:
+        self._state = "prefix"
+        self._need = _PREFIX.size
+        self._buffers = []
+        self._header = b""
+
+    def _advance(self, part: bytes) -> None:
+        if self._state == "prefix":
+            magic, self._header_len, self._count = _PREFIX.unpack(part)
+            if magic == REFUSED:
+                raise SecurityError(
+                    "the peer refused this connection's cluster key: the key does not "
+                    "match. Use the connection file (native.json) the running controller "
+                    "wrote, or restart the cluster."
+                )
+            if magic != MAGIC:
+                raise ProtocolError(f"not a txkernel native frame (starts with {magic!r})")
+            if self._header_len > MAX_HEADER_BYTES or self._count > MAX_BUFFERS:
+                raise ProtocolError(
+                    f"refusing a frame with a {self._header_len}-byte header and "
+                    f"{self._count} buffers (limits {MAX_HEADER_BYTES}, {MAX_BUFFERS})"
+                )
+            self._prefix = part
+            self._state = "head"
+            self._need = 8 * self._count + self._header_len + TAG_BYTES
+        elif self._state == "head":
+            sizes_end = 8 * self._count
+            sizes = struct.unpack(f">{self._count}Q", part[:sizes_end])
+            header = part[sizes_end : sizes_end + self._header_len]
+            mac = self._key_mac.copy()
+            mac.update(_SEQ.pack(self.seq))
+            self.seq += 1
+            mac.update(self._prefix)
+            mac.update(part[:sizes_end])
+            mac.update(header)
+            if not hmac.compare_digest(mac.copy().digest(), part[-TAG_BYTES:]):
+                raise SecurityError("a frame's tag does not verify: wrong cluster key or tampering")
+            if sum(sizes) + self._header_len > MAX_FRAME_BYTES:
+                raise ProtocolError(
+                    f"refusing a frame of {sum(sizes)} bytes (limit {MAX_FRAME_BYTES})"
+                )
+            self._header = header
+            self._sizes = sizes
+            self._mac = mac
+            # Room for the buffers, allocated only now that the header is known good.
+            self._buffers = [bytearray(n) for n in sizes]
+            self._index = 0
+            self._filled = 0
+            self._state = "buffers"
+            self._next_buffer()
+        elif self._state == "tail":
+            if not hmac.compare_digest(self._mac.digest(), part):
+                raise SecurityError("a frame's tag does not verify: wrong cluster key or tampering")
+            self._state = "done"
+
+    def _next_buffer(self) -> None:
+        # skip empty buffers; after the last one, the closing tag (if any)
+        while self._index < len(self._buffers) and not self._sizes[self._index]:
+            self._index += 1
+        if self._index < len(self._buffers):
+            return
+        if self._count:
+            self._state = "tail"
+            self._need = TAG_BYTES
+        else:
+            self._state = "done"
+
+
+# ---------------------------------------------------------------------------
+# Values in headers
+# ---------------------------------------------------------------------------
+
+# Tags of the one-key JSON objects that stand for non-JSON values.
+_BYTES, _BYTEARRAY, _TEXT, _TUPLE, _PAIRS = "\0b", "\0a", "\0u", "\0t", "\0p"
+_SERIALIZED, _COPY, _REMOTE, _LOCAL = "\0s", "\0c", "\0r", "\0l"
+
+_copiers: dict[type, tuple[str, Callable[[Any], Any]]] = {}
+_builders: dict[str, Callable[[Any], Any]] = {}
+
+
+def register_copyable(
+    cls: type, name: str, to_state: Callable[[Any], Any], from_state: Callable[[Any], Any]
+) -> None:
+    """Send instances of ``cls`` by value as ``to_state(obj)`` (plain data,
+    Serialized blobs allowed) and rebuild them with ``from_state(state)``.
+    Both sides must register the same ``name``. Idempotent."""
+    _copiers[cls] = (name, to_state)
+    _builders[name] = from_state
+
+
+def _exposable(obj: Any) -> bool:
+    return any(name.startswith("remote_") for name in dir(type(obj)))
+
+
+class _Encoder:
+    """Turns one message's values into JSON-able data plus a list of buffers."""
+
+    def __init__(self, proto: NativeProtocol | None):
+        self.proto = proto
+        self.buffers: list[Any] = []
+
+    def buffer(self, b: Any) -> int:
+        self.buffers.append(b)
+        return len(self.buffers) - 1
+
+    def enc(self, o: Any) -> Any:
+        t = type(o)
+        if t is str:
+            if len(o) > LONG_TEXT:
+                return {_TEXT: self.buffer(o.encode("utf-8"))}
+            return o
+        if o is None or t is int or t is float or t is bool:
+            return o
+        if t is list:
+            return [self.enc(x) for x in o]
+        if t is dict:
+            if all(type(k) is str and not k.startswith("\0") for k in o):
+                return {k: self.enc(v) for k, v in o.items()}
+            return {_PAIRS: [[self.enc(k), self.enc(v)] for k, v in o.items()]}
+        if t is tuple:
+            return {_TUPLE: [self.enc(x) for x in o]}
+        if t is bytes:
+            return {_BYTES: self.buffer(o)}
+        if t is bytearray or t is memoryview:
+            return {_BYTEARRAY: self.buffer(o)}
+        if t is Serialized:
+            return {_SERIALIZED: [self.buffer(f) for f in o.frames()]}
+        if t in _copiers:
+            name, to_state = _copiers[t]
+            return {_COPY: [name, self.enc(to_state(o))]}
+        if isinstance(o, NativeRemote):
+            if self.proto is None or o.proto is not self.proto:
+                raise ProtocolError("a remote reference can only go back over its own connection")
+            return {_LOCAL: o.oid}
+        if isinstance(o, int):  # subclasses: IntEnum, ...
+            return int(o)
+        if isinstance(o, float):
+            return float(o)
+        if isinstance(o, str):
+            return self.enc(str(o))
+        if self.proto is not None and _exposable(o):
+            return {_REMOTE: self.proto.export(o)}
+        raise ProtocolError(
+            f"cannot send a {t.__name__} over the native transport: only plain data, "
+            "bytes, Serialized blobs and objects with remote_* methods travel"
+        )
+
+
+class _Decoder:
+    """Inverse of :class:`_Encoder` on the receiving side."""
+
+    def __init__(self, proto: NativeProtocol | None, buffers: list[bytearray]):
+        self.proto = proto
+        self.buffers = buffers
+
+    def buf(self, i: Any) -> bytearray:
+        if type(i) is not int or not 0 <= i < len(self.buffers):
+            raise ProtocolError(f"a value refers to a missing buffer {i!r}")
+        return self.buffers[i]
+
+    def dec(self, o: Any) -> Any:
+        t = type(o)
+        if t is list:
+            return [self.dec(x) for x in o]
+        if t is not dict:
+            return o
+        if len(o) == 1:
+            ((tag, v),) = o.items()
+            if tag.startswith("\0"):
+                return self.tagged(tag, v)
+        return {k: self.dec(v) for k, v in o.items()}
+
+    def tagged(self, tag: str, v: Any) -> Any:
+        if tag == _BYTES:
+            return bytes(self.buf(v))
+        if tag == _BYTEARRAY:
+            return self.buf(v)
+        if tag == _TEXT:
+            return self.buf(v).decode("utf-8")
+        if tag == _TUPLE and type(v) is list:
+            return tuple(self.dec(x) for x in v)
+        if tag == _PAIRS and type(v) is list:
+            try:
+                return {self.dec(k): self.dec(x) for k, x in v}
+            except (TypeError, ValueError):
+                raise ProtocolError("malformed dict on the wire") from None
+        if tag == _SERIALIZED and type(v) is list and v:
+            frames = [self.buf(i) for i in v]
+            # The pickle stream as bytes; buffers stay the receiver's own
+            # bytearrays (writable, no copy).
+            return Serialized(bytes(frames[0]), frames[1:])
+        if tag == _COPY and type(v) is list and len(v) == 2:
+            builder = _builders.get(v[0])
+            if builder is None:
+                raise ProtocolError(f"unknown copyable type {v[0]!r} on the wire")
+            return builder(self.dec(v[1]))
+        if tag == _REMOTE and type(v) is int and self.proto is not None:
+            return self.proto.remote(v)
+        if tag == _LOCAL and type(v) is int and self.proto is not None:
+            return self.proto.local(v)
+        raise ProtocolError(f"malformed value on the wire (tag {tag!r})")
+
+
+def encode(value: Any, proto: NativeProtocol | None = None) -> tuple[bytes, list[Any]]:
+    """A message (any value the transport carries) as ``(header, buffers)``."""
+    e = _Encoder(proto)
+    header = json.dumps(e.enc(value), separators=(",", ":"), allow_nan=True).encode("utf-8")
+    return header, e.buffers
+
+
+def decode(header: bytes, buffers: list[bytearray], proto: NativeProtocol | None = None) -> Any:
+    """Inverse of :func:`encode`.
+
+    :raises ProtocolError: the header is not well-formed.
+    """
+    try:
+        value = json.loads(header)
+    except ValueError as e:
+        raise ProtocolError(f"a frame's header is not JSON: {e}") from None
+    return _Decoder(proto, buffers).dec(value)
+
+
+# ---------------------------------------------------------------------------
+# The connection
+# ---------------------------------------------------------------------------
+
+
+@implementer(IPullProducer)
+class _Outbox:
+    """Feeds a connection's frames to its transport, in order.
+
+    Small ``bytes`` segments are written at once (Twisted sends everything
+    written in one reactor turn together). A large segment is written while
+    the transport's buffer is empty, as its own pull-producer step: a large
+    ``bytes`` whole (the transport then sends it without joining it to
+    anything, so without a copy), any other buffer in :data:`WRITE_SLICE`
+    slices (the transport takes only ``bytes``).
+    """
+
+    def __init__(self, transport: Any):
+        self.transport = transport
+        self.queue: collections.deque = collections.deque()
+        self.registered = False
+        self.pumping = False
+
+    def send(self, segments: list[Any]) -> None:
+        if self.queue or any(type(s) is not bytes or len(s) > WRITE_SLICE for s in segments):
+            self.queue.extend(segments)
+            self._pump(drained=False)
+        else:
+            self.transport.writeSequence(segments)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        # The transport calls this once it has written everything it held.
+        self._pump(drained=True)
+
+    def _pump(self, drained: bool) -> None:
+        if self.pumping:
+            return
+        self.pumping = True
+        try:
+            q = self.queue
+            while q:
+                seg = q[0]
+                if type(seg) is bytes and len(seg) <= WRITE_SLICE:
+                    q.popleft()
+                    self.transport.write(seg)
+                    drained = False
+                    continue
+                if not drained:
+                    break  # wait until the transport's buffer is empty
+                if type(seg) is bytes:
+                    q.popleft()
+                    self.transport.write(seg)
+                else:
+                    n = min(len(seg), WRITE_SLICE)
+                    self.transport.write(bytes(seg[:n]))
+                    if n == len(seg):
+                        q.popleft()
+                    else:
+                        q[0] = seg[n:]
+                break  # one large step per drain
+            if q and not self.registered:
+                self.registered = True
+                self.transport.registerProducer(self, False)
+            elif not q and self.registered:
+                self.registered = False
+                self.transport.unregisterProducer()
+        finally:
+            self.pumping = False
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self.queue.clear()
+
+
+class Gateway:
+    """The object a server offers as reference 0: named services.
+
+    :param services: ``{name: object with remote_* methods}``.
+    """
+
+    def __init__(self, services: dict[str, Any]):
+        self.services = services
+
+    def remote_get(self, name: str) -> Any:
+        """The service called ``name``."""
+        if name not in self.services:
+            raise ProtocolError(
+                f"no service {name!r}: this controller offers {sorted(self.services)}"
+            )
+        return self.services[name]
+
+
+class NativeProtocol(protocol.Protocol):
+    """One native connection: handshake, signed frames, calls both ways.
+
+    :param key: the cluster key.
+    :param is_client: the connecting side (it proves the key first).
+    :param root: the object the peer reaches as reference 0 (a
+        :class:`Gateway` on a server), or None.
+    :ivar authenticated: Deferred firing once both sides proved the key
+        (errback :class:`~kernel.error.SecurityError` or
+        :class:`~kernel.error.ConnectionError`).
+    """
+
+    def __init__(self, key: str | bytes, is_client: bool, root: Any = None):
+        self.key = key
+        self.is_client = is_client
+        self.nonce = os.urandom(NONCE_BYTES)
+        self.authenticated: defer.Deferred = defer.Deferred()
+        self._auth_done = False
+        self._hello = bytearray()
+        self._reader: FrameReader | None = None
+        self._writer: FrameWriter | None = None
+        self._outbox: _Outbox | None = None
+        self._exports: dict[int, Any] = {0: root} if root is not None else {}
+        self._export_ids: dict[int, int] = {}
+        self._next_oid = 1
+        self._remotes: dict[int, NativeRemote] = {}
+        self._calls: dict[int, defer.Deferred] = {}
+        self._next_call = 1
+        self._disconnect_watchers: dict[int, tuple[Callable, tuple, dict]] = {}
+        self._next_watcher = 1
+        self.connected_ = False
+        self.lost_reason: Failure | None = None
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.connected_ = True
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:  # pragma: no cover - a transport without TCP
+                pass
+        self._outbox = _Outbox(self.transport)
+        self.transport.write(HELLO + self.nonce)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        try:
+            if self._reader is None:
+                data = self._read_hello(data)
+                if self._reader is None:
+                    return
+            for header, buffers in self._reader.feed(data):
+                self._message(decode(header, buffers, self))
+        except SecurityError as e:
+            self._refuse(e)
+        except Exception as e:
+            log.msg(f"native transport: dropping the connection from {self._peer()}: {e}")
+            self._drop(e if isinstance(e, ProtocolError) else ProtocolError(str(e)))
+
+    def _read_hello(self, data: bytes) -> bytes:
+        self._hello += data
+        size = len(HELLO) + NONCE_BYTES
+        if len(self._hello) < size:
+            if not HELLO.startswith(bytes(self._hello[: len(HELLO)])):
+                raise ProtocolError("the peer does not speak the txkernel native protocol")
+            return b""
+        hello, rest = bytes(self._hello[:size]), bytes(self._hello[size:])
+        self._hello = bytearray()
+        if not hello.startswith(HELLO):
+            raise ProtocolError("the peer does not speak the txkernel native protocol")
+        peer_nonce = hello[len(HELLO) :]
+        client_nonce, server_nonce = (
+            (self.nonce, peer_nonce) if self.is_client else (peer_nonce, self.nonce)
+        )
+        c2s, s2c = session_keys(self.key, client_nonce, server_nonce)
+        self._writer = FrameWriter(c2s if self.is_client else s2c)
+        self._reader = FrameReader(s2c if self.is_client else c2s)
+        if self.is_client:
+            self._send(["a"])  # proves the key
+        return rest
+
+    def _refuse(self, e: SecurityError) -> None:
+        log.msg(f"native transport: SecurityError from {self._peer()}: {e}")
+        if not self.is_client and self.transport is not None:
+            self.transport.write(_PREFIX.pack(REFUSED, 0, 0))
+            self.transport.loseConnection()
+        else:
+            self._abort()
+        self._fail_auth(e)
+
+    def _drop(self, e: Exception) -> None:
+        self._fail_auth(e)
+        self._abort()
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
+
+    def _fail_auth(self, e: Exception) -> None:
+        if not self._auth_done:
+            self._auth_done = True
+            self.authenticated.errback(Failure(e))
+
+    def _peer(self) -> str:
+        try:
+            p = self.transport.getPeer()
+            return f"{p.host}:{p.port}"
+        except Exception:
+            return "a peer"
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        self.connected_ = False
+        self.lost_reason = reason
+        self._fail_auth(
+            ConnectionError(f"the connection closed before the handshake finished: {reason.value}")
+        )
+        calls, self._calls = self._calls, {}
+        for d in calls.values():
+            d.errback(Failure(error.ConnectionLost(f"the connection was lost: {reason.value}")))
+        watchers, self._disconnect_watchers = self._disconnect_watchers, {}
+        for cb, args, kwargs in watchers.values():
+            try:
+                cb(*args, **kwargs)
+            except Exception:
+                log.err(None, "a disconnect watcher failed")
+        self._exports.clear()
+        self._export_ids.clear()
+        if self._outbox is not None:
+            self._outbox.queue.clear()
+
+    # -- messages ------------------------------------------------------------
+
+    def _send(self, message: Any) -> None:
+        header, buffers = encode(message, self)
+        self._outbox.send(self._writer.frame(header, buffers))
+
+    def _message(self, msg: Any) -> None:
+        if type(msg) is not list or not msg:
+            raise ProtocolError(f"malformed message {msg!r:.100}")
+        kind = msg[0]
+        if not self._auth_done:
+            # The first verified frame proves the peer holds the key.
+            if self.is_client and kind == "w":
+                self._auth_done = True
+                self.authenticated.callback(self)
+                return
+            if not self.is_client and kind == "a":
+                self._auth_done = True
+                self._send(["w"])
+                self.authenticated.callback(self)
+                return
+            raise ProtocolError(f"unexpected message {kind!r} before the handshake")
+        if kind == "c":
+            _, call_id, oid, method, args, kwargs = msg
+            self._dispatch(call_id, oid, method, args, kwargs)
+        elif kind == "o":
+            _, oid, method, args, kwargs = msg
+            self._dispatch(0, oid, method, args, kwargs)
+        elif kind == "r":
+            d = self._calls.pop(msg[1], None)
+            if d is not None:
+                d.callback(msg[2])
+        elif kind == "e":
+            d = self._calls.pop(msg[1], None)
+            if d is not None:
+                d.errback(Failure(ProtocolError(f"the peer failed the call: {msg[2]}")))
+        else:
+            raise ProtocolError(f"unknown message kind {kind!r}")
+
+    def _dispatch(self, call_id: int, oid: Any, method: Any, args: Any, kwargs: Any) -> None:
+        try:
+            target = self._exports.get(oid)
+            if target is None:
+                raise ProtocolError(f"no object {oid!r} on this connection")
+            if type(method) is not str or method.startswith("_"):
+                raise ProtocolError(f"bad method name {method!r}")
+            _check_remote_interface(target, method)
+            func = getattr(target, f"remote_{method}", None)
+            if func is None:
+                raise ProtocolError(f"{type(target).__name__} has no remote method {method!r}")
+            if type(args) is not list or type(kwargs) is not dict:
+                raise ProtocolError("malformed call arguments")
+            d = defer.maybeDeferred(func, *args, **kwargs)
+        except Exception:
+            d = defer.fail()
+        if call_id:
+            d.addCallbacks(self._reply, self._reply_failure, (call_id,), None, (call_id, method))
+        else:
+            d.addErrback(lambda f: log.msg(f"one-way call {method!r} failed: {f.value}"))
+
+    def _reply(self, value: Any, call_id: int) -> None:
+        if not self.connected_:
+            return
+        try:
+            self._send(["r", call_id, value])
+        except Exception:
+            self._reply_failure(Failure(), call_id, "?")
+
+    def _reply_failure(self, f: Failure, call_id: int, method: Any) -> None:
+        if not self.connected_:
+            return
+        if not f.check(ProtocolError, TypeError):
+            log.msg(f"native call {method!r} failed: {f.type.__name__}: {f.value}")
+        self._send(["e", call_id, f"{f.type.__name__}: {f.value}"])
+
+    # -- references ----------------------------------------------------------
+
+    def export(self, obj: Any) -> int:
+        """The id the peer uses to call ``obj`` (kept until the connection closes)."""
+        oid = self._export_ids.get(id(obj))
+        if oid is None or self._exports.get(oid) is not obj:
+            oid = self._next_oid
+            self._next_oid += 1
+            self._exports[oid] = obj
+            self._export_ids[id(obj)] = oid
+        return oid
+
+    def remote(self, oid: int) -> NativeRemote:
+        """The peer's object ``oid`` (one NativeRemote per object)."""
+        r = self._remotes.get(oid)
+        if r is None:
+            r = self._remotes[oid] = NativeRemote(self, oid)
+        return r
+
+    def local(self, oid: int) -> Any:
+        """This side's exported object ``oid``."""
+        if oid not in self._exports:
+            raise ProtocolError(f"no object {oid!r} on this connection")
+        return self._exports[oid]
+
+    def call(self, oid: int, method: str, args: tuple, kwargs: dict, reply: bool = True):
+        """Send a call; fire its (decoded) reply when ``reply``."""
+        if not self.connected_ or not self._auth_done:
+            return defer.fail(error.ConnectionLost("the connection to the peer is closed"))
+        try:
+            if not reply:
+                self._send(["o", oid, method, list(args), kwargs])
+                return None
+            call_id = self._next_call
+            self._next_call += 1
+            d = defer.Deferred()
+            self._calls[call_id] = d
+            try:
+                self._send(["c", call_id, oid, method, list(args), kwargs])
+            except Exception:
+                self._calls.pop(call_id, None)
+                raise
+            return d
+        except Exception:
+            return defer.fail()
+
+    def watch_disconnect(self, cb: Callable, args: tuple, kwargs: dict) -> int:
+        marker = self._next_watcher
+        self._next_watcher += 1
+        self._disconnect_watchers[marker] = (cb, args, kwargs)
+        return marker
+
+    def unwatch_disconnect(self, marker: int) -> None:
+        self._disconnect_watchers.pop(marker, None)
+
+
+def _check_remote_interface(target: Any, method: str) -> None:
+    """Refuse a method the target's Foolscap RemoteInterface (if it declares
+    one) does not list."""
+    try:
+        from foolscap.remoteinterface import getRemoteInterface
+    except ImportError:  # pragma: no cover - foolscap is a dependency
+        return
+    iface = getRemoteInterface(target)
+    if iface is not None and method not in iface.names():
+        raise ProtocolError(f"no remote method {method!r} on {iface.__remote_name__}")
+
+
+class NativeRemote:
+    """An object on the other side of a native connection, with the Foolscap
+    reference API the client halves use.
+
+    :param proto: the connection.
+    :param oid: the object's id on the far side.
+    """
+
+    def __init__(self, proto: NativeProtocol, oid: int):
+        self.proto = proto
+        self.oid = oid
+
+    def __repr__(self) -> str:
+        return f"<NativeRemote {self.oid} on {self.proto._peer()}>"
+
+    def callRemote(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:  # noqa: N802
+        """Call ``remote_<method>`` on the far object.
+
+        :returns: Deferred firing its reply.
+        :raises: (errback) ``ConnectionLost`` when the connection is gone;
+            :class:`~kernel.error.ProtocolError` when the far side refused or
+            failed the call itself.
+        """
+        return self.proto.call(self.oid, method, args, kwargs)
+
+    def callRemoteOnly(self, method: str, *args: Any, **kwargs: Any) -> None:  # noqa: N802
+        """Call without waiting for (or getting) a reply."""
+        d = self.proto.call(self.oid, method, args, kwargs, reply=False)
+        if d is not None:
+            d.addErrback(lambda f: None)
+
+    def notifyOnDisconnect(self, callback: Callable, *args: Any, **kwargs: Any) -> int:  # noqa: N802
+        """Call ``callback(*args, **kwargs)`` once the connection is lost
+        (soon, if it is already). Returns a marker for :meth:`dontNotifyOnDisconnect`."""
+        if not self.proto.connected_:
+            from twisted.internet import reactor
+
+            reactor.callLater(0, callback, *args, **kwargs)
+            return 0
+        return self.proto.watch_disconnect(callback, args, kwargs)
+
+    def dontNotifyOnDisconnect(self, marker: int) -> None:  # noqa: N802
+        """Cancel a :meth:`notifyOnDisconnect`."""
+        self.proto.unwatch_disconnect(marker)
+
+    def getPeer(self) -> Any:  # noqa: N802
+        """The address of the far end."""
+        return self.proto.transport.getPeer()
+
+    @property
+    def tracker(self) -> Any:
+        """Mirrors Foolscap's ``reference.tracker.broker.transport``, so code
+        that drops a connection through it works unchanged."""
+        return _Tracker(self.proto)
+
+    def disconnect(self) -> None:
+        """Drop the connection at once."""
+        self.proto._abort()
+
+
+class _Tracker:
+    __slots__ = ("broker",)
+
+    def __init__(self, broker: Any):
+        self.broker = broker
+
+
+# ---------------------------------------------------------------------------
+# The two ends
+# ---------------------------------------------------------------------------
+
+
+class NativeServerFactory(protocol.Factory):
+    """Accepts native connections proving ``key``; offers ``services``.
+
+    :param key: the cluster key.
+    :param services: ``{name: object}`` reachable with ``get(name)``.
+    """
+
+    def __init__(self, key: str | bytes, services: dict[str, Any]):
+        self.key = key
+        self.gateway = Gateway(services)
+
+    def buildProtocol(self, addr: Any) -> NativeProtocol:  # noqa: N802
+        p = NativeProtocol(self.key, is_client=False, root=self.gateway)
+        p.factory = self
+        # A refused or failed handshake is logged where it happens.
+        p.authenticated.addErrback(lambda f: None)
+        return p
+
+
+async def connect(
+    host: str,
+    port: int,
+    key: str | bytes,
+    service: str,
+    timeout: float = 30.0,
+    reactor: Any = None,
+    tls: Any = None,
+) -> NativeRemote:
+    """Connect to a native controller, prove the key, get the service ``service``.
+
+    :param tls: None for plain TCP, or Twisted client TLS options
+        (:func:`twisted.internet.ssl.optionsForClientTLS`).
+    :returns: the service as a :class:`NativeRemote`.
+    :raises SecurityError: the controller refused the key, or did not prove it
+        holds the same key.
+    :raises ConnectionError: nothing answers at ``host:port`` within ``timeout``.
+    """
+    from twisted.internet import endpoints
+
+    if reactor is None:
+        from twisted.internet import reactor
+    where = f"{host}:{port}"
+    if tls is None:
+        endpoint = endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpoint = endpoints.SSL4ClientEndpoint(reactor, host, port, tls, timeout=timeout)
+    proto = NativeProtocol(key, is_client=True)
+    try:
+        d = endpoints.connectProtocol(endpoint, proto)
+        d.addCallback(lambda _: proto.authenticated)
+        d.addCallback(lambda _: proto.call(0, "get", (service,), {}))
+        d.addTimeout(timeout, reactor)
+        remote = await d
+    except SecurityError as e:
+        if proto.transport is not None:
+            proto._abort()
+        raise SecurityError(
+            f"the controller at {where} and this side do not share a cluster key ({e}). "
+            f"Use the {NATIVE_FILE} written by the running controller (its cluster "
+            "directory), or restart the cluster."
+        ) from None
+    except Exception as e:
+        if proto.transport is not None:
+            proto._abort()
+        if isinstance(e, ProtocolError):
+            raise
+        raise ConnectionError(
+            f"cannot reach a native controller at {where} ({e or type(e).__name__}): start "
+            "one with `txkernel cluster start -n 4 --adapter native`."
+        ) from None
+    if not isinstance(remote, NativeRemote):
+        proto._abort()
+        raise ProtocolError(f"the controller answered get({service!r}) with {remote!r:.100}")
+    return remote
+
+
+def read_connection_info(cd: Any) -> dict[str, Any]:
+    """Read ``native.json`` from a cluster directory.
+
+    :param cd: a :class:`~kernel.clusterdir.ClusterDir`.
+    :returns: ``{'host', 'port', 'key'}``.
+    :raises ConnectionError: there is no ``native.json``.
+    :raises SecurityError: the file or the directory is not private.
+    """
+    info = cd.read_json(NATIVE_FILE)
+    if info is None:
+        raise ConnectionError(
+            f"no native connection file {cd.file(NATIVE_FILE)}: is a controller running "
+            "with --adapter native in this cluster directory? Start one with "
+            f"`txkernel cluster start -n 4 --adapter native --cluster-dir {cd.path}`."
+        )
+    return info
+
+
+async def connect_info(info: dict[str, Any], service: str, timeout: float = 30.0) -> NativeRemote:
+    """:func:`connect` with the content of ``native.json``.
+
+    :raises ProtocolError: the connection info is malformed.
+    """
+    try:
+        host, port, key = info["host"], int(info["port"]), info["key"]
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError(f"malformed {NATIVE_FILE}: it needs host, port and key") from None
+    return await connect(host, port, key, service, timeout)
+
+
+def _port_is_free(interface: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((interface, port))
+        except OSError:
+            return False
+    return True
+
+
+def _choose_port(cd: Any, interface: str, port: int) -> int:
+    """``port``, else the port of the last run if still free, else a free one
+    (remembered in the cluster directory for the next run)."""
+    from kernel.tap import free_port
+
+    if not port:
+        remembered = cd.get_port("native")
+        port = remembered if remembered and _port_is_free(interface, remembered) else 0
+        port = port or free_port(interface)
+    cd.set_port("native", port)
+    return port
+
+
+def serve_controller(
+    cd: Any,
+    registrar: Any,
+    multiengine: Any = None,
+    task_controller: Any = None,
+    interface: str = "127.0.0.1",
+    port: int = 0,
+) -> Any:
+    """The controller's native side: one port for engines and clients, and
+    ``native.json`` (host, port, cluster key; mode 0600, written atomically).
+
+    The key of an earlier ``native.json`` is kept, so the engines and clients
+    of a restarted controller connect again by themselves.
+
+    :param cd: the :class:`~kernel.clusterdir.ClusterDir` (created).
+    :param registrar: a :class:`kernel.enginenative.NativeEngineRegistrar`.
+    :param multiengine: the core :class:`~kernel.multiengine.MultiEngine`, or None.
+    :param task_controller: the core task controller, or None.
+    :param port: 0 for the port of the last run if free, else any free one.
+    :returns: a MultiService to add to the controller's service tree.
+    :raises SecurityError: an existing ``native.json`` is not private.
+    """
+    import socket
+
+    from twisted.application import internet, service
+
+    old = cd.read_json(NATIVE_FILE) or {}
+    info = {
+        "host": socket.getfqdn() if interface in ("", "0.0.0.0") else interface,
+        "port": _choose_port(cd, interface, port),
+        "key": old.get("key") or generate_key(),
+    }
+    services: dict[str, Any] = {"registrar": registrar}
+    if multiengine is not None:
+        from kernel import multienginenative
+
+        services["multiengine"] = multienginenative.make_client_referenceable(
+            multiengine, output=registrar
+        )
+    if task_controller is not None:
+        from kernel import tasknative
+
+        services["task"] = tasknative.NativeTaskControllerFromTaskController(task_controller)
+
+    top = service.MultiService()
+    factory = NativeServerFactory(info["key"], services)
+    internet.TCPServer(info["port"], factory, interface=interface).setServiceParent(top)
+    ConnectionFile(cd, info).setServiceParent(top)
+    top.info = info
+    top.factory = factory
+    return top
+
+
+class ConnectionFile(Service):
+    """Writes ``native.json`` (mode 0600, atomically) once the port listens.
+
+    :param cd: the :class:`~kernel.clusterdir.ClusterDir`.
+    :param info: the connection info to write.
+    """
+
+    def __init__(self, cd: Any, info: dict[str, Any]):
+        self.cd = cd
+        self.info = info
+
+    def startService(self) -> None:  # noqa: N802
+        Service.startService(self)
+        self.cd.write_json(NATIVE_FILE, self.info)
