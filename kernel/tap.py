@@ -29,9 +29,12 @@ from twisted.python import log, usage
 from kernel import clusterdir
 from kernel.clusterdir import ClusterDir
 
+#: The native transport's connection file (see :mod:`kernel.nativeproto`).
+NATIVE_FILE = "native.json"
+
 #: Load-balancing schemes the task controller understands.
 SCHEMES = ("lru", "plainrandom", "twobin", "weighted", "leastload")
-ADAPTERS = ("fc", "pb")
+ADAPTERS = ("fc", "pb", "native")
 
 
 def _port(value: str) -> int:
@@ -79,7 +82,13 @@ class ControllerOptions(usage.Options):
             "Port for clients (0: the port of the last run, else a free one).",
             _port,
         ],
-        ["adapter", "a", "fc", "Client transport: fc (Foolscap) or pb (Perspective Broker)."],
+        [
+            "adapter",
+            "a",
+            "fc",
+            "Transport: fc (Foolscap), pb (Perspective Broker) or native "
+            "(signed frames, see kernel.nativeproto).",
+        ],
         ["heartbeat", None, 3.0, "Seconds between engine heartbeats.", _positive],
         ["max-missed", None, 3, "Heartbeats an engine may miss before it is declared dead.", int],
         ["scheme", None, "leastload", "Task scheduling scheme: " + ", ".join(SCHEMES) + "."],
@@ -90,7 +99,8 @@ class ControllerOptions(usage.Options):
     def postOptions(self) -> None:
         if self["adapter"] not in ADAPTERS:
             raise usage.UsageError(
-                f"unknown adapter {self['adapter']!r}: use --adapter fc or --adapter pb"
+                f"unknown adapter {self['adapter']!r}: use --adapter fc or --adapter pb "
+                "(or --adapter native)"
             )
         if self["scheme"] not in SCHEMES:
             raise usage.UsageError(
@@ -127,7 +137,7 @@ class EngineOptions(usage.Options):
             "adapter",
             "a",
             "auto",
-            "How to reach the controller: fc, pb, or auto (the "
+            "How to reach the controller: fc, pb, native, or auto (the "
             "adapter whose connection file the cluster directory holds).",
         ],
         ["max-delay", None, 5.0, "Longest wait between reconnection attempts, seconds.", _positive],
@@ -136,9 +146,9 @@ class EngineOptions(usage.Options):
     def postOptions(self) -> None:
         if self["adapter"] not in ("auto", *ADAPTERS):
             raise usage.UsageError(
-                f"unknown adapter {self['adapter']!r}: use --adapter fc, pb or auto"
+                f"unknown adapter {self['adapter']!r}: use --adapter fc, pb, native or auto"
             )
-        if self["furl-file"] and self["adapter"] == "pb":
+        if self["furl-file"] and self["adapter"] in ("pb", "native"):
             raise usage.UsageError("--furl-file is for Foolscap: drop it or use --adapter fc")
         f = self["furl-file"]
         if f is not None and os.path.isdir(f):
@@ -401,7 +411,11 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
     engine_list = EngineList(cd)
 
     monitor = HeartMonitor(options["heartbeat"], on_dead=None, max_missed=options["max-missed"])
-    registrar = FCEngineRegistrar(controller, monitor, on_change=engine_list)
+    if options["adapter"] == "native":
+        from kernel.enginenative import NativeEngineRegistrar as registrar_class
+    else:
+        registrar_class = FCEngineRegistrar
+    registrar = registrar_class(controller, monitor, on_change=engine_list)
     monitor.setServiceParent(top)
 
     multiengine, task_controller = _build_frontends(controller, options, cd)
@@ -412,7 +426,17 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
     # The connection files describe the running controller: drop the other
     # adapter's, so that engines and clients cannot pick up stale ones.
     interface = options["interface"]
-    if options["adapter"] == "pb":
+    if options["adapter"] != "native":
+        cd.remove_file(NATIVE_FILE)
+    if options["adapter"] == "native":
+        from kernel import nativeproto
+
+        for name in (*clusterdir.FC_FILES, clusterdir.PB_FILE):
+            cd.remove_file(name)
+        nativeproto.serve_controller(
+            cd, registrar, multiengine, task_controller, interface, options["client-port"]
+        ).setServiceParent(top)
+    elif options["adapter"] == "pb":
         for name in clusterdir.FC_FILES:
             cd.remove_file(name)
         _serve_pb(cd, registrar, multiengine, task_controller, options).setServiceParent(top)
@@ -447,6 +471,8 @@ def _engine_adapter(options: EngineOptions, cd: ClusterDir) -> str:
         return "fc" if options["furl-file"] else options["adapter"]
     has_pb = os.path.exists(cd.file(clusterdir.PB_FILE))
     has_fc = os.path.exists(cd.file(clusterdir.ENGINE_FURL))
+    if os.path.exists(cd.file(NATIVE_FILE)) and not has_fc and not has_pb:
+        return "native"
     return "pb" if has_pb and not has_fc else "fc"
 
 
@@ -481,7 +507,14 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
     top = service.MultiService()
     engine = EngineService()
     common = {"on_fatal": give_up, "on_kill": stop, "max_delay": options["max-delay"]}
-    if _engine_adapter(options, cd) == "pb":
+    adapter = _engine_adapter(options, cd)
+    if adapter == "native":
+        from kernel import enginenative, nativeproto
+
+        connector = enginenative.NativeEngineConnector(
+            lambda: nativeproto.read_connection_info(cd), engine, **common
+        )
+    elif adapter == "pb":
         from kernel import enginepb, pbutil
 
         connector = enginepb.PBEngineConnector(
