@@ -60,6 +60,7 @@ from kernel.error import (
     RemoteError,
     TaskAborted,
     TaskAlreadyCompleted,
+    TaskError,
     engine_failure_info,
 )
 from kernel.interfaces import IMapper, ITaskController
@@ -249,6 +250,7 @@ class TaskController(service.Service):
         self._looping = False
         self._again = False
         self._db_tail: Deferred = succeed(None)
+        self._stopped = False
         controller.on_register_engine_do(self._engine_registered, True)
         controller.on_unregister_engine_do(self._engine_unregistered, True)
         for engine_id in sorted(controller.engines):
@@ -267,13 +269,19 @@ class TaskController(service.Service):
         return self._table.hwm
 
     def stopService(self):  # noqa: N802 - Twisted's name
-        """Stop watching engines and cancel pending timeouts."""
+        """Stop: stop watching engines, and end every unfinished task as
+        aborted (so no caller waits for it forever). Later submissions fail."""
+        self._stopped = True
         self.controller.on_register_engine_do_not(self._engine_registered)
         self.controller.on_unregister_engine_do_not(self._engine_unregistered)
-        for state in self._tasks.values():
-            if state.timer is not None and state.timer.active():
-                state.timer.cancel()
-            state.timer = None
+        for state in list(self._tasks.values()):
+            self._finish(
+                state,
+                "aborted",
+                error=TaskAborted(
+                    f"the task controller stopped before task {state.taskid} finished"
+                ),
+            )
         return super().stopService()
 
     # -- ITaskController -----------------------------------------------------
@@ -298,6 +306,10 @@ class TaskController(service.Service):
         :raises: (errback) ``ValueError``/``TypeError`` for bad flags or a
             payload that is not a :class:`~kernel.serialized.Serialized`.
         """
+        if self._stopped:
+            return fail(
+                TaskError("this task controller has stopped: submit tasks to a running one")
+            )
         try:
             flags = normalize_flags(flags)
             if not isinstance(payload, Serialized):

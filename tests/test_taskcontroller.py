@@ -595,13 +595,20 @@ def test_clear_drops_records_from_the_db():
     assert failures[0].check(InvalidTaskID)
 
 
-def test_stop_service_stops_watching_engines():
-    controller, tc, _, _ = make(0)
+def test_stop_service_ends_unfinished_tasks_and_refuses_new_ones():
+    controller, tc, engines, _ = make(1)
+    running, waiting = submit(tc), submit(tc)
+    d = tc.get_task_result(waiting, block=True)
     tc.startService()
     tc.stopService()
-    taskid = submit(tc)
-    controller.register_engine(FakeEngine())
-    assert tc.queue_status(verbose=True).result["pending"] == [taskid]
+    assert d.called and d.result.status == "aborted"
+    assert outcome(tc, running).status == "aborted"
+    failures = []
+    tc.run_spec(*spec()).addErrback(failures.append)
+    assert "stopped" in str(failures[0].value)
+    engine = FakeEngine()
+    controller.register_engine(engine)
+    assert engine.calls == []  # no longer watching registrations
 
 
 # -- the task database ------------------------------------------------------------
