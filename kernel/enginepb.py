@@ -8,8 +8,9 @@ envelopes, no second copy of their logic.
   is :class:`kernel.enginefc.EngineConnector` (register, ask for the previous
   id again after a reconnection, exponential backoff, give up on a
   :class:`~kernel.error.SecurityError`) reaching the controller through a
-  :class:`PBControllerLocator`: log in to the controller's PB engine port
-  with the engine secret from ``pb.json`` and ask for the registrar. The
+  :class:`PBControllerLocator`: connect to the controller's PB engine port
+  over TLS (pinning the certificate in ``pb.json``), log in with the engine
+  secret and ask for the registrar. The
   engine is exposed by :class:`kernel.enginefc.FCEngineReferenceFromService`
   (wrapped in :class:`kernel.pbutil.Exposed` as it crosses the wire, its
   ``RIEngine`` schema still enforced).
@@ -77,18 +78,11 @@ class PBControllerLocator:
         :class:`~kernel.pbutil.PBRemote`).
 
         :raises: (errback) :class:`~kernel.error.SecurityError` if the
-            controller refuses the secret; :class:`~kernel.error.ConnectionError`
-            if it cannot be reached.
+            controller refuses the secret or is not the one ``info`` names
+            (TLS certificate); :class:`~kernel.error.ConnectionError` if it
+            cannot be reached.
         """
-        try:
-            host, port, secret = info["host"], int(info["engine_port"]), info["engine_secret"]
-        except (KeyError, TypeError, ValueError):
-            return defer.fail(
-                pbutil.WireError(f"malformed {pbutil.PB_FILE}: no host, engine_port or secret")
-            )
-        return defer.ensureDeferred(
-            pbutil.login(host, port, pbutil.ENGINE_USER, secret, REGISTRAR, self.timeout)
-        )
+        return pbutil.login_with(info, pbutil.ENGINE_USER, REGISTRAR, self.timeout)
 
 
 class PBEngineConnector(EngineConnector):

@@ -95,14 +95,7 @@ def get_multiengine_client(
 
     async def go() -> PBFullSynchronousMultiEngineClient:
         i = info if info is not None else pbutil.read_connection_info(ClusterDir(cluster_dir))
-        remote = await pbutil.login(
-            i["host"],
-            int(i["client_port"]),
-            pbutil.CLIENT_USER,
-            i["client_secret"],
-            MULTIENGINE,
-            timeout,
-        )
+        remote = await pbutil.login_with(i, pbutil.CLIENT_USER, MULTIENGINE, timeout)
         return PBFullSynchronousMultiEngineClient(remote)
 
     return defer.ensureDeferred(go())

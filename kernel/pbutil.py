@@ -42,6 +42,13 @@ directory's ``pb.json`` (mode 0600, written atomically, read only if private).
 PB's login is a challenge–response: the secret itself never crosses the wire.
 A wrong secret fails :func:`login` with :class:`~kernel.error.SecurityError`
 and the peer gets no object to call, so nothing runs.
+
+The controller's listeners speak TLS with a self-signed certificate kept in
+the cluster directory (:data:`CERT_FILE`, :func:`controller_certificate`);
+``pb.json`` carries its public half and clients and engines accept only a
+peer holding its key (certificate pinning, as a FURL pins a Tub's key). So
+traffic is encrypted and nobody can stand in for the controller to collect
+logins or payloads.
 """
 
 from __future__ import annotations
@@ -92,6 +99,10 @@ __all__ = [
     "GatewayRealm",
     "make_portal",
     "login",
+    "login_with",
+    "controller_certificate",
+    "public_pem",
+    "CERT_FILE",
     "read_connection_info",
     "serve_controller",
 ]
@@ -113,6 +124,8 @@ ENGINE_USER = "engine"
 CLIENT_USER = "client"
 #: The connection file a PB controller writes in its cluster directory.
 PB_FILE = "pb.json"
+#: The controller's TLS key and certificate (PEM), kept in its cluster directory.
+CERT_FILE = "pb.pem"
 
 
 class WireError(pb.Error):
@@ -507,8 +520,8 @@ class Exposed(pb.Referenceable):
 
 
 def _as_wire_error(f: Failure, method: str) -> Failure:
-    """Send unexpected failures as a :class:`WireError` (no logged traceback
-    on this side beyond one line, no local details to the peer)."""
+    """Send unexpected failures as a :class:`WireError`: one log line here,
+    and the peer gets the exception's type and message but no traceback."""
     if f.check(pb.Error):
         return f
     log.msg(f"PB call {method} failed: {f.getErrorMessage()}")
@@ -614,8 +627,11 @@ class PBRemote:
         return _Tracker(self.reference.broker)
 
     def disconnect(self) -> None:
-        """Drop the connection at once."""
-        transport = self.reference.broker.transport
+        """Drop the connection at once (no-op if it is already gone)."""
+        broker = self.reference.broker
+        if broker.disconnected:
+            return
+        transport = broker.transport
         abort = getattr(transport, "abortConnection", None)
         (abort or transport.loseConnection)()
 
@@ -728,6 +744,64 @@ def _remote_type(f: Failure) -> str:
     return kind.decode() if isinstance(kind, bytes) else str(kind)
 
 
+def controller_certificate(cd: Any) -> Any:
+    """The controller's TLS certificate (a ``twisted.internet.ssl.PrivateCertificate``).
+
+    Made on first use (a 2048-bit RSA key, self-signed) and kept in the cluster
+    directory as :data:`CERT_FILE` (mode 0600), so a restarted controller
+    keeps it and clients' pinned copies stay valid.
+
+    :raises SecurityError: the stored file is not private.
+    """
+    from twisted.internet import ssl
+
+    try:
+        return ssl.PrivateCertificate.loadPEM(cd.read_file(CERT_FILE))
+    except FileNotFoundError:
+        pass
+    key = ssl.KeyPair.generate(size=2048)
+    cert = key.selfSignedCert(secrets.randbits(63) + 1, commonName="txkernel controller")
+    cd.write_file(CERT_FILE, cert.dumpPEM())
+    return cert
+
+
+def public_pem(cert: Any) -> str:
+    """The public half of a certificate, as PEM text (what ``pb.json`` pins)."""
+    from twisted.internet import ssl
+
+    return ssl.Certificate(cert.original).dumpPEM().decode("ascii")
+
+
+def _pinned_tls(certificate: str) -> Any:
+    """Client TLS options trusting exactly ``certificate`` (PEM): the peer must
+    hold its private key. Remembers whether verification rejected the peer."""
+    from OpenSSL import SSL
+    from twisted.internet import ssl
+
+    class Pinned(ssl.CertificateOptions):
+        rejected = False
+
+        def getContext(self):  # noqa: N802
+            ctx = super().getContext()
+
+            def verify(conn, x509, errno, depth, ok):
+                if not ok:
+                    Pinned.rejected = True
+                return ok
+
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+            return ctx
+
+    try:
+        pinned = ssl.Certificate.loadPEM(certificate.encode("ascii"))
+    except Exception:
+        raise SecurityError(
+            f"the certificate in {PB_FILE} is unreadable: use the {PB_FILE} written by "
+            "the running controller"
+        ) from None
+    return Pinned(trustRoot=ssl.trustRootFromCertificates([pinned]))
+
+
 def _refused(f: Failure) -> bool:
     if f.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
         return True
@@ -742,12 +816,17 @@ async def login(
     secret: str,
     service_name: str,
     timeout: float = 30.0,
+    certificate: str | None = None,
     reactor: Any = None,
 ) -> PBRemote:
     """Connect to a PB listener, log in, and get the service ``service_name``.
 
+    :param certificate: the controller's certificate (PEM, from ``pb.json``):
+        connect over TLS and accept only a peer holding its key. None connects
+        over plain TCP (for listeners without TLS, such as in-process tests).
     :returns: the service as a :class:`PBRemote`.
-    :raises SecurityError: the controller refused the credentials.
+    :raises SecurityError: the controller refused the credentials, or the peer
+        is not the controller ``certificate`` names.
     :raises ConnectionError: nothing answers at ``host:port``, or the login
         did not finish within ``timeout`` seconds.
     """
@@ -755,7 +834,12 @@ async def login(
         from twisted.internet import reactor
     factory = pb.PBClientFactory()
     factory.protocol = Broker
-    connector = reactor.connectTCP(host, port, factory, timeout=timeout)
+    tls = None
+    if certificate is None:
+        connector = reactor.connectTCP(host, port, factory, timeout=timeout)
+    else:
+        tls = _pinned_tls(certificate)
+        connector = reactor.connectSSL(host, port, factory, tls, timeout=timeout)
     where = f"{host}:{port}"
     try:
         d = factory.login(cred_credentials.UsernamePassword(username.encode(), secret.encode()))
@@ -765,6 +849,12 @@ async def login(
     except Exception:
         f = Failure()
         connector.disconnect()
+        if tls is not None and tls.rejected:
+            raise SecurityError(
+                f"the server at {where} is not the controller that wrote this {PB_FILE}: "
+                "its TLS certificate does not match. Use the connection file of the "
+                "running controller (a restarted cluster writes a new one)."
+            ) from None
         if _refused(f):
             raise SecurityError(
                 f"the controller at {where} refused the PB credentials of {username!r}: "
@@ -785,12 +875,35 @@ async def login(
     return PBRemote(service)
 
 
+def login_with(info: dict[str, Any], role: str, service_name: str, timeout: float = 30.0):
+    """:func:`login` with connection info read from ``pb.json``.
+
+    :param role: ``'engine'`` or ``'client'`` (which port and secret to use).
+    :returns: Deferred firing the service as a :class:`PBRemote`.
+    :raises: (errback) :class:`ConnectionError` for incomplete info, and as
+        :func:`login`.
+    """
+    try:
+        host, port = info["host"], int(info[f"{role}_port"])
+        secret, certificate = info[f"{role}_secret"], info["certificate"]
+    except (KeyError, TypeError, ValueError) as e:
+        return defer.fail(
+            ConnectionError(
+                f"the PB connection info lacks {e}: use the {PB_FILE} a running controller "
+                "wrote (restart the cluster if it was written by an older version)"
+            )
+        )
+    return defer.ensureDeferred(
+        login(host, port, role, secret, service_name, timeout, certificate=certificate)
+    )
+
+
 def read_connection_info(cd: Any) -> dict[str, Any]:
     """Read ``pb.json`` from a cluster directory.
 
     :param cd: a :class:`~kernel.clusterdir.ClusterDir`.
     :returns: ``{'host', 'engine_port', 'client_port', 'engine_secret',
-        'client_secret'}``.
+        'client_secret', 'certificate'}`` (the certificate as PEM text).
     :raises ConnectionError: there is no ``pb.json`` (no PB controller ran here).
     :raises SecurityError: the file or the directory is not private.
     """
@@ -859,7 +972,7 @@ def serve_controller(
     engine_port: int = 0,
     client_port: int = 0,
 ) -> service.MultiService:
-    """The controller's PB side: an engine port, a client port, ``pb.json``.
+    """The controller's PB side: an engine port and a client port (TLS), ``pb.json``.
 
     Engines log in on the engine port as :data:`ENGINE_USER` and get the
     registrar; clients log in on the client port as :data:`CLIENT_USER` and
@@ -882,12 +995,14 @@ def serve_controller(
     from kernel import enginepb
 
     old = cd.read_json(PB_FILE) or {}
+    cert = controller_certificate(cd)
     info = {
         "host": socket.getfqdn() if interface in ("", "0.0.0.0") else interface,
         "engine_port": _choose_port(cd, "pb-engine", interface, engine_port),
         "client_port": _choose_port(cd, "pb-client", interface, client_port),
         "engine_secret": old.get("engine_secret") or generate_secret(),
         "client_secret": old.get("client_secret") or generate_secret(),
+        "certificate": public_pem(cert),
     }
     services: dict[str, Any] = {}
     if multiengine is not None:
@@ -901,8 +1016,9 @@ def serve_controller(
 
     top = service.MultiService()
     engines = server_factory(enginepb.engine_portal(registrar, info["engine_secret"]))
-    internet.TCPServer(info["engine_port"], engines, interface=interface).setServiceParent(top)
+    tls = cert.options()
+    internet.SSLServer(info["engine_port"], engines, tls, interface=interface).setServiceParent(top)
     clients = server_factory(make_portal(CLIENT_USER, info["client_secret"], services))
-    internet.TCPServer(info["client_port"], clients, interface=interface).setServiceParent(top)
+    internet.SSLServer(info["client_port"], clients, tls, interface=interface).setServiceParent(top)
     ConnectionFile(cd, info).setServiceParent(top)
     return top

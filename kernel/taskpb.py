@@ -111,9 +111,7 @@ def get_task_client(
 
     async def go() -> PBTaskClient:
         i = info if info is not None else pbutil.read_connection_info(ClusterDir(cluster_dir))
-        remote = await pbutil.login(
-            i["host"], int(i["client_port"]), pbutil.CLIENT_USER, i["client_secret"], TASK, timeout
-        )
+        remote = await pbutil.login_with(i, pbutil.CLIENT_USER, TASK, timeout)
         return PBTaskClient(remote)
 
     return defer.ensureDeferred(go())

@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 
 from kernel import pbutil
 from kernel.engineservice import QueuedEngine
-from kernel.error import RemoteError, SecurityError
+from kernel.error import ConnectionError, RemoteError, SecurityError
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
 from kernel.serialized import deserialize, serialize
 from tests.harness_pb import PBLoopback
@@ -94,14 +94,9 @@ async def test_a_wrong_engine_secret_is_refused_and_nothing_registers(loop):
 @pytest_twisted.ensureDeferred
 async def test_the_client_secret_does_not_open_the_engine_port(loop):
     info = loop.info
+    swapped = dict(info, engine_secret=info["client_secret"])
     with pytest.raises(SecurityError):
-        await pbutil.login(
-            info["host"],
-            info["engine_port"],
-            pbutil.ENGINE_USER,
-            info["client_secret"],
-            "registrar",
-        )
+        await pbutil.login_with(swapped, pbutil.ENGINE_USER, "registrar")
 
 
 @pytest_twisted.ensureDeferred
@@ -132,6 +127,9 @@ def test_connection_file_is_private_and_keeps_its_secrets_across_restarts(tmp_pa
     finally:
         first.stopService()
     assert stat.S_IMODE(os.stat(cd.file(pbutil.PB_FILE)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(cd.file(pbutil.CERT_FILE)).st_mode) == 0o600
+    assert "PRIVATE KEY" not in info["certificate"]
+    assert info["certificate"] == pbutil.public_pem(pbutil.controller_certificate(cd))
     assert info["engine_secret"] != info["client_secret"]
     assert info["engine_port"] != info["client_port"]
     second = pbutil.serve_controller(cd, registrar)
@@ -142,6 +140,7 @@ def test_connection_file_is_private_and_keeps_its_secrets_across_restarts(tmp_pa
         second.stopService()
     assert again["engine_secret"] == info["engine_secret"]
     assert again["client_secret"] == info["client_secret"]
+    assert again["certificate"] == info["certificate"]
 
 
 # -- real processes ---------------------------------------------------------------
@@ -195,9 +194,7 @@ async def test_engines_register_again_with_their_ids_after_a_controller_restart(
     processes.stop_controller()
     await processes.start_controller_async()
     assert await processes.wait_for_engines_async(1) == before
-    again = pbutil.read_connection_info(processes.cluster_dir)
-    assert again["engine_secret"] == info["engine_secret"]
-    assert again["client_secret"] == info["client_secret"]
+    assert pbutil.read_connection_info(processes.cluster_dir) == info
 
 
 @pytest.mark.slow
@@ -212,3 +209,29 @@ async def test_a_paused_engine_is_declared_dead_and_registers_again_when_resumed
         proc.resume()
     # the controller dropped the connection; the resumed engine notices and comes back
     assert await processes.wait_for_engines_async(1) == {engine_id: pid}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_without_the_pinned_certificate_is_refused(loop, tmp_path):
+    """Another controller (another key) cannot stand in for ours."""
+    from kernel.clusterdir import ClusterDir
+
+    stranger = pbutil.controller_certificate(ClusterDir(tmp_path / "other").create())
+    forged = dict(loop.info, certificate=pbutil.public_pem(stranger))
+    with pytest.raises(SecurityError, match="TLS certificate does not match"):
+        await pbutil.login_with(forged, pbutil.ENGINE_USER, "registrar")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_listeners_accept_no_plain_tcp(loop):
+    info = loop.info
+    with pytest.raises(ConnectionError):
+        await pbutil.login(
+            info["host"],
+            info["client_port"],
+            pbutil.CLIENT_USER,
+            info["client_secret"],
+            "multiengine",
+            timeout=1,  # a TLS listener never answers PB's plain-TCP greeting
+            certificate=None,
+        )
