@@ -36,7 +36,7 @@ __all__ = ["get_multiengine_client", "get_task_client", "connect", "client_tub",
 #: Seconds a factory waits to reach the controller.
 CONNECT_TIMEOUT = 30.0
 #: The network adapters the factories speak.
-ADAPTERS = ("fc", "pb")
+ADAPTERS = ("fc", "pb", "native")
 
 _tub: Any = None
 
@@ -154,7 +154,9 @@ def get_multiengine_client(
     :param furl_or_file: a FURL, a ``multiengine.furl`` file, or None.
     :param cluster_dir: where to find ``multiengine.furl`` when
         ``furl_or_file`` is None.
-    :param adapter: ``'fc'`` (Foolscap) or ``'pb'`` (Perspective Broker).
+    :param adapter: ``'fc'`` (Foolscap), ``'pb'`` (Perspective Broker) or
+        ``'native'`` (:mod:`kernel.nativeproto`; like PB, it connects through
+        a cluster directory).
     :param tub: the Foolscap Tub to connect from (default: :func:`client_tub`).
     :param timeout: seconds to wait for the controller.
     :returns: Deferred firing a
@@ -166,6 +168,12 @@ def get_multiengine_client(
             from kernel import multienginepb
 
             return await multienginepb.get_multiengine_client(
+                _pb_dir(furl_or_file, cluster_dir), timeout=timeout
+            )
+        if adapter == "native":
+            from kernel import multienginenative
+
+            return await multienginenative.get_multiengine_client(
                 _pb_dir(furl_or_file, cluster_dir), timeout=timeout
             )
         furl = find_furl(furl_or_file, cluster_dir, clusterdir.MULTIENGINE_FURL)
@@ -197,6 +205,12 @@ def get_task_client(
             from kernel import taskpb
 
             return await taskpb.get_task_client(_pb_dir(furl_or_file, cluster_dir), timeout=timeout)
+        if adapter == "native":
+            from kernel import tasknative
+
+            return await tasknative.get_task_client(
+                _pb_dir(furl_or_file, cluster_dir), timeout=timeout
+            )
         furl = find_furl(furl_or_file, cluster_dir, clusterdir.TASK_FURL)
         return await _client(await connect(furl, tub, timeout))
 

@@ -87,8 +87,9 @@ __all__ = [
     "remote",
 ]
 
-#: The network adapters a client can connect with: Foolscap, Perspective Broker.
-ADAPTERS = ("fc", "pb")
+#: The network adapters a client can connect with: Foolscap, Perspective
+#: Broker, the native transport.
+ADAPTERS = ("fc", "pb", "native")
 
 
 def __getattr__(name: str) -> Any:
@@ -127,7 +128,7 @@ def get_multiengine_client(
         ``multiengine.furl`` in the cluster directory.
     :param cluster_dir: the cluster directory (None: ``$TXKERNEL_CLUSTER_DIR``
         or ``~/.txkernel/default``).
-    :param adapter: the network adapter: ``'fc'`` (Foolscap) or ``'pb'``
+    :param adapter: the network adapter: ``'fc'`` (Foolscap), ``'native'`` or ``'pb'``
         (Perspective Broker, which connects through ``cluster_dir``).
     :raises kernel.error.ConnectionError: no cluster found, or the controller
         cannot be reached.

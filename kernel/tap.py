@@ -146,7 +146,8 @@ class EngineOptions(usage.Options):
     def postOptions(self) -> None:
         if self["adapter"] not in ("auto", *ADAPTERS):
             raise usage.UsageError(
-                f"unknown adapter {self['adapter']!r}: use --adapter fc, pb, native or auto"
+                f"unknown adapter {self['adapter']!r}: use --adapter fc, pb or auto "
+                "(or --adapter native)"
             )
         if self["furl-file"] and self["adapter"] in ("pb", "native"):
             raise usage.UsageError("--furl-file is for Foolscap: drop it or use --adapter fc")
