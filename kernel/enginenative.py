@@ -15,9 +15,10 @@ joined, and lands in the engine's namespace in the buffer it was received in.
   :class:`NativeControllerLocator` with the cluster key of ``native.json``.
   The engine is exposed as :class:`NativeEngineReferenceFromService`.
 - Controller process: :class:`NativeEngineRegistrar` registers each engine as
-  ``QueuedEngine(NativeEngineFromReference(reference), max_in_flight=PIPELINE)``:
-  up to :data:`PIPELINE` commands are sent ahead to each engine (the engine
-  runs them in order), so the next command is already there when one ends.
+  ``PipelinedEngine(NativeEngineFromReference(reference), max_in_flight=PIPELINE)``:
+  up to :data:`PIPELINE` commands are sent ahead to each engine, which runs
+  them in order from a queue of its own, so the next command is already there
+  when one ends (``queue_status`` and ``clear_queue`` keep their meaning).
   Lost connections and missed heartbeats unregister the engine as with
   Foolscap.
 """
@@ -38,6 +39,7 @@ from kernel.enginefc import (
     FCEngineReferenceFromService,
     FCEngineRegistrar,
 )
+from kernel.engineservice import QueuedEngine
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
 from kernel.serialized import Serialized
 
@@ -70,10 +72,36 @@ def _owned(s: Serialized) -> Serialized:
     return Serialized(s.data, [b if type(b) is bytes else bytes(b) for b in s.buffers])
 
 
+class _EngineSideQueue(QueuedEngine):
+    """The engine process's own FIFO of the commands sent ahead to it, so
+    that ``clear_queue`` can still drop those that have not started."""
+
+    def add_output_observer(self, observer: Callable[[str, str], Any]) -> None:
+        self.engine.add_output_observer(observer)
+
+    def remove_output_observer(self, observer: Callable[[str, str], Any]) -> None:
+        self.engine.remove_output_observer(observer)
+
+
 class NativeEngineReferenceFromService(FCEngineReferenceFromService):
     """Expose an engine to a controller over the native transport (engine
     process): :class:`kernel.enginefc.FCEngineReferenceFromService` with
-    Serialized blobs passed as they arrive."""
+    Serialized blobs passed as they arrive, and the commands the controller
+    sends ahead waiting in a queue here (see :class:`PipelinedEngine`).
+
+    :param engine: the engine service.
+    :param on_kill: as for the Foolscap class.
+    """
+
+    #: Remote methods beyond the ``RIEngine`` schema.
+    native_remote_methods = ("clear_queue",)
+
+    def __init__(self, engine: Any, on_kill: Callable[[], Any] | None = None):
+        super().__init__(_EngineSideQueue(engine), on_kill=on_kill)
+        self.service = engine
+
+    def remote_clear_queue(self):
+        return self._call("clear_queue")
 
     # Anything but Serialized values fails in the engine (SerializationError).
 
@@ -99,6 +127,37 @@ class NativeEngineReferenceFromService(FCEngineReferenceFromService):
         )
 
 
+class PipelinedEngine(QueuedEngine):
+    """A controller-side :class:`~kernel.engineservice.QueuedEngine` that
+    sends up to ``max_in_flight`` commands ahead to a native engine.
+
+    The engine runs them one at a time, in order, so for the queue's
+    contract the first command in flight is the running one and the others
+    are waiting: :meth:`queue_status` lists them as queued, and
+    :meth:`clear_queue` drops them on the engine too (each fails with
+    :class:`~kernel.error.QueueCleared`).
+    """
+
+    def queue_status(self) -> defer.Deferred:
+        """Fire ``{'queue': [...], 'pending': description or None}`` (see above)."""
+        if self.is_lost:
+            return super().queue_status()
+        waiting = self._in_flight[1:] + list(self._queue)
+        return defer.succeed(
+            {
+                "queue": [cmd.description for cmd in waiting],
+                "pending": self._in_flight[0].description if self._in_flight else None,
+            }
+        )
+
+    def clear_queue(self) -> defer.Deferred:
+        """Drop every command that has not started, here and on the engine."""
+        d = super().clear_queue()
+        if len(self._in_flight) > 1 and not self.is_lost:
+            d.addCallback(lambda _: self.engine.clear_queue())
+        return d
+
+
 @implementer(IEngineBase, IEngineInterrupt, IEngineTasks)
 class NativeEngineFromReference(EngineFromReference):
     """An engine in another process, used over the native transport
@@ -114,6 +173,11 @@ class NativeEngineFromReference(EngineFromReference):
         """Fire a Serialized (``keys`` a str) or a list of them, unopened."""
         return self._call("pull_serialized", keys if isinstance(keys, str) else list(keys))
 
+    def clear_queue(self) -> defer.Deferred:
+        """Drop the commands waiting on the engine (each fails with
+        :class:`~kernel.error.QueueCleared`)."""
+        return self._call("clear_queue")
+
     def run_task(
         self, payload: Serialized, clear_before: bool = False, clear_after: bool = False
     ) -> defer.Deferred:
@@ -128,18 +192,16 @@ class NativeEngineRegistrar(FCEngineRegistrar):
     """The controller's registration desk for engines over the native transport.
 
     :class:`kernel.enginefc.FCEngineRegistrar` (same arguments) registering
-    :class:`NativeEngineFromReference` engines behind a pipelining
-    :class:`~kernel.engineservice.QueuedEngine` (``max_in_flight`` =
-    :data:`PIPELINE`) unless ``wrap`` says otherwise.
+    :class:`NativeEngineFromReference` engines behind a
+    :class:`PipelinedEngine` (``max_in_flight`` = :data:`PIPELINE`) unless
+    ``wrap`` says otherwise.
     """
 
     engine_class = NativeEngineFromReference
 
     def __init__(self, controller: Any, monitor: Any = None, wrap: Callable | None = None, **kw):
         if wrap is None:
-            from kernel.engineservice import QueuedEngine
-
-            wrap = functools.partial(QueuedEngine, max_in_flight=PIPELINE)
+            wrap = functools.partial(PipelinedEngine, max_in_flight=PIPELINE)
         super().__init__(controller, monitor, wrap=wrap, **kw)
 
 

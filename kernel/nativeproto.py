@@ -847,13 +847,14 @@ class NativeProtocol(protocol.Protocol):
 
 def _check_remote_interface(target: Any, method: str) -> None:
     """Refuse a method the target's Foolscap RemoteInterface (if it declares
-    one) does not list."""
+    one) does not list, unless the target names it in ``native_remote_methods``."""
     try:
         from foolscap.remoteinterface import getRemoteInterface
     except ImportError:  # pragma: no cover - foolscap is a dependency
         return
     iface = getRemoteInterface(target)
-    if iface is not None and method not in iface.names():
+    extra = getattr(target, "native_remote_methods", ())
+    if iface is not None and method not in iface.names() and method not in extra:
         raise ProtocolError(f"no remote method {method!r} on {iface.__remote_name__}")
 
 
