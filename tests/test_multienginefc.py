@@ -141,6 +141,15 @@ def test_client_half_provides_the_multiengine_interfaces():
     verifyObject(IMultiEngineExtras, core)
 
 
+def test_adapts_to_the_blocking_multiengine_client():
+    from kernel.multiengineclient import FullBlockingMultiEngineClient
+
+    client = FCFullSynchronousMultiEngineClient(remote_reference=None)
+    blocking = client.adapt_to_blocking_client()
+    assert isinstance(blocking, FullBlockingMultiEngineClient)
+    assert blocking.smultiengine is client
+
+
 def test_server_half_provides_its_remote_interface():
     """(verifyObject does not apply: Foolscap serves RI methods as remote_*.)"""
     server = make_client_referenceable(multiengine=None)

@@ -72,6 +72,15 @@ def test_client_half_provides_itask_controller_and_blocking_adaptor():
     verifyObject(IMapper, client.mapper())
 
 
+def test_adapts_to_the_blocking_task_client():
+    from kernel.taskclient import BlockingTaskClient
+
+    client = FCTaskClient(remote_reference=None)
+    blocking = client.adapt_to_blocking_client()
+    assert isinstance(blocking, BlockingTaskClient)
+    assert blocking.task_controller is client
+
+
 def test_server_half_provides_its_remote_interface():
     """(verifyObject does not apply: Foolscap serves RI methods as remote_*.)"""
     server = FCTaskControllerFromTaskController(taskController=None)
