@@ -119,14 +119,14 @@ def _adapter(adapter: str) -> str:
 
 
 def _pb_dir(furl_or_file: Any, cluster_dir: Any) -> Any:
-    """The cluster directory a PB client reads ``pb.json`` from."""
+    """The cluster directory a PB or native client reads its connection file from."""
     if furl_or_file is None:
         return cluster_dir
     if os.path.isdir(os.fspath(furl_or_file)):
         return furl_or_file
     raise ValueError(
-        "the PB adapter connects through a cluster directory (its pb.json): pass "
-        "cluster_dir=..., not a FURL or connection file"
+        "the pb and native adapters connect through a cluster directory (its pb.json "
+        "or native.json): pass cluster_dir=..., not a FURL or connection file"
     )
 
 

@@ -53,6 +53,12 @@ def test_unknown_adapter_is_refused():
         asyncclient._adapter("zmq")
 
 
+@pytest_twisted.ensureDeferred
+async def test_pb_clients_need_a_cluster_directory_not_a_furl():
+    with pytest.raises(ValueError, match="cluster directory"):
+        await asyncclient.get_multiengine_client(FURL, adapter="pb")
+
+
 @pytest_twisted.async_yield_fixture
 async def loop():
     loop = Loopback()
