@@ -1,0 +1,372 @@
+"""The native transport's wire: frames, signatures, limits, calls (no real sockets)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet import error
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from kernel import nativeproto
+from kernel.error import ProtocolError, SecurityError
+from kernel.nativeproto import (
+    FrameReader,
+    FrameWriter,
+    NativeProtocol,
+    NativeRemote,
+    decode,
+    encode,
+    session_keys,
+)
+from kernel.serialized import Serialized
+
+KEY = bytes(range(32))
+
+
+def frames_of(writer: FrameWriter, header: bytes, buffers: list) -> bytes:
+    return b"".join(bytes(s) for s in writer.frame(header, buffers))
+
+
+# -- frames --------------------------------------------------------------------
+
+
+def test_a_frame_round_trips_with_its_buffers():
+    data = frames_of(FrameWriter(KEY), b'{"x":1}', [b"abc", bytearray(b"\x00" * 70_000)])
+    ((header, buffers),) = FrameReader(KEY).feed(data)
+    assert header == b'{"x":1}'
+    assert buffers == [bytearray(b"abc"), bytearray(70_000)]
+    assert all(type(b) is bytearray for b in buffers)
+
+
+def test_frames_arriving_a_byte_at_a_time_are_rebuilt():
+    w = FrameWriter(KEY)
+    data = frames_of(w, b"[1]", [b"xy", b"", b"z" * 300]) + frames_of(w, b"[2]", [])
+    reader = FrameReader(KEY)
+    got = []
+    for i in range(len(data)):
+        got += reader.feed(data[i : i + 1])
+    assert [(h, [bytes(b) for b in bs]) for h, bs in got] == [
+        (b"[1]", [b"xy", b"", b"z" * 300]),
+        (b"[2]", []),
+    ]
+
+
+def test_several_frames_in_one_read_are_all_delivered():
+    w = FrameWriter(KEY)
+    data = b"".join(frames_of(w, f"[{i}]".encode(), [bytes([i]) * 5]) for i in range(10))
+    got = FrameReader(KEY).feed(data)
+    assert [h for h, _ in got] == [f"[{i}]".encode() for i in range(10)]
+
+
+def test_a_wrong_key_fails_at_the_header_tag():
+    data = frames_of(FrameWriter(b"\x01" * 32), b"[]", [b"payload"])
+    with pytest.raises(SecurityError):
+        FrameReader(KEY).feed(data)
+
+
+def test_a_tampered_buffer_fails_at_the_closing_tag():
+    data = bytearray(frames_of(FrameWriter(KEY), b"[]", [b"payload"]))
+    data[-40] ^= 1  # inside the buffer
+    with pytest.raises(SecurityError):
+        FrameReader(KEY).feed(bytes(data))
+
+
+def test_a_replayed_frame_does_not_verify():
+    """Tags cover a sequence number: the same frame sent twice is refused."""
+    frame = frames_of(FrameWriter(KEY), b"[]", [])
+    reader = FrameReader(KEY)
+    assert len(reader.feed(frame)) == 1
+    with pytest.raises(SecurityError):
+        reader.feed(frame)
+
+
+def test_an_oversized_header_is_refused_before_it_is_read(monkeypatch):
+    monkeypatch.setattr(nativeproto, "MAX_HEADER_BYTES", 100)
+    prefix = nativeproto._PREFIX.pack(nativeproto.MAGIC, 101, 0)
+    with pytest.raises(ProtocolError, match="refusing a frame"):
+        FrameReader(KEY).feed(prefix)
+
+
+def test_an_oversized_frame_is_refused_before_room_is_allocated(monkeypatch):
+    """The buffer sizes are checked once the header's tag verifies, before
+    any room for the buffers is allocated."""
+    segments = FrameWriter(KEY).frame(b"[]", [b"y" * 2000])
+    monkeypatch.setattr(nativeproto, "MAX_FRAME_BYTES", 1000)
+    reader = FrameReader(KEY)
+    with pytest.raises(ProtocolError, match="refusing a frame of 2000 bytes"):
+        reader.feed(segments[0])
+    assert reader._buffers == []
+
+
+def test_the_writer_refuses_a_frame_over_the_limit(monkeypatch):
+    monkeypatch.setattr(nativeproto, "MAX_FRAME_BYTES", 1000)
+    with pytest.raises(ProtocolError, match="exceeds the native transport's limits"):
+        FrameWriter(KEY).frame(b"[]", [b"x" * 2000])
+
+
+def test_the_writer_hands_buffers_over_without_copying_them():
+    big = os.urandom(100_000)
+    view = memoryview(bytearray(50_000))
+    segments = FrameWriter(KEY).frame(b"[]", [big, view])
+    assert segments[1] is big
+    assert isinstance(segments[2], memoryview) and segments[2].obj is view.obj
+
+
+def test_session_keys_differ_by_direction_and_by_connection():
+    c2s, s2c = session_keys(KEY, b"a" * 32, b"b" * 32)
+    assert c2s != s2c
+    assert session_keys(KEY, b"a" * 32, b"c" * 32)[0] != c2s
+    # the same nonce on both sides (a reflected hello) still gives two keys
+    c, s = session_keys(KEY, b"a" * 32, b"a" * 32)
+    assert c != s
+
+
+# -- values --------------------------------------------------------------------
+
+
+def test_values_round_trip_through_json_headers_and_buffers():
+    value = {
+        "plain": [1, 2.5, "three", None, True],
+        "tuple": (1, (2, 3)),
+        "int keys": {1: "a", 2: "b"},
+        "\0tricky": "a key that looks like a tag",
+        "bytes": b"\x00\x01",
+        "long text": "é" * 100_000,
+        "blob": Serialized(b"stream", [bytearray(b"buf")]),
+    }
+    header, buffers = encode(value)
+    back = decode(header, [bytearray(bytes(b)) for b in buffers])
+    assert back == value
+    assert type(back["blob"].buffers[0]) is bytearray
+
+
+def test_headers_are_json_and_never_pickle():
+    header, buffers = encode({"blob": Serialized(b"\x80\x05pickled", [])})
+    import json
+
+    json.loads(header)  # plain JSON
+    assert b"\x80\x05pickled" not in header and buffers[0] == b"\x80\x05pickled"
+
+
+def test_an_object_that_is_neither_data_nor_remote_is_not_sent():
+    with pytest.raises(ProtocolError, match="cannot send a set"):
+        encode({1, 2})
+
+
+def test_a_value_pointing_at_a_missing_buffer_is_a_protocol_error():
+    with pytest.raises(ProtocolError, match="missing buffer"):
+        decode(b'{"\\u0000b": 3}', [])
+
+
+# -- connections ---------------------------------------------------------------
+
+
+class Service:
+    """An object offered to the peer."""
+
+    def __init__(self):
+        self.calls = []
+        self.waiting: list[Deferred] = []
+
+    def remote_echo(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return [list(args), kwargs]
+
+    def remote_later(self):
+        d = Deferred()
+        self.waiting.append(d)
+        return d
+
+    def remote_fail(self):
+        raise ValueError("nope")
+
+    def remote_callback(self, remote, value):
+        return remote.callRemote("echo", value)
+
+    def _remote_hidden(self):  # pragma: no cover - must never be reachable
+        raise AssertionError("called")
+
+
+def pair(client_key=KEY, server_key=KEY):
+    service = Service()
+    gateway = nativeproto.Gateway({"svc": service})
+    client, server, pump = iosim.connectedServerAndClient(
+        lambda: NativeProtocol(server_key, is_client=False, root=gateway),
+        lambda: NativeProtocol(client_key, is_client=True),
+    )
+    pump.flush()
+    return client, server, pump, service
+
+
+def get(client, pump, name="svc"):
+    d = client.call(0, "get", (name,), {})
+    pump.flush()
+    return result_of(d)
+
+
+def result_of(d: Deferred):
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if isinstance(out[0], Failure):
+        out[0].raiseException()
+    return out[0]
+
+
+def test_handshake_authenticates_both_sides():
+    client, server, pump, _ = pair()
+    assert result_of(client.authenticated) is client
+    assert result_of(server.authenticated) is server
+
+
+def test_calls_reach_the_service_and_replies_come_back():
+    client, _, pump, service = pair()
+    svc = get(client, pump)
+    assert isinstance(svc, NativeRemote)
+    d = svc.callRemote("echo", 1, (2, 3), big=b"x" * 100)
+    pump.flush()
+    assert result_of(d) == [[1, (2, 3)], {"big": b"x" * 100}]
+
+
+def test_pipelined_calls_are_answered_by_id_in_any_order():
+    client, _, pump, service = pair()
+    svc = get(client, pump)
+    first = svc.callRemote("later")
+    second = svc.callRemote("later")
+    pump.flush()
+    service.waiting[1].callback("second")
+    pump.flush()
+    assert result_of(second) == "second"
+    assert not first.called
+    service.waiting[0].callback("first")
+    pump.flush()
+    assert result_of(first) == "first"
+
+
+def test_a_failing_method_fails_the_call_with_a_protocol_error():
+    client, _, pump, _ = pair()
+    svc = get(client, pump)
+    d = svc.callRemote("fail")
+    pump.flush()
+    with pytest.raises(ProtocolError, match="ValueError: nope"):
+        result_of(d)
+
+
+def test_private_and_missing_methods_cannot_be_called():
+    client, _, pump, _ = pair()
+    svc = get(client, pump)
+    hidden = svc.callRemote("_hidden")
+    missing = svc.callRemote("nothing")
+    pump.flush()
+    with pytest.raises(ProtocolError, match="bad method name"):
+        result_of(hidden)
+    with pytest.raises(ProtocolError, match="no remote method"):
+        result_of(missing)
+
+
+def test_objects_with_remote_methods_travel_as_references_both_ways():
+    client, _, pump, service = pair()
+    svc = get(client, pump)
+    mine = Service()
+    d = svc.callRemote("callback", mine, "hi")
+    pump.flush()
+    assert result_of(d) == [["hi"], {}]
+    assert mine.calls == [(("hi",), {})]
+
+
+def test_one_way_calls_get_no_reply():
+    client, server, pump, service = pair()
+    svc = get(client, pump)
+    svc.callRemoteOnly("echo", 5)
+    pump.flush()
+    assert service.calls == [((5,), {})]
+    assert not client._calls
+
+
+def test_a_lost_connection_fails_pending_calls_and_tells_watchers():
+    client, server, pump, service = pair()
+    svc = get(client, pump)
+    told = []
+    svc.notifyOnDisconnect(told.append, "gone")
+    d = svc.callRemote("later")
+    pump.flush()
+    server.transport.loseConnection()
+    pump.flush()
+    with pytest.raises(error.ConnectionLost):
+        result_of(d)
+    assert told == ["gone"]
+
+
+def test_a_wrong_key_drops_the_connection_with_a_logged_security_error(caplog):
+    from twisted.python import log
+
+    messages = []
+    log.addObserver(messages.append)
+    try:
+        client, server, pump, service = pair(client_key=b"\x02" * 32)
+    finally:
+        log.removeObserver(messages.append)
+    with pytest.raises(SecurityError, match="refused this connection's cluster key"):
+        result_of(client.authenticated)
+    with pytest.raises(SecurityError):
+        result_of(server.authenticated)
+    assert server.transport.disconnecting and client.transport.disconnecting
+    assert any("SecurityError" in " ".join(map(str, m.get("message", ()))) for m in messages)
+    assert service.calls == []
+    # nothing can be called over it
+    with pytest.raises(error.ConnectionLost):
+        result_of(client.call(0, "get", ("svc",), {}))
+
+
+def test_a_server_without_the_key_is_caught_by_the_client():
+    """Mutual authentication: a server that cannot sign with the cluster key
+    is refused by the client, whatever it answers."""
+    client, server, pump, _ = pair(server_key=b"\x03" * 32)
+    with pytest.raises(SecurityError):
+        result_of(client.authenticated)
+    with pytest.raises(SecurityError):  # and the server refused the client
+        result_of(server.authenticated)
+
+
+def test_a_peer_speaking_another_protocol_is_dropped():
+    proto = NativeProtocol(KEY, is_client=False, root=nativeproto.Gateway({}))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.authenticated.addErrback(lambda f: None)
+    proto.dataReceived(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 40)
+    assert transport.disconnecting
+
+
+def test_large_buffers_are_written_whole_or_in_slices_never_joined():
+    """A large ``bytes`` is handed to the transport as the very object; other
+    large buffers go out in WRITE_SLICE pieces as the transport drains."""
+
+    class Recording(StringTransport):
+        def __init__(self):
+            super().__init__()
+            self.writes: list = []
+
+        def write(self, data):
+            self.writes.append(data)
+            super().write(data)
+
+        def writeSequence(self, seq):
+            for data in seq:
+                self.write(data)
+
+    outbox_transport = Recording()
+    outbox = nativeproto._Outbox(outbox_transport)
+    big = os.urandom(3 * nativeproto.WRITE_SLICE)
+    view = memoryview(bytearray(2 * nativeproto.WRITE_SLICE + 10))
+    outbox.send([b"head", big, view, b"tail"])
+    while outbox.queue:
+        outbox.resumeProducing()  # the transport drained
+    assert any(w is big for w in outbox_transport.writes)
+    sizes = [len(w) for w in outbox_transport.writes if w is not big and len(w) > 4]
+    assert sizes == [nativeproto.WRITE_SLICE, nativeproto.WRITE_SLICE, 10]
+    assert outbox_transport.value() == b"head" + big + bytes(view) + b"tail"
+    assert outbox_transport.producer is None  # unregistered once empty
