@@ -26,7 +26,6 @@ from kernel.multienginefc import (
     RIMultiEngine,
     make_client_referenceable,
 )
-from kernel.serialized import serialize
 from tests.contract.multiengine import MultiEngineContract
 from tests.harness_fc import FoolscapHarness, FoolscapLoopbackHarness
 
@@ -49,72 +48,6 @@ class TestMultiEngineFoolscap(MultiEngineContract):
     async def cluster(self, processes):
         await processes.reset()
         yield processes
-
-    @pytest_twisted.ensureDeferred
-    async def test_every_method_accepts_block_false(self, cluster, tmp_path):
-        """The mixin's test, except for its last step.
-
-        The mixin issues del_properties, clear_properties, clear_queue and
-        reset back to back with block=False and expects each to succeed. With
-        a remote engine the first is still in flight when clear_queue arrives,
-        and clear_queue drops the commands queued behind it (QueueCleared), as
-        it is documented to; in process the property calls complete at once.
-        Reported to the lead; until the mixin waits, this runs it sequentially.
-        """
-        me = cluster.multiengine
-        ids = await me.get_ids()
-        t = ids[0]
-        script = tmp_path / "s.py"
-        script.write_text("s = 1\n")
-        calls = [
-            me.execute("e = 1", targets=t, block=False),
-            me.push({"p": 1}, targets=t, block=False),
-            me.push_function({"pf": abs}, targets=t, block=False),
-            me.push_serialized({"ps": serialize(1)}, targets=t, block=False),
-            me.set_properties({"k": 1}, targets=t, block=False),
-            me.run(str(script), targets=t, block=False),
-        ]
-        for pid in [await c for c in calls]:
-            await me.get_pending_deferred(pid, True)
-        more = {
-            "pull": me.pull("p", targets=t, block=False),
-            "pull_function": me.pull_function("pf", targets=t, block=False),
-            "zip_pull": me.zip_pull(["p", "e"], targets=t, block=False),
-            "keys": me.keys(targets=t, block=False),
-            "get_result": me.get_result(targets=t, block=False),
-            "queue_status": me.queue_status(targets=t, block=False),
-            "has_properties": me.has_properties(["k"], targets=t, block=False),
-            "get_ids": me.get_ids(block=False),
-        }
-        got = {}
-        for name, d in more.items():
-            got[name] = await me.get_pending_deferred(await d, True)
-        assert got["pull"] == [1]
-        assert got["pull_function"][0](-2) == 2
-        assert got["zip_pull"] == [(1,), (1,)]
-        assert {"e", "p", "pf", "ps", "s"} <= set(got["keys"][0])
-        assert got["get_result"][0]["input"] == "s = 1\n"
-        assert got["queue_status"][0][0] == t
-        assert got["has_properties"] == [[True]]
-        assert got["get_ids"] == ids
-        assert await me.get_pending_deferred(
-            await me.gather("p", targets=t, block=False), True
-        ) == [1]
-        assert await me.get_pending_deferred(
-            await me.raw_map(abs, [[-1]], targets=t, block=False), True
-        ) == [1]
-        # Changed from the mixin: each call is redeemed before the next is
-        # made, so clear_queue finds nothing queued behind a command in flight.
-        for call in (
-            lambda: me.del_properties(["k"], targets=t, block=False),
-            lambda: me.clear_properties(targets=t, block=False),
-            lambda: me.clear_queue(targets=t, block=False),
-            lambda: me.reset(targets=t, block=False),
-        ):
-            await me.get_pending_deferred(await call(), True)
-        pid = await me.get_properties(targets=t, block=False)
-        assert await me.get_pending_deferred(pid, True) == [{}]
-        assert "p" not in (await me.keys(targets=t))[0]
 
 
 # -- the adapter itself ----------------------------------------------------------
