@@ -200,8 +200,9 @@ def run_child(args: argparse.Namespace, cli_name: str, system_name: str, timeout
     finally:
         stray = reap_marked(token, since)
         if stray:
-            print(f"[{system_name}] stopped stray processes: {stray}", file=sys.stderr)
-    entry = read_child_results(out, system_name)
+            print(f"[{system_name}] stopped leftover processes: {stray}", file=sys.stderr)
+        entry = read_child_results(out, system_name)
+        shutil.rmtree(workdir, ignore_errors=True)
     if failure:
         entry["error"] = failure
         for w in args.workloads:
@@ -209,7 +210,6 @@ def run_child(args: argparse.Namespace, cli_name: str, system_name: str, timeout
                 entry["workloads"][w.name] = {"size": args.sizes[w.name], "repeats": 0,
                                               "raw": [], "values": [], "na": None,
                                               "error": failure}  # fmt: skip
-    shutil.rmtree(workdir, ignore_errors=True)
     return entry
 
 
@@ -273,14 +273,21 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {},
     }
     busy = []
-    for cli_name, system_name in plan:
-        load_before = os.getloadavg()
-        print(f"== {system_name} (load average {load_before[0]:.2f})", file=sys.stderr, flush=True)
-        entry = run_child(args, cli_name, system_name, timeout)
-        entry["loadavg_before"], entry["loadavg_after"] = load_before, os.getloadavg()
-        if entry.get("available") and load_before[0] > 0.5 * (os.cpu_count() or 1):
-            busy.append(f"{system_name} {load_before[0]:.1f}")
-        results["systems"][system_name] = entry
+    # SIGTERM stops the run like Ctrl-C: the current system is shut down, and
+    # what was measured so far is still reported and saved.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        for cli_name, system_name in plan:
+            load = os.getloadavg()
+            print(f"== {system_name} (load average {load[0]:.2f})", file=sys.stderr, flush=True)
+            entry = run_child(args, cli_name, system_name, timeout)
+            entry["loadavg_before"], entry["loadavg_after"] = load, os.getloadavg()
+            if entry.get("available") and load[0] > 0.5 * (os.cpu_count() or 1):
+                busy.append(f"{system_name} {load[0]:.1f}")
+            results["systems"][system_name] = entry
+    except KeyboardInterrupt:
+        results["meta"]["interrupted"] = True
+        print("\ninterrupted: reporting what was measured so far", file=sys.stderr)
     results["meta"]["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"
     )
