@@ -7,12 +7,10 @@ unregistered within the heartbeat window, and engines come back by themselves.
 
 import pytest
 import pytest_twisted
-from foolscap.api import Tub
 from twisted.internet import reactor, task
 
-from kernel import clusterdir
+from kernel import asyncclient, clusterdir
 from kernel.error import CompositeError
-from kernel.multienginefc import FCMultiEngine
 from kernel.testing.processes import LocalCluster
 
 pytestmark = pytest.mark.slow
@@ -28,9 +26,13 @@ async def sleep(seconds):
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-@pytest_twisted.async_yield_fixture
-async def cluster():
-    c = LocalCluster(heartbeat=HEARTBEAT, max_missed=MAX_MISSED)
+@pytest_twisted.async_yield_fixture(params=["fc", "pb"])
+async def cluster(request):
+    """A controller and two engine processes, over each adapter."""
+    c = LocalCluster(
+        heartbeat=HEARTBEAT, max_missed=MAX_MISSED, controller_args=[f"--adapter={request.param}"]
+    )
+    c.adapter = request.param
     try:
         await c.start_async(2)
         yield c
@@ -40,13 +42,10 @@ async def cluster():
 
 @pytest_twisted.async_yield_fixture
 async def client(cluster):
-    """A Foolscap multiengine client of the cluster."""
-    tub = Tub()
-    tub.startService()
-    furl = cluster.cluster_dir.read_furl(clusterdir.MULTIENGINE_FURL)
-    ref = await tub.getReference(furl).addTimeout(PROMPT, reactor)
-    yield FCMultiEngine(ref)
-    await tub.stopService()
+    """A multiengine client of the cluster (blocking calls, Deferred results)."""
+    yield await asyncclient.get_multiengine_client(
+        cluster_dir=cluster.cluster_dir.path, adapter=cluster.adapter, timeout=PROMPT
+    )
 
 
 def assert_engine_error(err, engine_id):
@@ -94,12 +93,14 @@ async def test_sigstopped_engine_declared_dead_within_heartbeat_window(cluster, 
 @pytest_twisted.ensureDeferred
 async def test_restarted_controller_gets_its_engines_back_with_their_ids(cluster):
     before = cluster.registered()
-    furl = cluster.cluster_dir.read_furl(clusterdir.ENGINE_FURL)
+    connection_file = clusterdir.ENGINE_FURL if cluster.adapter == "fc" else clusterdir.PB_FILE
+    connection = cluster.cluster_dir.read_file(connection_file)
     cluster.stop_controller()
     await cluster.start_controller_async()
     after = await cluster.wait_for_engines_async(2)
     assert after == before
-    assert cluster.cluster_dir.read_furl(clusterdir.ENGINE_FURL) == furl
+    # the same address and capability: engines found it again by themselves
+    assert cluster.cluster_dir.read_file(connection_file) == connection
 
 
 @pytest_twisted.ensureDeferred
@@ -141,15 +142,10 @@ async def wait_for_exit(proc):
 
 @pytest_twisted.async_yield_fixture
 async def task_client(cluster):
-    """A Foolscap task client of the cluster."""
-    from kernel.taskfc import FCTaskClient
-
-    tub = Tub()
-    tub.startService()
-    furl = cluster.cluster_dir.read_furl(clusterdir.TASK_FURL)
-    ref = await tub.getReference(furl).addTimeout(PROMPT, reactor)
-    yield FCTaskClient(ref)
-    await tub.stopService()
+    """A task client of the cluster."""
+    yield await asyncclient.get_task_client(
+        cluster_dir=cluster.cluster_dir.path, adapter=cluster.adapter, timeout=PROMPT
+    )
 
 
 def hang_first_time(marker):
