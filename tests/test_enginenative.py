@@ -1,0 +1,245 @@
+"""Engines over the native transport: registration, the controller-side engine,
+the cluster key, pipelining, reconnection."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from zope.interface.verify import verifyObject
+
+from kernel import enginenative, nativeproto
+from kernel.error import QueueCleared, RemoteError, SecurityError
+from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
+from kernel.serialized import deserialize, serialize
+from tests.harness_native import NativeLoopback
+
+
+@pytest_twisted.async_yield_fixture
+async def loop(tmp_path):
+    harness = await NativeLoopback.start(n_engines=1, cluster_dir=str(tmp_path / "cluster"))
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+def _remote(loop: NativeLoopback, engine_id: int):
+    queued = loop.controller.engines[engine_id]
+    assert isinstance(queued, enginenative.PipelinedEngine)
+    return queued, queued.engine
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_registers_and_the_controller_side_engine_has_the_engine_interfaces(loop):
+    (engine_id,) = loop.controller.engines
+    _, remote = _remote(loop, engine_id)
+    assert isinstance(remote, enginenative.NativeEngineFromReference)
+    assert isinstance(remote.reference, nativeproto.NativeRemote)
+    verifyObject(IEngineBase, remote)
+    verifyObject(IEngineInterrupt, remote)
+    verifyObject(IEngineTasks, remote)
+    assert remote.id == engine_id == loop.engines[engine_id].id
+
+
+@pytest_twisted.ensureDeferred
+async def test_execute_runs_on_the_engine_and_its_errors_arrive_as_plain_data(loop):
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    result = await queued.execute("x = 6 * 7\nprint(x)")
+    assert result["stdout"] == "42\n" and result["id"] == engine_id
+    with pytest.raises(RemoteError) as info:
+        await queued.execute("1 / 0")
+    # the controller side never unpickles the engine's exception: plain data only
+    assert info.value.ename == "ZeroDivisionError"
+    assert "1 / 0" in info.value.traceback
+
+
+@pytest_twisted.ensureDeferred
+async def test_serialized_blobs_cross_unopened_both_ways(loop):
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    payload = os.urandom(3 * nativeproto.WRITE_SLICE + 1)
+    await queued.push_serialized({"blob": serialize(payload)})
+    await queued.execute("n = len(blob)")
+    assert deserialize(await queued.pull_serialized("n")) == len(payload)
+    back = await queued.pull_serialized("blob")
+    assert deserialize(back) == payload
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pulled_value_is_a_snapshot_even_when_the_next_command_changes_it(loop):
+    """Pipelined: the next command may run while the reply is written; the
+    reply still holds the value as it was when pulled."""
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    await queued.execute("import numpy as np; a = np.zeros(2_000_000)")
+    pulled = queued.pull_serialized("a")
+    changed = queued.execute("a[:] = 1")
+    back, _ = await pulled, await changed
+    assert not deserialize(back).any()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tasks_run_through_the_controller_side_engine(loop):
+    from kernel.task import MapTask
+
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    _, payload = MapTask(pow, args=(2, 10)).to_spec()
+    result = await queued.run_task(payload)
+    assert deserialize(result["result"]) == 1024
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands_sent_ahead_are_cleared_on_the_engine_and_the_running_one_is_spared(
+    loop, tmp_path
+):
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    gate = tmp_path / "gate"
+    running = queued.execute(
+        f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\nran = 1"
+    )
+    ahead = [queued.execute(f"never{i} = 1") for i in range(3)]
+    status = await queued.queue_status()
+    assert status["pending"] is not None and len(status["queue"]) == 3
+    assert len(queued._in_flight) == 4  # all sent ahead to the engine
+    await queued.clear_queue()
+    for d in ahead:
+        with pytest.raises(RemoteError) as info:
+            await d
+        assert info.value.ename == "QueueCleared"
+        assert isinstance(info.value.original(), QueueCleared)
+    gate.write_text("")
+    await running
+    assert "ran" in await queued.keys() and "never0" not in await queued.keys()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_cluster_key_is_refused_and_nothing_registers(loop):
+    before = set(loop.controller.engines)
+    bad = dict(loop.info, key=nativeproto.generate_key())
+    fatal = []
+    with pytest.raises(SecurityError, match="do not share a cluster key"):
+        await loop.add_engine(info=bad, on_fatal=fatal.append)
+    assert fatal and fatal[0].check(SecurityError)
+    assert set(loop.controller.engines) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_lost_connection_unregisters_the_engine_which_registers_again_with_its_id(loop):
+    (engine_id,) = loop.controller.engines
+    connector = loop.connectors[engine_id]
+    first = loop.controller.engines[engine_id]
+    connector.controller.disconnect()
+    await loop.wait_unregistered(engine_id)
+    assert await connector.when_registered().addTimeout(30, reactor) == engine_id
+    assert loop.controller.engines[engine_id] is not first
+    assert connector.registrations == 2
+    result = await loop.controller.engines[engine_id].execute("y = 1")
+    assert result["id"] == engine_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_file_is_private_and_keeps_its_key_and_port_across_restarts(tmp_path):
+    from kernel.clusterdir import ClusterDir
+    from kernel.controllerservice import ControllerService
+
+    cd = ClusterDir(tmp_path / "c").create()
+    registrar = enginenative.NativeEngineRegistrar(ControllerService())
+    first = nativeproto.serve_controller(cd, registrar)
+    first.startService()
+    try:
+        info = nativeproto.read_connection_info(cd)
+    finally:
+        await first.stopService()
+    assert stat.S_IMODE(os.stat(cd.file(nativeproto.NATIVE_FILE)).st_mode) == 0o600
+    assert len(bytes.fromhex(info["key"])) == 32
+    second = nativeproto.serve_controller(cd, registrar)
+    second.startService()
+    try:
+        again = nativeproto.read_connection_info(cd)
+    finally:
+        await second.stopService()
+    assert again == info
+
+
+def test_a_connection_file_others_can_read_is_refused(tmp_path):
+    from kernel.clusterdir import ClusterDir
+
+    cd = ClusterDir(tmp_path / "c").create()
+    cd.write_json(nativeproto.NATIVE_FILE, {"host": "127.0.0.1", "port": 1, "key": "00"})
+    os.chmod(cd.file(nativeproto.NATIVE_FILE), 0o644)
+    with pytest.raises(SecurityError, match="chmod"):
+        nativeproto.read_connection_info(cd)
+
+
+# -- real processes ---------------------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def processes():
+    """A controller process and one engine process, both ``--adapter native``."""
+    from kernel.testing.processes import LocalCluster
+
+    cluster = LocalCluster(
+        heartbeat=0.5, controller_args=["--adapter=native"], engine_args=["--adapter=native"]
+    )
+    try:
+        await cluster.start_async(1)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_an_engine_process_with_a_wrong_key_gives_up_and_never_registers(processes, tmp_path):
+    from kernel.clusterdir import ClusterDir
+    from kernel.testing.processes import Process, subprocess_env, twist_argv, wait_for_async
+
+    real = nativeproto.read_connection_info(processes.cluster_dir)
+    bad_dir = ClusterDir(tmp_path / "bad").create()
+    bad_dir.write_json(nativeproto.NATIVE_FILE, dict(real, key=nativeproto.generate_key()))
+    log_path = bad_dir.log_file("engine")
+    argv = twist_argv(
+        "txkernel-engine", [f"--cluster-dir={bad_dir.path}", "--adapter=native"], log_path
+    )
+    proc = Process("bad-engine", argv, log_path, subprocess_env())
+    try:
+        await wait_for_async(lambda: not proc.alive(), 30, lambda: proc.log())
+    finally:
+        proc.stop()
+    assert proc.returncode == 1
+    assert "do not share a cluster key" in proc.log(200)
+    assert len(processes.registered()) == 1
+    assert "SecurityError" in processes.controller.log(200)
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_engines_register_again_with_their_ids_after_a_controller_restart(processes):
+    before = processes.registered()
+    info = nativeproto.read_connection_info(processes.cluster_dir)
+    processes.stop_controller()
+    await processes.start_controller_async()
+    assert await processes.wait_for_engines_async(1) == before
+    assert nativeproto.read_connection_info(processes.cluster_dir) == info
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_paused_engine_is_declared_dead_and_registers_again_when_resumed(processes):
+    ((engine_id, pid),) = processes.registered().items()
+    proc = processes.pause_engine(engine_id)
+    try:
+        # heartbeat 0.5 s, 3 missed: dead long before this bound
+        await processes.wait_until_unregistered_async(engine_id, timeout=30)
+    finally:
+        proc.resume()
+    # the controller dropped the connection; the resumed engine notices and comes back
+    assert await processes.wait_for_engines_async(1) == {engine_id: pid}
