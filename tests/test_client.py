@@ -233,3 +233,51 @@ def test_kill_stops_engines_and_then_the_controller(tmp_path):
     out = ok(child(code, timeout=150))
     assert "after engine kill: True" in out, out
     assert "controller stopped: True" in out, out
+
+
+def test_concurrent_first_calls_start_one_reactor_thread():
+    out = ok(
+        child(
+            """
+            import threading
+            from kernel import reactorthread
+            results, barrier = [], threading.Barrier(8)
+            def first_call(k):
+                barrier.wait()
+                results.append(reactorthread.blocking_call(lambda: k * 2))
+            threads = [threading.Thread(target=first_call, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            names = [t.name for t in threading.enumerate() if t.name == "txkernel-reactor"]
+            print(sorted(results), len(names))
+            """
+        )
+    )
+    assert out.strip() == "[0, 2, 4, 6, 8, 10, 12, 14] 1"
+
+
+def test_a_reactor_already_running_in_the_main_thread_is_used():
+    """A Twisted program can call blocking clients from its worker threads."""
+    out = ok(
+        child(
+            """
+            import threading
+            from twisted.internet import task, threads
+            from kernel import client
+
+            def work():
+                with client.LocalCluster(1) as cluster:
+                    ids = cluster.multiengine_client().get_ids()
+                names = [t.name for t in threading.enumerate() if t.name == "txkernel-reactor"]
+                return ids, names
+
+            async def main(reactor):
+                print(await threads.deferToThread(work))
+
+            task.react(main)
+            """
+        )
+    )
+    assert out.strip() == "([0], [])"
