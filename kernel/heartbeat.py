@@ -6,8 +6,13 @@ pings each engine that has no ping in flight; an answer marks the engine
 alive. An engine is declared dead when
 
 - a ping *fails* (the connection is gone), or
-- it has not answered for ``period * max_missed`` seconds (a hung or
-  SIGSTOPped process: its TCP connection stays open but nothing answers).
+- a ping stays unanswered for ``max_missed`` heartbeats (a hung or
+  SIGSTOPped process: its TCP connection stays open but nothing answers),
+  so it is dead at most ``period * (max_missed + 1)`` seconds after it froze.
+
+Misses are counted in heartbeats, not seconds: if the controller itself is
+busy (say, serializing a large push) and its heartbeats run late, the engines
+are not blamed for the time the controller could not listen.
 
 Declaring an engine dead removes it from the monitor and calls
 ``on_dead(engine_id, reason)`` once; the controller then unregisters it.
@@ -32,11 +37,11 @@ from kernel.error import EngineError
 class _Watched:
     """Book-keeping for one engine."""
 
-    __slots__ = ("ping", "last_seen", "in_flight")
+    __slots__ = ("ping", "missed", "in_flight")
 
-    def __init__(self, ping: Callable[[], Any], now: float):
+    def __init__(self, ping: Callable[[], Any]):
         self.ping = ping
-        self.last_seen = now
+        self.missed = 0
         self.in_flight = False
 
 
@@ -73,8 +78,9 @@ class HeartMonitor(service.Service):
 
     @property
     def timeout(self) -> float:
-        """Seconds of silence after which an engine is declared dead."""
-        return self.period * self.max_missed
+        """Seconds of silence after which an engine is declared dead, at most
+        (when heartbeats run on time)."""
+        return self.period * (self.max_missed + 1)
 
     def watched(self) -> list[int]:
         """The ids of the engines being watched, sorted."""
@@ -83,7 +89,7 @@ class HeartMonitor(service.Service):
     def add(self, engine_id: int, ping: Callable[[], Any]) -> None:
         """Start watching ``engine_id``; ``ping()`` returns a Deferred (or a value)
         that fires when the engine answers and fails if it cannot be reached."""
-        self._engines[engine_id] = _Watched(ping, self.clock.seconds())
+        self._engines[engine_id] = _Watched(ping)
 
     def remove(self, engine_id: int) -> None:
         """Stop watching ``engine_id`` (no-op if it is not watched)."""
@@ -93,7 +99,7 @@ class HeartMonitor(service.Service):
         """Record a sign of life from ``engine_id`` (any message counts)."""
         watched = self._engines.get(engine_id)
         if watched is not None:
-            watched.last_seen = self.clock.seconds()
+            watched.missed = 0
 
     def startService(self) -> None:
         service.Service.startService(self)
@@ -108,19 +114,20 @@ class HeartMonitor(service.Service):
         self._loop = None
 
     def check(self) -> None:
-        """One heartbeat: declare silent engines dead, ping the others."""
-        now = self.clock.seconds()
+        """One heartbeat: count a miss for each unanswered ping, declare
+        engines with ``max_missed`` misses dead, ping the others."""
         for engine_id, watched in list(self._engines.items()):
-            silent = now - watched.last_seen
-            if silent >= self.timeout:
-                self._declare_dead(
-                    engine_id,
-                    EngineError(
-                        f"engine {engine_id} did not answer heartbeats for {silent:.1f} s "
-                        f"(limit {self.timeout:g} s): declared dead"
-                    ),
-                )
-            elif not watched.in_flight:
+            if watched.in_flight:
+                watched.missed += 1
+                if watched.missed >= self.max_missed:
+                    self._declare_dead(
+                        engine_id,
+                        EngineError(
+                            f"engine {engine_id} did not answer {watched.missed} heartbeats "
+                            f"({self.period:g} s apart): declared dead"
+                        ),
+                    )
+            else:
                 self._ping(engine_id, watched)
 
     def _ping(self, engine_id: int, watched: _Watched) -> None:
@@ -129,8 +136,7 @@ class HeartMonitor(service.Service):
 
         def answered(_):
             watched.in_flight = False
-            if self._engines.get(engine_id) is watched:
-                watched.last_seen = self.clock.seconds()
+            watched.missed = 0
 
         def failed(f):
             watched.in_flight = False

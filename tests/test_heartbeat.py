@@ -56,9 +56,9 @@ def test_silent_engine_declared_dead_after_max_missed(clock, monitor, dead):
     e = Engine()
     e.mode = "hang"
     monitor.add(7, e.ping)
-    clock.pump([1.0, 1.0])
+    clock.pump([1.0, 1.0, 1.0])  # pinged at 1 s, missed at 2 s and 3 s
     assert dead == []
-    clock.advance(1.0)  # 3 s of silence == period * max_missed
+    clock.advance(1.0)  # third miss
     assert [i for i, _ in dead] == [7]
     f = dead[0][1]
     assert f.check(EngineError)
@@ -87,17 +87,18 @@ def test_late_answer_revives_engine(clock, monitor, dead):
     e = Engine()
     e.mode = "hang"
     monitor.add(3, e.ping)
-    clock.pump([1.0, 1.0])
+    clock.pump([1.0, 1.0, 1.0])
     e.pings[0].callback(None)  # answers just in time
     clock.advance(1.0)
     assert dead == []
+    assert len(e.pings) == 2  # and is pinged afresh
 
 
 def test_beat_counts_as_sign_of_life(clock, monitor, dead):
     e = Engine()
     e.mode = "hang"
     monitor.add(4, e.ping)
-    clock.pump([1.0, 1.0])
+    clock.pump([1.0, 1.0, 1.0])
     monitor.beat(4)
     clock.advance(1.0)
     assert dead == []
@@ -152,13 +153,38 @@ def test_error_in_on_dead_is_logged_not_raised(clock):
     e.mode = "hang"
     m.add(0, e.ping)
     m.startService()
-    clock.advance(1.0)
+    clock.pump([1.0, 1.0])  # ping, then one miss
     assert m.watched() == []
     m.stopService()
 
 
-def test_timeout_is_period_times_max_missed():
-    assert HeartMonitor(0.5, lambda i, f: None, max_missed=4, clock=task.Clock()).timeout == 2.0
+def test_timeout_is_period_times_max_missed_plus_one():
+    assert HeartMonitor(0.5, lambda i, f: None, max_missed=4, clock=task.Clock()).timeout == 2.5
+
+
+def test_stalled_controller_does_not_blame_engines(clock, monitor, dead):
+    """If the controller's own reactor was blocked (heartbeats ran late), the
+    time it could not listen does not count against the engines."""
+    e = Engine()
+    e.mode = "hang"
+    monitor.add(0, e.ping)
+    clock.advance(1.0)  # ping sent
+    clock.advance(30.0)  # the controller was busy for 30 heartbeats: one late check
+    e.pings[0].callback(None)  # the answer was waiting all along
+    clock.pump([1.0] * 2)
+    assert dead == []
+
+
+def test_sigstopped_engine_dead_within_timeout(clock, monitor, dead):
+    e = Engine()
+    e.mode = "hang"
+    clock.advance(0.5)  # frozen half-way between two heartbeats
+    monitor.add(0, e.ping)
+    waited = 0.0
+    while not dead:
+        clock.advance(0.25)
+        waited += 0.25
+    assert waited <= monitor.timeout
 
 
 def test_bad_period_rejected():
