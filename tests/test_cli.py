@@ -141,27 +141,14 @@ def test_foreground_cluster_stops_on_interrupt(tmp_path):
 
 
 SCRIPT = """
-import os, sys
-from foolscap.api import Tub
-from twisted.internet import defer, task
+import sys
+from kernel import client
 from kernel.clusterdir import ClusterDir
-from kernel.multienginefc import FCMultiEngine
 
-async def main(reactor):
-    cd = ClusterDir()  # found through $TXKERNEL_CLUSTER_DIR
-    print("pids", sorted(cd.pids().values()))
-    tub = Tub()
-    tub.startService()
-    ref = await tub.getReference(cd.read_furl("multiengine.furl"))
-    results = await FCMultiEngine(ref).execute("x = 1")
-    print("engines", sorted(r["id"] for r in results), "args", sys.argv[1:])
-    await tub.stopService()
-
-try:
-    task.react(lambda r: defer.ensureDeferred(main(r)))
-except SystemExit as e:
-    if e.code:
-        raise
+print("pids", sorted(ClusterDir().pids().values()))  # found through $TXKERNEL_CLUSTER_DIR
+mec = client.MultiEngineClient()
+mec.execute("x = id * 10")
+print("engines", mec.get_ids(), "x", mec.pull("x"), "args", sys.argv[1:])
 sys.exit(3)
 """
 
@@ -172,7 +159,7 @@ def test_run_script_against_temporary_cluster(tmp_path):
     script.write_text(SCRIPT)
     out = txkernel("run", "-n", "2", str(script), "a", "--b")
     assert out.returncode == 3, out.stderr
-    assert "engines [0, 1] args ['a', '--b']" in out.stdout
+    assert "engines [0, 1] x [0, 10] args ['a', '--b']" in out.stdout
     (pids_line,) = [line for line in out.stdout.splitlines() if line.startswith("pids")]
     pids = [int(p) for p in pids_line[len("pids [") : -1].split(",")]
     assert len(pids) == 3  # the controller and two engines, all stopped now
