@@ -143,6 +143,23 @@ class EngineOptions(usage.Options):
         ["max-delay", None, 5.0, "Longest wait between reconnection attempts, seconds.", _positive],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["properties"] = {}
+
+    def opt_property(self, value: str) -> None:
+        """An engine property, NAME=VALUE (VALUE read as JSON if it parses,
+        else as a string); repeat for several."""
+        import json
+
+        name, sep, raw = value.partition("=")
+        if not sep or not name:
+            raise usage.UsageError(f"--property needs NAME=VALUE, got {value!r}")
+        try:
+            self["properties"][name] = json.loads(raw)
+        except ValueError:
+            self["properties"][name] = raw
+
     def postOptions(self) -> None:
         if self["adapter"] not in ("auto", *ADAPTERS):
             raise usage.UsageError(
@@ -507,6 +524,8 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
 
     top = service.MultiService()
     engine = EngineService()
+    # (JSON values are plain data, as properties must be)
+    engine.properties.update(options["properties"])
     common = {"on_fatal": give_up, "on_kill": stop, "max_delay": options["max-delay"]}
     adapter = _engine_adapter(options, cd)
     if adapter == "native":

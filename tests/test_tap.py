@@ -207,3 +207,27 @@ def test_controller_drops_the_other_adapters_connection_files(tmp_path):
     tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={cd.path}"))
     assert not os.path.exists(cd.file(clusterdir.PB_FILE))
     assert os.path.exists(cd.file(clusterdir.ENGINE_FURL))
+
+
+def test_engine_properties_from_the_command_line():
+    o = parse(
+        tap.EngineOptions,
+        "--property=gpu=true",
+        "--property=mem=16",
+        "--property=name=box-1",
+        '--property=tags=["a", "b"]',
+    )
+    assert o["properties"] == {"gpu": True, "mem": 16, "name": "box-1", "tags": ["a", "b"]}
+
+
+def test_engine_property_needs_a_name_and_a_value():
+    with pytest.raises(usage.UsageError, match="NAME=VALUE"):
+        parse(tap.EngineOptions, "--property=gpu")
+
+
+def test_engine_service_advertises_command_line_properties(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    top = tap.make_engine_service(
+        parse(tap.EngineOptions, f"--cluster-dir={cd.path}", "--property=gpu=true")
+    )
+    assert top.engine.properties == {"gpu": True}

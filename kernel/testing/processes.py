@@ -305,15 +305,19 @@ class LocalCluster:
 
     # -- engines -----------------------------------------------------------
 
-    def start_engine(self) -> Process:
+    def start_engine(self, *args: str) -> Process:
         """Start one engine process (it registers by itself; see
-        :meth:`wait_for_engines`)."""
+        :meth:`wait_for_engines`).
+
+        :param args: more ``txkernel-engine`` options for this engine only
+            (e.g. ``"--property=gpu=true"``).
+        """
         cd = self.cluster_dir
         name = f"engine-{len(self.engines)}"
         log_path = cd.log_file(name)
         argv = twist_argv(
             "txkernel-engine",
-            [f"--cluster-dir={cd.path}", "--max-delay=1", *self.engine_args],
+            [f"--cluster-dir={cd.path}", "--max-delay=1", *self.engine_args, *args],
             log_path,
         )
         env = subprocess_env([*self.engine_path, *self.extra_path])
