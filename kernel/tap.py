@@ -249,6 +249,27 @@ def register_furl(tub: Any, ref: Any, cd: ClusterDir, filename: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+class ListeningCheck(service.Service):
+    """Fails the controller's start if a Tub could not listen on its port.
+
+    (Foolscap only logs a listening failure; a controller that cannot be
+    reached must not look ready.) Start it after the Tubs.
+    """
+
+    def __init__(self, *tubs: Any):
+        self.tubs = tubs
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        for tub in self.tubs:
+            for listener in tub.getListeners():
+                if getattr(listener, "_lp", True) is None:
+                    raise RuntimeError(
+                        f"cannot listen at {', '.join(tub.locationHints)}: the port is taken. "
+                        "Choose free ones with --engine-port and --client-port, or 0 for any."
+                    )
+
+
 class PidFile(service.Service):
     """Writes ``<name>.pid`` in the cluster directory while running."""
 
@@ -466,6 +487,7 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
         client_tub = make_tub(cd, "client", interface, options["client-port"])
         client_tub.setServiceParent(top)
         _expose_clients(client_tub, cd, multiengine, task_controller)
+        ListeningCheck(engine_tub, client_tub).setServiceParent(top)
 
     engine_list.setServiceParent(top)
     PidFile(cd, "controller").setServiceParent(top)

@@ -231,3 +231,22 @@ def test_engine_service_advertises_command_line_properties(tmp_path):
         parse(tap.EngineOptions, f"--cluster-dir={cd.path}", "--property=gpu=true")
     )
     assert top.engine.properties == {"gpu": True}
+
+
+def test_controller_start_fails_when_its_port_is_taken(tmp_path):
+    """A controller that cannot listen must not write its pid file or engine list."""
+    cd = ClusterDir(tmp_path / "c").create()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        top = tap.make_controller_service(
+            parse(tap.ControllerOptions, f"--cluster-dir={cd.path}", f"--engine-port={taken}")
+        )
+        with pytest.raises(RuntimeError, match="port is taken"):
+            top.startService()
+    assert not os.path.exists(cd.pid_file("controller"))
+    assert not os.path.exists(cd.file(clusterdir.ENGINES_FILE))
+    for child in list(top):
+        if child.running and not isinstance(child, tap.ListeningCheck):
+            child.stopService()
