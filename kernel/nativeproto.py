@@ -94,6 +94,7 @@ __all__ = [
     "MAX_BUFFERS",
     "MAX_FRAME_BYTES",
     "NATIVE_FILE",
+    "Frame",
     "FrameWriter",
     "FrameReader",
     "session_keys",
@@ -177,8 +178,9 @@ class FrameWriter:
         self._mac = hmac.new(key, digestmod=hashlib.sha256)
         self.seq = 0
 
-    def frame(self, header: bytes, buffers: list[Any]) -> list[Any]:
-        """The segments of one frame: ``bytes`` and buffer objects, in order.
+    def frame(self, header: bytes, buffers: list[Any]) -> Frame:
+        """Sign one frame's header now; its buffers are signed as they are
+        written (see :class:`Frame`).
 
         :raises ProtocolError: the frame exceeds a size limit.
         """
@@ -203,11 +205,34 @@ class FrameWriter:
         mac.update(head)
         mac.update(header)
         if not views:
-            return [head + header + mac.digest()]
-        first = head + header + mac.copy().digest()
-        for v in views:
-            mac.update(v)
-        return [first, *views, mac.digest()]
+            return Frame(head + header + mac.digest(), [], None)
+        return Frame(head + header + mac.copy().digest(), views, mac)
+
+
+class Frame:
+    """One signed frame: its head (prefix, sizes, header and first tag), its
+    buffers, and the running HMAC that yields the closing tag once every
+    buffer has gone through it.
+
+    The writer hashes each piece of a buffer just before writing it (while
+    it is in the CPU's cache, and while the peer is already reading the
+    pieces before it), so a large frame is never read twice in a row.
+    """
+
+    __slots__ = ("head", "buffers", "mac")
+
+    def __init__(self, head: bytes, buffers: list[Any], mac: Any):
+        self.head = head
+        self.buffers = buffers
+        self.mac = mac
+
+    def segments(self) -> list[Any]:
+        """Every byte of the frame, in order (hashing the buffers now)."""
+        if self.mac is None:
+            return [self.head]
+        for b in self.buffers:
+            self.mac.update(b)
+        return [self.head, *self.buffers, self.mac.digest()]
 
 
 class FrameReader:
@@ -246,12 +271,13 @@ class FrameReader:
             if self._state == "buffers":
                 buf = self._buffers[self._index]
                 take = min(len(buf) - self._filled, end - pos)
-                buf[self._filled : self._filled + take] = view[pos : pos + take]
+                piece = view[pos : pos + take]
+                buf[self._filled : self._filled + take] = piece
+                self._mac.update(piece)
                 self._filled += take
                 pos += take
                 if self._filled < len(buf):
                     break
-                self._mac.update(buf)
                 self._index += 1
                 self._filled = 0
                 self._next_buffer()
@@ -514,12 +540,18 @@ class _Outbox:
         self.registered = False
         self.pumping = False
 
-    def send(self, segments: list[Any]) -> None:
-        if self.queue or any(type(s) is not bytes or len(s) > WRITE_SLICE for s in segments):
-            self.queue.extend(segments)
-            self._pump(drained=False)
-        else:
-            self.transport.writeSequence(segments)
+    def send(self, frame: Frame) -> None:
+        """Write ``frame`` after everything sent before it."""
+        q = self.queue
+        if not q and frame.mac is None:
+            self.transport.write(frame.head)
+            return
+        q.append((frame.head, None))
+        for b in frame.buffers:
+            q.append((b, frame.mac))
+        if frame.mac is not None:
+            q.append((None, frame.mac))
+        self._pump(drained=False)
 
     def resumeProducing(self) -> None:  # noqa: N802
         # The transport calls this once it has written everything it held.
@@ -531,25 +563,35 @@ class _Outbox:
         self.pumping = True
         try:
             q = self.queue
+            write = self.transport.write
             while q:
-                seg = q[0]
+                seg, mac = q[0]
+                if seg is None:  # a closing tag: every buffer before it is hashed
+                    q.popleft()
+                    write(mac.digest())
+                    continue
                 if type(seg) is bytes and len(seg) <= WRITE_SLICE:
                     q.popleft()
-                    self.transport.write(seg)
+                    if mac is not None:
+                        mac.update(seg)
+                    write(seg)
                     drained = False
                     continue
                 if not drained:
                     break  # wait until the transport's buffer is empty
                 if type(seg) is bytes:
                     q.popleft()
-                    self.transport.write(seg)
+                    piece = seg
                 else:
                     n = min(len(seg), WRITE_SLICE)
-                    self.transport.write(bytes(seg[:n]))
+                    piece = bytes(seg[:n])
                     if n == len(seg):
                         q.popleft()
                     else:
-                        q[0] = seg[n:]
+                        q[0] = (seg[n:], mac)
+                if mac is not None:
+                    mac.update(piece)
+                write(piece)
                 break  # one large step per drain
             if q and not self.registered:
                 self.registered = True
