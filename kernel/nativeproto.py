@@ -69,6 +69,7 @@ joined into one big copy: it is fed to the transport in slices of
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import hmac
 import json
@@ -294,6 +295,24 @@ class FrameReader:
             part, self._pending = bytes(self._pending), bytearray()
             self._advance(part)
         return out
+
+    def room(self) -> memoryview | None:
+        """Where the next bytes of the current buffer go, when a buffer is
+        being received (None otherwise): a transport may receive straight
+        into it and then call :meth:`received_into`."""
+        if self._state != "buffers":
+            return None
+        return memoryview(self._buffers[self._index])[self._filled :]
+
+    def received_into(self, n: int) -> None:
+        """Account for ``n`` bytes put in :meth:`room`."""
+        buf = self._buffers[self._index]
+        self._mac.update(memoryview(buf)[self._filled : self._filled + n])
+        self._filled += n
+        if self._filled == len(buf):
+            self._index += 1
+            self._filled = 0
+            self._next_buffer()
 
     def _reset(self) -> None:
         self._state = "prefix"
@@ -668,6 +687,7 @@ class NativeProtocol(protocol.Protocol):
             except Exception:  # pragma: no cover - a transport without TCP
                 pass
         self._outbox = _Outbox(self.transport)
+        _receive_into_buffers(self)
         self.transport.write(HELLO + self.nonce)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
@@ -885,6 +905,48 @@ class NativeProtocol(protocol.Protocol):
 
     def unwatch_disconnect(self, marker: int) -> None:
         self._disconnect_watchers.pop(marker, None)
+
+
+#: Largest single receive straight into a frame's buffer.
+RECV_INTO_LIMIT = 4 * 2**20
+
+
+def _receive_into_buffers(proto: NativeProtocol) -> None:
+    """On a plain TCP transport, receive frame buffers straight into their
+    preallocated bytearrays (``recv_into``), instead of into a new ``bytes``
+    per read that is then copied; and send in larger pieces.
+
+    Twisted's TCP transports read with ``socket.recv`` in ``doRead``; this
+    gives the one connection a ``doRead`` that reads into the frame reader's
+    room when a buffer is being received and otherwise does what Twisted's
+    does. Other transports (TLS, test transports) keep the ordinary path.
+    """
+    from twisted.internet import main, tcp
+
+    transport = proto.transport
+    sock = getattr(transport, "socket", None)
+    if not isinstance(transport, tcp.Connection) or sock is None or transport.TLS:
+        return
+    transport.SEND_LIMIT = WRITE_SLICE
+    ordinary = transport.doRead
+
+    def do_read() -> Any:
+        reader = proto._reader
+        room = reader.room() if reader is not None else None
+        if room is None:
+            return ordinary()
+        try:
+            n = sock.recv_into(room, min(len(room), RECV_INTO_LIMIT))
+        except OSError as e:
+            if e.args[0] in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR):
+                return None
+            return main.CONNECTION_LOST
+        if not n:
+            return main.CONNECTION_DONE
+        reader.received_into(n)
+        return None
+
+    transport.doRead = do_read
 
 
 def _check_remote_interface(target: Any, method: str) -> None:

@@ -378,3 +378,20 @@ def test_large_buffers_are_written_whole_or_in_slices_never_joined():
         (b"[1]", [b"small", big, bytes(view)]),
         (b"[2]", []),
     ]
+
+
+def test_buffers_can_be_received_straight_into_the_room_the_reader_allocated():
+    """What the TCP fast path does: ``recv_into`` the reader's room."""
+    payload = os.urandom(10_000)
+    data = frames_of(FrameWriter(KEY), b"[]", [payload, b"tail"])
+    reader = FrameReader(KEY)
+    head_len = len(data) - len(payload) - 4 - nativeproto.TAG_BYTES
+    assert reader.feed(data[:head_len]) == []
+    pos = head_len
+    while (room := reader.room()) is not None:
+        n = min(len(room), 3000)  # a short read
+        room[:n] = data[pos : pos + n]
+        reader.received_into(n)
+        pos += n
+    ((header, buffers),) = reader.feed(data[pos:])
+    assert buffers == [bytearray(payload), bytearray(b"tail")]
