@@ -728,9 +728,22 @@ class GatewayRealm:
         return pb.IPerspective, avatar, lambda: None
 
 
+@implementer(ICredentialsChecker)
+class _NoAnonymous:
+    """Refuses anonymous logins as expected errors (no logged traceback)."""
+
+    credentialInterfaces = (cred_credentials.IAnonymous,)
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:  # noqa: N802
+        return defer.fail(LoginRefused("anonymous login is not allowed: log in with a secret"))
+
+
 def make_portal(username: str, secret: str, services: dict[str, Any]) -> Portal:
-    """A portal admitting ``username`` with ``secret`` to ``services``."""
-    return Portal(GatewayRealm({username: services}), [SecretChecker({username: secret})])
+    """A portal admitting ``username`` with ``secret`` to ``services`` (and
+    nobody anonymously)."""
+    return Portal(
+        GatewayRealm({username: services}), [SecretChecker({username: secret}), _NoAnonymous()]
+    )
 
 
 def _remote_type(f: Failure) -> str:

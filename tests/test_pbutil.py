@@ -12,7 +12,7 @@ from foolscap.constraint import ByteStringConstraint
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm
 from twisted.internet import defer, error, reactor
-from twisted.spread import banana
+from twisted.spread import banana, pb
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
@@ -273,6 +273,23 @@ async def test_unknown_user_is_refused_with_security_error():
         with pytest.raises(SecurityError):
             await server.connect("echo", username=pbutil.ENGINE_USER)
     finally:
+        await server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_login_is_refused_and_nothing_runs():
+    from twisted.cred.credentials import Anonymous
+
+    target = Echo()
+    server = Server({"echo": target})
+    factory = pb.PBClientFactory()
+    connector = reactor.connectTCP("127.0.0.1", server.address.port, factory)
+    try:
+        with pytest.raises(Exception, match="anonymous login is not allowed"):
+            await factory.login(Anonymous()).addTimeout(10, reactor)
+        assert target.calls == []
+    finally:
+        connector.disconnect()
         await server.stop()
 
 
