@@ -78,7 +78,7 @@ def test_cluster_dir_comes_from_environment(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["fc", "pb"])
+@pytest.mark.parametrize("adapter", ["fc", "pb", "native"])
 def test_cluster_start_status_stop(tmp_path, adapter):
     d = str(tmp_path / "cluster")
     started = txkernel(

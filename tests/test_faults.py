@@ -26,7 +26,7 @@ async def sleep(seconds):
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-@pytest_twisted.async_yield_fixture(params=["fc", "pb"])
+@pytest_twisted.async_yield_fixture(params=["fc", "pb", "native"])
 async def cluster(request):
     """A controller and two engine processes, over each adapter."""
     c = LocalCluster(
@@ -93,7 +93,11 @@ async def test_sigstopped_engine_declared_dead_within_heartbeat_window(cluster, 
 @pytest_twisted.ensureDeferred
 async def test_restarted_controller_gets_its_engines_back_with_their_ids(cluster):
     before = cluster.registered()
-    connection_file = clusterdir.ENGINE_FURL if cluster.adapter == "fc" else clusterdir.PB_FILE
+    connection_file = {
+        "fc": clusterdir.ENGINE_FURL,
+        "pb": clusterdir.PB_FILE,
+        "native": "native.json",
+    }[cluster.adapter]
     connection = cluster.cluster_dir.read_file(connection_file)
     cluster.stop_controller()
     await cluster.start_controller_async()
