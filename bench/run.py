@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout",
         type=float,
         default=None,
-        help="seconds allowed per system (default 1800, --quick 600)",
+        help="seconds allowed per system (default 3600, --quick 900)",
     )
     parser.add_argument(
         "--results-dir",
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(args)
 
-    timeout = args.timeout or (600.0 if args.quick else 1800.0)
+    timeout = args.timeout or (900.0 if args.quick else 3600.0)
     names = [n.strip() for n in args.systems.split(",") if n.strip()]
     try:
         plan = [(n, s.name) for n in names for s in make_systems(n)]
