@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "started": started.isoformat(timespec="seconds"),
             "quick": args.quick,
-            "command": sys.argv,
+            "command": ["bash", "bench/run.sh", *sys.argv[1:]],
             "python": sys.executable,
             "machine": report.machine_info(),
             "checkout": git_describe(),
