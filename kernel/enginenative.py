@@ -103,6 +103,19 @@ class NativeEngineReferenceFromService(FCEngineReferenceFromService):
     def remote_clear_queue(self):
         return self._call("clear_queue")
 
+    def _call(self, method: str, *args: Any, convert: Callable | None = None, **kwargs: Any):
+        d = super()._call(method, *args, convert=convert, **kwargs)
+        d.addBoth(self._output_first)
+        return d
+
+    def _output_first(self, reply: Any) -> Any:
+        # Send the output a command wrote before its reply (same connection,
+        # so it reaches the controller, and the client, first).
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+            self._flush()
+        return reply
+
     # Anything but Serialized values fails in the engine (SerializationError).
 
     def remote_push_serialized(self, namespace):

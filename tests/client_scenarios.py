@@ -780,7 +780,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run one group of scenarios; write their outcomes as JSON."""
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--backend", choices=["local", "processes", "processes-pb"], default="local"
+        "--backend",
+        choices=["local", "processes", "processes-pb", "processes-native"],
+        default="local",
     )
     parser.add_argument("--group", choices=GROUPS, required=True)
     parser.add_argument("--engines", type=int, default=3)
@@ -794,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "local":
         cluster, mec, tc, new_mec = _local(args.engines)
     else:
-        adapter = "pb" if args.backend == "processes-pb" else "fc"
+        adapter = {"processes-pb": "pb", "processes-native": "native"}.get(args.backend, "fc")
         cluster, mec, tc, new_mec = _processes(args.engines, args.cluster_dir, adapter)
     outcomes: dict[str, str | None] = {}
     try:

@@ -20,6 +20,7 @@ BACKENDS = [
     pytest.param("local", id="local"),
     pytest.param("processes", id="processes", marks=pytest.mark.slow),
     pytest.param("processes-pb", id="processes-pb", marks=pytest.mark.slow),
+    pytest.param("processes-native", id="processes-native", marks=pytest.mark.slow),
 ]
 
 

@@ -186,6 +186,9 @@ def test_controller_service_tree_writes_engine_furl(tmp_path):
         ([clusterdir.PB_FILE, clusterdir.ENGINE_FURL], "auto", "fc"),
         ([clusterdir.PB_FILE], "fc", "fc"),
         ([], "pb", "pb"),
+        (["native.json"], "auto", "native"),
+        (["native.json", clusterdir.ENGINE_FURL], "auto", "fc"),
+        ([], "native", "native"),
     ],
 )
 def test_engine_adapter_follows_connection_files(tmp_path, files, given, expected):
