@@ -43,11 +43,12 @@ class TestMultiEnginePB(MultiEngineContract):
     @pytest.mark.xfail(
         raises=CompositeError,
         strict=False,
-        reason="the contract test sends del_properties, clear_properties and clear_queue "
-        "back to back and expects clear_properties to survive clear_queue; it does only if "
-        "del_properties has already finished on the engine. PB delivers the three calls in "
-        "one reactor turn, so clear_queue always drops the queued clear_properties "
-        "(QueueCleared), as QueuedEngine documents. The test needs fixing, not the adapter.",
+        reason="racy contract test: it sends del_properties, clear_properties and clear_queue "
+        "back to back and expects clear_properties to survive clear_queue, which holds only "
+        "if del_properties has already finished on the engine when clear_queue arrives. "
+        "Over PB the three calls usually arrive together, so clear_queue drops the queued "
+        "clear_properties (QueueCleared), as QueuedEngine documents. The test needs fixing, "
+        "not the adapter.",
     )
     @pytest_twisted.ensureDeferred
     async def test_every_method_accepts_block_false(self, cluster, tmp_path):
