@@ -40,20 +40,6 @@ class TestMultiEnginePB(MultiEngineContract):
         await processes.reset()
         yield processes
 
-    @pytest.mark.xfail(
-        raises=CompositeError,
-        strict=False,
-        reason="racy contract test: it sends del_properties, clear_properties and clear_queue "
-        "back to back and expects clear_properties to survive clear_queue, which holds only "
-        "if del_properties has already finished on the engine when clear_queue arrives. "
-        "Over PB the three calls usually arrive together, so clear_queue drops the queued "
-        "clear_properties (QueueCleared), as QueuedEngine documents. The test needs fixing, "
-        "not the adapter.",
-    )
-    @pytest_twisted.ensureDeferred
-    async def test_every_method_accepts_block_false(self, cluster, tmp_path):
-        await super().test_every_method_accepts_block_false(cluster, tmp_path)
-
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
