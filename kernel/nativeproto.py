@@ -759,6 +759,8 @@ class NativeProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
         self.connected_ = False
         self.lost_reason = reason
+        if _is_tls_failure(reason):
+            self._fail_auth(_TLSRefused(str(reason.value)))
         self._fail_auth(
             ConnectionError(f"the connection closed before the handshake finished: {reason.value}")
         )
@@ -949,6 +951,14 @@ def _receive_into_buffers(proto: NativeProtocol) -> None:
     transport.doRead = do_read
 
 
+def _is_tls_failure(reason: Failure) -> bool:
+    try:
+        from OpenSSL import SSL
+    except ImportError:  # pragma: no cover - TLS needs pyOpenSSL anyway
+        return False
+    return reason.check(SSL.Error) is not None
+
+
 def _check_remote_interface(target: Any, method: str) -> None:
     """Refuse a method the target's Foolscap RemoteInterface (if it declares
     one) does not list, unless the target names it in ``native_remote_methods``."""
@@ -1060,15 +1070,16 @@ async def connect(
     service: str,
     timeout: float = 30.0,
     reactor: Any = None,
-    tls: Any = None,
+    certificate: str | None = None,
 ) -> NativeRemote:
     """Connect to a native controller, prove the key, get the service ``service``.
 
-    :param tls: None for plain TCP, or Twisted client TLS options
-        (:func:`twisted.internet.ssl.optionsForClientTLS`).
+    :param certificate: None for plain TCP; for a controller serving TLS, its
+        certificate (PEM, from ``native.json``): only a peer holding its key
+        is accepted.
     :returns: the service as a :class:`NativeRemote`.
     :raises SecurityError: the controller refused the key, or did not prove it
-        holds the same key.
+        holds the same key, or does not hold the pinned certificate's key.
     :raises ConnectionError: nothing answers at ``host:port`` within ``timeout``.
     """
     from twisted.internet import endpoints
@@ -1076,9 +1087,10 @@ async def connect(
     if reactor is None:
         from twisted.internet import reactor
     where = f"{host}:{port}"
-    if tls is None:
+    if certificate is None:
         endpoint = endpoints.TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     else:
+        tls = _pinned_tls(certificate)
         endpoint = endpoints.SSL4ClientEndpoint(reactor, host, port, tls, timeout=timeout)
     proto = NativeProtocol(key, is_client=True)
     try:
@@ -1090,6 +1102,12 @@ async def connect(
     except SecurityError as e:
         if proto.transport is not None:
             proto._abort()
+        if isinstance(e, _TLSRefused):
+            raise SecurityError(
+                f"the controller at {where} is not the one {NATIVE_FILE} names: its TLS "
+                f"certificate does not match ({e}). Use the {NATIVE_FILE} written by the "
+                "running controller."
+            ) from None
         raise SecurityError(
             f"the controller at {where} and this side do not share a cluster key ({e}). "
             f"Use the {NATIVE_FILE} written by the running controller (its cluster "
@@ -1137,7 +1155,25 @@ async def connect_info(info: dict[str, Any], service: str, timeout: float = 30.0
         host, port, key = info["host"], int(info["port"]), info["key"]
     except (KeyError, TypeError, ValueError):
         raise ProtocolError(f"malformed {NATIVE_FILE}: it needs host, port and key") from None
-    return await connect(host, port, key, service, timeout)
+    return await connect(host, port, key, service, timeout, certificate=info.get("certificate"))
+
+
+class _TLSRefused(SecurityError):
+    """The TLS handshake failed: the peer is not the pinned controller."""
+
+
+def _pinned_tls(certificate: str) -> Any:
+    """Client TLS options trusting exactly ``certificate`` (PEM)."""
+    from twisted.internet import ssl
+
+    try:
+        pinned = ssl.Certificate.loadPEM(certificate.encode("ascii"))
+    except Exception:
+        raise SecurityError(
+            f"the certificate in {NATIVE_FILE} is unreadable: use the {NATIVE_FILE} "
+            "written by the running controller"
+        ) from None
+    return ssl.CertificateOptions(trustRoot=ssl.trustRootFromCertificates([pinned]))
 
 
 def _port_is_free(interface: str, port: int) -> bool:
@@ -1172,9 +1208,16 @@ def serve_controller(
     task_controller: Any = None,
     interface: str = "127.0.0.1",
     port: int = 0,
+    tls: bool = False,
 ) -> Any:
     """The controller's native side: one port for engines and clients, and
     ``native.json`` (host, port, cluster key; mode 0600, written atomically).
+
+    With ``tls`` the port speaks TLS with the controller's self-signed
+    certificate (kept in the cluster directory, shared with the PB adapter:
+    :func:`kernel.pbutil.controller_certificate`), and ``native.json`` pins
+    its public half: peers accept only a controller holding its key. Frames
+    are signed either way.
 
     The key of an earlier ``native.json`` is kept, so the engines and clients
     of a restarted controller connect again by themselves.
@@ -1184,6 +1227,7 @@ def serve_controller(
     :param multiengine: the core :class:`~kernel.multiengine.MultiEngine`, or None.
     :param task_controller: the core task controller, or None.
     :param port: 0 for the port of the last run if free, else any free one.
+    :param tls: serve TLS (see above).
     :returns: a MultiService to add to the controller's service tree.
     :raises SecurityError: an existing ``native.json`` is not private.
     """
@@ -1211,7 +1255,16 @@ def serve_controller(
 
     top = service.MultiService()
     factory = NativeServerFactory(info["key"], services)
-    internet.TCPServer(info["port"], factory, interface=interface).setServiceParent(top)
+    if tls:
+        from kernel import pbutil
+
+        cert = pbutil.controller_certificate(cd)
+        info["certificate"] = pbutil.public_pem(cert)
+        internet.SSLServer(
+            info["port"], factory, cert.options(), interface=interface
+        ).setServiceParent(top)
+    else:
+        internet.TCPServer(info["port"], factory, interface=interface).setServiceParent(top)
     ConnectionFile(cd, info).setServiceParent(top)
     top.info = info
     top.factory = factory

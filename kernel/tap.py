@@ -95,6 +95,14 @@ class ControllerOptions(usage.Options):
         ["hwm", None, 1, "Most tasks outstanding on one engine (0: no limit).", int],
         ["task-db", None, "sqlite", "Task database: sqlite (in the cluster directory) or memory."],
     ]
+    optFlags = [
+        [
+            "tls",
+            None,
+            "With --adapter native: TLS on the native port (certificate pinned in "
+            "native.json). Foolscap and PB always use TLS.",
+        ],
+    ]
 
     def postOptions(self) -> None:
         if self["adapter"] not in ADAPTERS:
@@ -113,6 +121,10 @@ class ControllerOptions(usage.Options):
         if self["task-db"] not in ("sqlite", "memory"):
             raise usage.UsageError(
                 f"unknown task database {self['task-db']!r}: use --task-db sqlite or memory"
+            )
+        if self["tls"] and self["adapter"] != "native":
+            raise usage.UsageError(
+                "--tls is for --adapter native: Foolscap and PB always use TLS; drop --tls"
             )
         ports = [p for p in (self["engine-port"], self["client-port"]) if p]
         if len(ports) == 2 and ports[0] == ports[1]:
@@ -473,7 +485,13 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
         for name in (*clusterdir.FC_FILES, clusterdir.PB_FILE):
             cd.remove_file(name)
         nativeproto.serve_controller(
-            cd, registrar, multiengine, task_controller, interface, options["client-port"]
+            cd,
+            registrar,
+            multiengine,
+            task_controller,
+            interface,
+            options["client-port"],
+            tls=bool(options["tls"]),
         ).setServiceParent(top)
     elif options["adapter"] == "pb":
         for name in clusterdir.FC_FILES:

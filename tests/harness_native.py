@@ -39,23 +39,26 @@ class NativeLoopback:
     :ivar connectors: ``{engine id: NativeEngineConnector}`` of the engines started here.
     """
 
-    def __init__(self, cluster_dir: str | None = None):
+    def __init__(self, cluster_dir: str | None = None, tls: bool = False):
         self.cd = ClusterDir(cluster_dir or tempfile.mkdtemp(prefix="txkernel-native-")).create()
         self.controller = ControllerService()
         self.multiengine_core = MultiEngine(self.controller, stop_controller=lambda: None)
         self.task_core = TaskController(self.controller)
         self.registrar = NativeEngineRegistrar(self.controller)
         self.listeners = nativeproto.serve_controller(
-            self.cd, self.registrar, self.multiengine_core, self.task_core
+            self.cd, self.registrar, self.multiengine_core, self.task_core, tls=tls
         )
         self.connectors: dict[int, NativeEngineConnector] = {}
         self.engines: dict[int, EngineService] = {}
         self.clients: list = []
 
     @classmethod
-    async def start(cls, n_engines: int = 2, cluster_dir: str | None = None) -> NativeLoopback:
-        """Start the listener and ``n_engines`` engines (registered on return)."""
-        loop = cls(cluster_dir)
+    async def start(
+        cls, n_engines: int = 2, cluster_dir: str | None = None, tls: bool = False
+    ) -> NativeLoopback:
+        """Start the listener (TLS with ``tls``) and ``n_engines`` engines
+        (registered on return)."""
+        loop = cls(cluster_dir, tls)
         loop.controller.startService()
         loop.task_core.startService()
         loop.listeners.startService()

@@ -243,3 +243,22 @@ async def test_a_paused_engine_is_declared_dead_and_registers_again_when_resumed
         proc.resume()
     # the controller dropped the connection; the resumed engine notices and comes back
     assert await processes.wait_for_engines_async(1) == {engine_id: pid}
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_controller_process_with_tls_serves_engines_and_clients():
+    from kernel import multienginenative
+    from kernel.testing.processes import LocalCluster
+
+    cluster = LocalCluster(controller_args=["--adapter=native", "--tls"])
+    try:
+        await cluster.start_async(1)
+        assert "certificate" in nativeproto.read_connection_info(cluster.cluster_dir)
+        mec = await multienginenative.get_multiengine_client(cluster.cluster_dir.path)
+        try:
+            assert [r["stdout"] for r in await mec.execute("print(2)")] == ["2\n"]
+        finally:
+            mec.disconnect()
+    finally:
+        cluster.stop()

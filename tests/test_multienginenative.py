@@ -238,3 +238,34 @@ class TestNoUnpickleOverNative:
     test_tripwire_pickles_cross_the_controller_unopened = staticmethod(
         no_unpickle.test_tripwire_pickles_cross_the_controller_unopened
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_tls_engines_and_clients_work_and_only_the_pinned_controller_is_accepted(
+    tmp_path,
+):
+    from twisted.internet.interfaces import ISSLTransport
+
+    from kernel import pbutil
+    from kernel.clusterdir import ClusterDir
+
+    loop = await NativeLoopback.start(n_engines=1, cluster_dir=str(tmp_path / "c"), tls=True)
+    try:
+        info = loop.info
+        assert "BEGIN CERTIFICATE" in info["certificate"]
+        assert "PRIVATE" not in info["certificate"]
+        ((engine_id, (_, remote)),) = loop.registrar._connected.items()
+        assert ISSLTransport.providedBy(remote.reference.proto.transport)
+        mec = await loop.multiengine()
+        assert [r["stdout"] for r in await mec.execute("print(1)")] == ["1\n"]
+        # a controller holding another certificate's key is refused
+        other = ClusterDir(tmp_path / "other").create()
+        stranger = pbutil.public_pem(pbutil.controller_certificate(other))
+        with pytest.raises(SecurityError, match="TLS certificate does not match"):
+            await multienginenative.get_multiengine_client(info=dict(info, certificate=stranger))
+        # plain TCP gets nothing from a TLS port
+        plain = {k: v for k, v in info.items() if k != "certificate"}
+        with pytest.raises(ConnectionError):
+            await multienginenative.get_multiengine_client(info=plain, timeout=1)
+    finally:
+        await loop.stop()
