@@ -63,7 +63,32 @@ send. Small frames go out that way, so several messages written in one turn
 that is not ``bytes`` (an array's memory, a received ``bytearray``) is never
 joined into one big copy: it is fed to the transport in slices of
 :data:`WRITE_SLICE` bytes by a pull producer, as the socket drains, so a
-100 MB push holds at most a few slices of extra memory.
+100 MB push holds at most a few slices of extra memory. A large ``bytes`` is
+written on its own into an empty transport buffer, which Twisted sends
+without copying. Each piece is hashed just before it is written.
+
+Reading into place
+------------------
+On a plain TCP connection, the bytes of a frame's buffers are received with
+``recv_into`` straight into their preallocated ``bytearray`` (see
+:func:`_receive_into_buffers`); everything else, and every byte on other
+transports (TLS, test transports), goes through ``dataReceived``.
+
+TLS
+---
+Frames are signed whatever carries them. A controller can also serve TLS
+(``serve_controller(tls=True)``, ``txkernel-controller --adapter native
+--tls``): ``native.json`` then pins its self-signed certificate, and peers
+accept only a controller holding that certificate's key.
+
+Throughput
+----------
+Calls are pipelined: many may be in flight on one connection, in both
+directions, each reply matched to its call by id. The engine adapter uses
+that to send several commands ahead to each engine
+(:class:`kernel.enginenative.PipelinedEngine`). A blob pushed to several
+engines is received once by the controller and the same buffers are written
+to each engine: nothing is serialized again.
 """
 
 from __future__ import annotations
