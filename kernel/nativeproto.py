@@ -155,6 +155,8 @@ MAX_FRAME_BYTES = 2**31 + MAX_HEADER_BYTES
 LONG_TEXT = 64 * 1024
 #: Bytes of a large buffer handed to the transport at a time.
 WRITE_SLICE = 1024 * 1024
+#: Bytes handed to the transport when the socket is full (see :class:`_Outbox`).
+WAKE_PIECE = 64 * 1024
 #: The connection file of a native controller (in its cluster directory).
 NATIVE_FILE = "native.json"
 
@@ -575,7 +577,11 @@ class _Outbox:
     the transport's buffer is empty, as its own pull-producer step: a large
     ``bytes`` whole (the transport then sends it without joining it to
     anything, so without a copy), any other buffer in :data:`WRITE_SLICE`
-    slices (the transport takes only ``bytes``).
+    slices (the transport takes only ``bytes``). On a plain TCP connection
+    a large buffer is sent straight from its memory with ``socket.send``
+    while the transport's buffer is empty and the socket takes it; only a
+    piece of :data:`WAKE_PIECE` bytes goes through the transport when the
+    socket is full, so that the transport calls back once it drains.
     """
 
     def __init__(self, transport: Any):
@@ -583,6 +589,16 @@ class _Outbox:
         self.queue: collections.deque = collections.deque()
         self.registered = False
         self.pumping = False
+        #: The TCP socket to send large buffers on directly (None: through
+        #: the transport only); see :func:`_receive_into_buffers`.
+        self.sock: Any = None
+
+    def _send_direct(self, view: memoryview) -> int:
+        try:
+            return self.sock.send(view)
+        except OSError:
+            # Full (or broken: the transport's own write notices that).
+            return 0
 
     def send(self, frame: Frame) -> None:
         """Write ``frame`` after everything sent before it."""
@@ -623,18 +639,38 @@ class _Outbox:
                     continue
                 if not drained:
                     break  # wait until the transport's buffer is empty
-                if type(seg) is bytes:
+                if self.sock is None and type(seg) is bytes:
                     q.popleft()
-                    piece = seg
+                    if mac is not None:
+                        mac.update(seg)
+                    write(seg)
+                    break
+                view = seg if type(seg) is memoryview else memoryview(seg)
+                if self.sock is not None:
+                    # Straight from the buffer's memory while the socket takes it.
+                    sent = self._send_direct(view[:WRITE_SLICE])
+                    if sent:
+                        if mac is not None:
+                            mac.update(view[:sent])
+                        view = view[sent:]
+                        if not len(view):
+                            q.popleft()
+                            continue
+                        q[0] = (view, mac)
+                        if sent == WRITE_SLICE:
+                            continue
+                    # The socket is full: hand the transport a small piece, so
+                    # that it calls back once the socket drains.
+                    n = min(len(view), WAKE_PIECE)
                 else:
-                    n = min(len(seg), WRITE_SLICE)
-                    piece = bytes(seg[:n])
-                    if n == len(seg):
-                        q.popleft()
-                    else:
-                        q[0] = (seg[n:], mac)
+                    n = min(len(view), WRITE_SLICE)
+                piece = bytes(view[:n])
                 if mac is not None:
                     mac.update(piece)
+                if n == len(view):
+                    q.popleft()
+                else:
+                    q[0] = (view[n:], mac)
                 write(piece)
                 break  # one large step per drain
             if q and not self.registered:
@@ -941,7 +977,8 @@ RECV_INTO_LIMIT = 4 * 2**20
 def _receive_into_buffers(proto: NativeProtocol) -> None:
     """On a plain TCP transport, receive frame buffers straight into their
     preallocated bytearrays (``recv_into``), instead of into a new ``bytes``
-    per read that is then copied; and send in larger pieces.
+    per read that is then copied; and send large buffers straight from their
+    memory (see :class:`_Outbox`).
 
     Twisted's TCP transports read with ``socket.recv`` in ``doRead``; this
     gives the one connection a ``doRead`` that reads into the frame reader's
@@ -955,6 +992,7 @@ def _receive_into_buffers(proto: NativeProtocol) -> None:
     if not isinstance(transport, tcp.Connection) or sock is None or transport.TLS:
         return
     transport.SEND_LIMIT = WRITE_SLICE
+    proto._outbox.sock = sock
     ordinary = transport.doRead
 
     def do_read() -> Any:
