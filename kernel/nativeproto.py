@@ -27,7 +27,7 @@ Every message is one frame::
     header   UTF-8 JSON: the message, plain data only
     tag      HMAC-SHA256 of (sequence number, prefix, sizes, header)
     buffers  the raw bytes of each buffer, back to back
-    tag      HMAC-SHA256 of all the above and the buffers (only if there are any)
+    tag      HMAC-SHA256 of all the above and each buffer's SHA-256 (if there are buffers)
 
 The header is JSON, never pickle: the controller parses headers and routes
 buffers, and never unpickles anything. Bytes, long texts and the pickle
@@ -212,6 +212,7 @@ class FrameWriter:
 
         :raises ProtocolError: the frame exceeds a size limit.
         """
+        known = [getattr(b, "sha256", None) for b in buffers]
         views = [memoryview(b).cast("B") if type(b) is not bytes else b for b in buffers]
         sizes = [len(v) for v in views]
         if len(header) > MAX_HEADER_BYTES:
@@ -234,33 +235,74 @@ class FrameWriter:
         mac.update(header)
         if not views:
             return Frame(head + header + mac.digest(), [], None)
-        return Frame(head + header + mac.copy().digest(), views, mac)
+        hashes = [_BufferHash(mac, k) for k in known]
+        return Frame(head + header + mac.copy().digest(), views, mac, hashes)
+
+
+class _BufferHash:
+    """The SHA-256 of one buffer, fed to its frame's HMAC when complete.
+
+    :param mac: the frame's running HMAC.
+    :param known: the buffer's digest if already known (a buffer the
+        controller received and now forwards), else None: computed from the
+        pieces given to :meth:`update`.
+    """
+
+    __slots__ = ("mac", "known", "sha")
+
+    def __init__(self, mac: Any, known: bytes | None):
+        self.mac = mac
+        self.known = known
+        self.sha = None if known is not None else hashlib.sha256()
+
+    def update(self, piece: Any) -> None:
+        if self.sha is not None:
+            self.sha.update(piece)
+
+    def finish(self) -> None:
+        self.mac.update(self.known if self.sha is None else self.sha.digest())
 
 
 class Frame:
     """One signed frame: its head (prefix, sizes, header and first tag), its
     buffers, and the running HMAC that yields the closing tag once every
-    buffer has gone through it.
+    buffer's SHA-256 has gone through it.
 
     The writer hashes each piece of a buffer just before writing it (while
     it is in the CPU's cache, and while the peer is already reading the
-    pieces before it), so a large frame is never read twice in a row.
+    pieces before it), so a large frame is never read twice in a row; a
+    buffer whose digest is known (one the controller received and forwards
+    to engines or clients) is not hashed again.
     """
 
-    __slots__ = ("head", "buffers", "mac")
+    __slots__ = ("head", "buffers", "mac", "hashes")
 
-    def __init__(self, head: bytes, buffers: list[Any], mac: Any):
+    def __init__(self, head: bytes, buffers: list[Any], mac: Any, hashes: list | None = None):
         self.head = head
         self.buffers = buffers
         self.mac = mac
+        self.hashes = hashes or []
 
     def segments(self) -> list[Any]:
         """Every byte of the frame, in order (hashing the buffers now)."""
         if self.mac is None:
             return [self.head]
-        for b in self.buffers:
-            self.mac.update(b)
+        for b, h in zip(self.buffers, self.hashes, strict=True):
+            h.update(b)
+            h.finish()
         return [self.head, *self.buffers, self.mac.digest()]
+
+
+class RoutedBuffer(bytearray):
+    """A received buffer that remembers its SHA-256 (:attr:`sha256`), so that
+    a controller forwarding it signs it without reading it again. Only
+    routing peers (the controller) receive these; engines and clients get
+    plain ``bytearray``\\ s."""
+
+    __slots__ = ("sha256",)
+
+
+_EMPTY_SHA256 = hashlib.sha256().digest()
 
 
 class FrameReader:
@@ -270,12 +312,15 @@ class FrameReader:
     frames, each as ``(header_bytes, [bytearray, ...])``.
 
     :param key: this direction's session key.
+    :param routing: receive buffers as :class:`RoutedBuffer` (a controller).
     :raises SecurityError: (from :meth:`feed`) a tag does not verify.
     :raises ProtocolError: (from :meth:`feed`) a malformed or oversized frame.
     """
 
-    def __init__(self, key: bytes):
+    def __init__(self, key: bytes, routing: bool = False):
         self._key_mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._buffer_type = RoutedBuffer if routing else bytearray
+        self._sha: Any = None
         self.seq = 0
         self._pending = bytearray()  # bytes of the current small part
         self._state = "prefix"
@@ -301,14 +346,12 @@ class FrameReader:
                 take = min(len(buf) - self._filled, end - pos)
                 piece = view[pos : pos + take]
                 buf[self._filled : self._filled + take] = piece
-                self._mac.update(piece)
+                self._sha.update(piece)
                 self._filled += take
                 pos += take
                 if self._filled < len(buf):
                     break
-                self._index += 1
-                self._filled = 0
-                self._next_buffer()
+                self._buffer_done()
                 continue
             if self._state == "done":
                 out.append((self._header, self._buffers))
@@ -334,12 +377,20 @@ class FrameReader:
     def received_into(self, n: int) -> None:
         """Account for ``n`` bytes put in :meth:`room`."""
         buf = self._buffers[self._index]
-        self._mac.update(memoryview(buf)[self._filled : self._filled + n])
+        self._sha.update(memoryview(buf)[self._filled : self._filled + n])
         self._filled += n
         if self._filled == len(buf):
-            self._index += 1
-            self._filled = 0
-            self._next_buffer()
+            self._buffer_done()
+
+    def _buffer_done(self) -> None:
+        digest = self._sha.digest()
+        self._mac.update(digest)
+        buf = self._buffers[self._index]
+        if type(buf) is RoutedBuffer:
+            buf.sha256 = digest
+        self._index += 1
+        self._filled = 0
+        self._next_buffer()
 
     def _reset(self) -> None:
         self._state = "prefix"
@@ -386,7 +437,7 @@ class FrameReader:
             self._sizes = sizes
             self._mac = mac
             # Room for the buffers, allocated only now that the header is known good.
-            self._buffers = [bytearray(n) for n in sizes]
+            self._buffers = [self._buffer_type(n) for n in sizes]
             self._index = 0
             self._filled = 0
             self._state = "buffers"
@@ -399,8 +450,13 @@ class FrameReader:
     def _next_buffer(self) -> None:
         # skip empty buffers; after the last one, the closing tag (if any)
         while self._index < len(self._buffers) and not self._sizes[self._index]:
+            self._mac.update(_EMPTY_SHA256)
+            buf = self._buffers[self._index]
+            if type(buf) is RoutedBuffer:
+                buf.sha256 = _EMPTY_SHA256
             self._index += 1
         if self._index < len(self._buffers):
+            self._sha = hashlib.sha256()
             return
         if self._count:
             self._state = "tail"
@@ -607,8 +663,11 @@ class _Outbox:
             self.transport.write(frame.head)
             return
         q.append((frame.head, None))
-        for b in frame.buffers:
-            q.append((b, frame.mac))
+        for b, h in zip(frame.buffers, frame.hashes, strict=True):
+            if len(b):
+                q.append((b, h))
+            else:
+                h.finish()  # nothing to write, but its digest counts
         if frame.mac is not None:
             q.append((None, frame.mac))
         self._pump(drained=False)
@@ -626,7 +685,9 @@ class _Outbox:
             write = self.transport.write
             while q:
                 seg, mac = q[0]
-                if seg is None:  # a closing tag: every buffer before it is hashed
+                # (seg, mac): a head (mac None), a piece of a buffer (mac its
+                # _BufferHash), or a closing tag (seg None, mac the frame's HMAC)
+                if seg is None:  # every buffer before it is hashed
                     q.popleft()
                     write(mac.digest())
                     continue
@@ -634,6 +695,7 @@ class _Outbox:
                     q.popleft()
                     if mac is not None:
                         mac.update(seg)
+                        mac.finish()
                     write(seg)
                     drained = False
                     continue
@@ -643,6 +705,7 @@ class _Outbox:
                     q.popleft()
                     if mac is not None:
                         mac.update(seg)
+                        mac.finish()
                     write(seg)
                     break
                 view = seg if type(seg) is memoryview else memoryview(seg)
@@ -655,6 +718,8 @@ class _Outbox:
                         view = view[sent:]
                         if not len(view):
                             q.popleft()
+                            if mac is not None:
+                                mac.finish()
                             continue
                         q[0] = (view, mac)
                         if sent == WRITE_SLICE:
@@ -669,6 +734,8 @@ class _Outbox:
                     mac.update(piece)
                 if n == len(view):
                     q.popleft()
+                    if mac is not None:
+                        mac.finish()
                 else:
                     q[0] = (view[n:], mac)
                 write(piece)
@@ -711,14 +778,17 @@ class NativeProtocol(protocol.Protocol):
     :param is_client: the connecting side (it proves the key first).
     :param root: the object the peer reaches as reference 0 (a
         :class:`Gateway` on a server), or None.
+    :param routing: this side forwards what it receives (a controller): keep
+        each received buffer's digest (see :class:`RoutedBuffer`).
     :ivar authenticated: Deferred firing once both sides proved the key
         (errback :class:`~kernel.error.SecurityError` or
         :class:`~kernel.error.ConnectionError`).
     """
 
-    def __init__(self, key: str | bytes, is_client: bool, root: Any = None):
+    def __init__(self, key: str | bytes, is_client: bool, root: Any = None, routing: bool = False):
         self.key = key
         self.is_client = is_client
+        self.routing = routing
         self.nonce = os.urandom(NONCE_BYTES)
         self.authenticated: defer.Deferred = defer.Deferred()
         self._auth_done = False
@@ -782,7 +852,7 @@ class NativeProtocol(protocol.Protocol):
         )
         c2s, s2c = session_keys(self.key, client_nonce, server_nonce)
         self._writer = FrameWriter(c2s if self.is_client else s2c)
-        self._reader = FrameReader(s2c if self.is_client else c2s)
+        self._reader = FrameReader(s2c if self.is_client else c2s, routing=self.routing)
         if self.is_client:
             self._send(["a"])  # proves the key
         return rest
@@ -1119,7 +1189,7 @@ class NativeServerFactory(protocol.Factory):
         self.gateway = Gateway(services)
 
     def buildProtocol(self, addr: Any) -> NativeProtocol:  # noqa: N802
-        p = NativeProtocol(self.key, is_client=False, root=self.gateway)
+        p = NativeProtocol(self.key, is_client=False, root=self.gateway, routing=True)
         p.factory = self
         # A refused or failed handshake is logged where it happens.
         p.authenticated.addErrback(lambda f: None)

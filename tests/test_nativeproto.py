@@ -441,3 +441,31 @@ def test_large_buffers_go_straight_to_the_socket_while_it_takes_them():
     assert all(obj is array for obj in sock.objects)  # no copies handed to the socket
     ((header, buffers),) = FrameReader(KEY).feed(bytes(wire))
     assert header == b"[1]" and buffers == [array]
+
+
+def test_a_controller_forwards_received_buffers_without_hashing_them_again():
+    """A routing reader keeps each buffer's SHA-256; a writer uses it instead
+    of reading the buffer again, and the next hop still verifies the frame."""
+    import hashlib
+
+    payload = os.urandom(200_000)
+    routed = FrameReader(KEY, routing=True).feed(frames_of(FrameWriter(KEY), b"[]", [payload, b""]))
+    ((_, buffers),) = routed
+    assert all(type(b) is nativeproto.RoutedBuffer for b in buffers)
+    assert buffers[0].sha256 == hashlib.sha256(payload).digest()
+    frame = FrameWriter(b"\x05" * 32).frame(b"[]", buffers)
+    assert all(h.sha is None for h in frame.hashes)  # nothing to hash again
+    data = b"".join(bytes(s) for s in frame.segments())
+    ((_, again),) = FrameReader(b"\x05" * 32).feed(data)
+    assert again == [bytearray(payload), bytearray()]
+    assert all(type(b) is bytearray for b in again)  # not a routing reader
+
+
+def test_a_forwarded_buffer_changed_after_it_was_received_does_not_verify():
+    ((_, buffers),) = FrameReader(KEY, routing=True).feed(
+        frames_of(FrameWriter(KEY), b"[]", [b"x" * 1000])
+    )
+    buffers[0][0] ^= 1
+    data = b"".join(bytes(s) for s in FrameWriter(KEY).frame(b"[]", buffers).segments())
+    with pytest.raises(SecurityError):
+        FrameReader(KEY).feed(data)
