@@ -46,6 +46,7 @@ from foolscap.api import (
     DictOf,
     Referenceable,
     RemoteInterface,
+    fireEventually,
 )
 from foolscap.constraint import ByteStringConstraint
 from foolscap.slicers.unicode import UnicodeConstraint
@@ -242,7 +243,15 @@ class FCEngineReferenceFromService(Referenceable):
         if convert is not None:
             d.addCallback(convert)
         d.addCallbacks(_ok, _error)
+        d.addCallback(self._flush_before_reply)
         return d
+
+    def _flush_before_reply(self, reply: Any) -> Any:
+        """Send the output still being coalesced ahead of ``reply``."""
+        if self._flush_call is not None:
+            self._flush_call.cancel()
+            self._flush()
+        return reply
 
     def remote_execute(self, lines):
         return self._call("execute", lines)
@@ -386,12 +395,18 @@ class EngineFromReference:
         self.reference = reference
         self.id: int | None = None
         self.properties: dict = dict(properties or {})
+        self._streaming = False
 
     def __repr__(self) -> str:
         return f"<EngineFromReference id={self.id}>"
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:
         d = defer.maybeDeferred(self.reference.callRemote, method, *args, **kwargs)
+        if self._streaming:
+            # Foolscap hands inbound calls (the engine's streamed output) over
+            # an eventual turn after they arrive, but replies at once: wait one
+            # turn so output the engine wrote before replying is relayed first.
+            d.addBoth(fireEventually)
         d.addCallbacks(_open, self._translate)
         return d
 
@@ -534,6 +549,7 @@ class EngineFromReference:
         """Have the engine stream its stdout/stderr to ``sink`` (a
         Referenceable with ``remote_write(chunks)``). Fires True if the engine
         can stream its output."""
+        self._streaming = True
         return self._call("set_output_sink", sink)
 
     def disconnect(self) -> None:

@@ -334,81 +334,44 @@ class EngineList(service.Service):
 
 
 def _build_frontends(controller: Any, options: Any, cd: ClusterDir) -> tuple[Any, Any]:
-    """The MultiEngine and TaskController over ``controller`` (None for any
-    that is not available in this installation)."""
-    multiengine = task_controller = None
-    try:
-        from kernel.multiengine import MultiEngine
+    """The MultiEngine and the TaskController over ``controller``; tasks are
+    recorded in the cluster directory's SQLite database unless
+    ``--task-db memory`` was given."""
+    from kernel.multiengine import MultiEngine
+    from kernel.taskcontroller import TaskController
 
-        multiengine = MultiEngine(controller)
-    except ImportError as e:
-        log.msg(f"no multiengine interface in this installation ({e})")
-    try:
-        from kernel.task import TaskController
-
-        task_controller = TaskController(controller, **_task_kwargs(TaskController, options, cd))
-    except ImportError as e:
-        log.msg(f"no task interface in this installation ({e})")
-    return multiengine, task_controller
-
-
-def _task_kwargs(cls: Any, options: Any, cd: ClusterDir) -> dict:
-    """The TaskController keyword arguments this installation supports."""
-    import inspect
-
-    params = inspect.signature(cls).parameters
-    kwargs: dict[str, Any] = {}
-    if "scheme" in params:
-        kwargs["scheme"] = options["scheme"]
-    if "hwm" in params:
-        kwargs["hwm"] = options["hwm"]
-    db = _task_db(options, cd)
-    if db is not None:
-        for name in ("taskdb", "db", "task_db"):
-            if name in params:
-                kwargs[name] = db
-                break
-    return kwargs
-
-
-def _task_db(options: Any, cd: ClusterDir) -> Any:
-    """The task database the options ask for, or None for the task
-    controller's default."""
-    if options["task-db"] == "memory":
-        return None
-    try:
+    db = None
+    if options["task-db"] != "memory":
         from kernel.taskdb.sqlite import SQLiteDB
-    except ImportError:
-        log.msg("kernel.taskdb.sqlite is not available: keeping tasks in memory")
-        return None
-    return SQLiteDB(cd.task_db_path)
+
+        db = SQLiteDB(cd.task_db_path)
+    task_controller = TaskController(
+        controller, scheme=options["scheme"], hwm=options["hwm"], db=db
+    )
+    return MultiEngine(controller), task_controller
 
 
-def _expose_clients(tub: Any, cd: ClusterDir, multiengine: Any, task_controller: Any) -> list[str]:
+def _expose_clients(
+    tub: Any, cd: ClusterDir, multiengine: Any, task_controller: Any, output: Any
+) -> list[str]:
     """Register the client-facing Foolscap objects and write their FURL files.
 
+    :param output: the engine registrar, whose streamed engine output is
+        relayed to clients that subscribe to it.
     :returns: the names of the connection files written.
     """
-    written = []
-    if multiengine is not None:
-        try:
-            from kernel import multienginefc
-        except ImportError:
-            multienginefc = None
-        factory = getattr(multienginefc, "make_client_referenceable", None)
-        if factory is not None:
-            register_furl(tub, factory(multiengine), cd, clusterdir.MULTIENGINE_FURL)
-            written.append(clusterdir.MULTIENGINE_FURL)
-    if task_controller is not None:
-        try:
-            from kernel import taskfc
-        except ImportError:
-            taskfc = None
-        factory = getattr(taskfc, "FCTaskControllerFromTaskController", None)
-        if factory is not None:
-            register_furl(tub, factory(task_controller), cd, clusterdir.TASK_FURL)
-            written.append(clusterdir.TASK_FURL)
-    return written
+    from kernel import multienginefc, taskfc
+
+    register_furl(
+        tub,
+        multienginefc.make_client_referenceable(multiengine, output),
+        cd,
+        clusterdir.MULTIENGINE_FURL,
+    )
+    register_furl(
+        tub, taskfc.FCTaskControllerFromTaskController(task_controller), cd, clusterdir.TASK_FURL
+    )
+    return [clusterdir.MULTIENGINE_FURL, clusterdir.TASK_FURL]
 
 
 def _serve_pb(
@@ -504,7 +467,7 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
         register_furl(engine_tub, registrar, cd, clusterdir.ENGINE_FURL)
         client_tub = make_tub(cd, "client", interface, options["client-port"])
         client_tub.setServiceParent(top)
-        _expose_clients(client_tub, cd, multiengine, task_controller)
+        _expose_clients(client_tub, cd, multiengine, task_controller, registrar)
         ListeningCheck(engine_tub, client_tub).setServiceParent(top)
 
     engine_list.setServiceParent(top)

@@ -50,6 +50,29 @@ class TestMultiEngineFoolscap(MultiEngineContract):
         yield processes
 
 
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_controller_process_streams_engine_output_to_clients(processes):
+    """A real controller relays each engine's output to subscribed clients."""
+    await processes.reset()
+    me = processes.multiengine
+    ids = await me.get_ids()
+    seen = []
+
+    def observer(*args):
+        seen.append(args)
+
+    assert await me.add_output_observer(observer) is True
+    try:
+        await me.execute("print('streamed', id)", targets=ids[:2])
+    finally:
+        await me.remove_output_observer(observer)
+    text: dict = {}
+    for engine_id, stream_name, piece in seen:
+        text[engine_id, stream_name] = text.get((engine_id, stream_name), "") + piece
+    assert text == {(i, "stdout"): f"streamed {i}\n" for i in ids[:2]}
+
+
 # -- the adapter itself ----------------------------------------------------------
 
 
