@@ -340,13 +340,14 @@ def _build_frontends(controller: Any, options: Any, cd: ClusterDir) -> tuple[Any
     from kernel.multiengine import MultiEngine
     from kernel.taskcontroller import TaskController
 
-    db = None
+    db, first_taskid = None, 0
     if options["task-db"] != "memory":
         from kernel.taskdb.sqlite import SQLiteDB
 
         db = SQLiteDB(cd.task_db_path)
+        first_taskid = db.next_taskid()  # after a restart: never reuse an id
     task_controller = TaskController(
-        controller, scheme=options["scheme"], hwm=options["hwm"], db=db
+        controller, scheme=options["scheme"], hwm=options["hwm"], db=db, first_taskid=first_taskid
     )
     return MultiEngine(controller), task_controller
 

@@ -215,6 +215,8 @@ class TaskController(service.Service):
     :param db: the :class:`~kernel.interfaces.ITaskDB` to record tasks in
         (default: a new :class:`~kernel.taskdb.memory.DictDB`).
     :param clock: an ``IReactorTime`` for timeouts (default: the reactor).
+    :param first_taskid: the first taskid to hand out (a controller restarted
+        on an existing task database starts past the ids it holds).
     """
 
     name = "task_controller"
@@ -230,6 +232,7 @@ class TaskController(service.Service):
         hwm: int = 1,
         db: Any = None,
         clock: Any = None,
+        first_taskid: int = 0,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -237,7 +240,7 @@ class TaskController(service.Service):
         self.clock = clock
         self.db = DictDB() if db is None else db
         self._table = LoadTable(scheme, hwm)
-        self._taskids = itertools.count()
+        self._taskids = itertools.count(first_taskid)
         self._serials = itertools.count()
         self._tasks: dict[int, _Task] = {}  # unfinished tasks
         self._done: dict[int, _Done] = {}  # finished, not yet cleared

@@ -131,6 +131,15 @@ class SQLiteDB:
         )
         return None if row is None else self._row_to_record(keys, row)
 
+    def next_taskid(self) -> int:
+        """The first taskid no stored record uses (0 for an empty table).
+
+        Synchronous (the file is local): a restarted controller starts its
+        task ids here, so new tasks never overwrite the records of old ones.
+        """
+        (highest,) = self._db().execute(f"SELECT MAX(taskid) FROM {self.table}").fetchone()
+        return 0 if highest is None else highest + 1
+
     # -- ITaskDB -------------------------------------------------------------
 
     def add_record(self, taskid: int, record: Mapping[str, Any]) -> defer.Deferred:
