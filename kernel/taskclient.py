@@ -20,8 +20,9 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import Interface, implementer
 
-from kernel import parallelfunction, progress, reactorthread
+from kernel import progress, reactorthread
 from kernel.interfaces import IMapper
+from kernel.taskmapper import MapperMixin, TaskMapper
 
 __all__ = ["BlockingTaskClient", "BlockingTaskMapper", "IBlockingTaskClient"]
 
@@ -65,14 +66,59 @@ async def _gather_in_order(calls: list[defer.Deferred]) -> list[Any]:
     return [value for _, value in results]
 
 
+@implementer(IMapper)
+class BlockingTaskMapper:
+    """Maps a function as load-balanced tasks through a :class:`BlockingTaskClient`.
+
+    The tasks are those of :class:`kernel.taskmapper.TaskMapper` (one per
+    chunk of elements); waiting shows a progress bar over them when
+    interactive.
+
+    :param client: the task client.
+    :param block: wait for the results (else ``map`` returns the taskids).
+    :param options: ``clear_before``, ``clear_after``, ``retries``,
+        ``recovery_task``, ``depend`` (see :class:`~kernel.task.BaseTask`)
+        and ``chunksize``.
+    """
+
+    def __init__(self, client: BlockingTaskClient, block: bool = True, **options: Any):
+        if not isinstance(block, bool):
+            raise TypeError(f"block must be True or False, not {block!r}")
+        self.client = client
+        self.block = block
+        self._tasks = TaskMapper(None, block=block, **options)
+
+    def __repr__(self) -> str:
+        return f"<BlockingTaskMapper block={self.block!r} chunksize={self._tasks.chunksize}>"
+
+    def map(self, func: Callable, *sequences: Any) -> list[Any]:
+        """``map(func, *sequences)`` as load-balanced tasks (stopping at the
+        shortest sequence, as the builtin does).
+
+        :returns: the results in order (``block``), or the taskids.
+        :raises Exception: the exception of the first element (in order)
+            whose task failed, after every task is done.
+        """
+        taskids = self.client.run_many(self._tasks.tasks(func, *sequences))
+        if not self.block:
+            return taskids
+        self.client.barrier(taskids)
+        out: list[Any] = []
+        for tr in self.client.get_task_results(taskids, block=True):
+            out.extend(tr.results)  # raises the task's exception if it failed
+        return out
+
+
 @implementer(IBlockingTaskClient)
-class BlockingTaskClient:
+class BlockingTaskClient(MapperMixin):
     """A blocking client to a task controller.
 
     :param task_controller: an :class:`~kernel.interfaces.ITaskController`
         whose methods return Deferreds; it is only ever called in the reactor
         thread.
     """
+
+    mapper_class = BlockingTaskMapper
 
     def __init__(self, task_controller: Any):
         self.task_controller = task_controller
@@ -186,99 +232,3 @@ class BlockingTaskClient:
                 )
             )
         )
-
-    # -- mapping -----------------------------------------------------------
-
-    def map(self, func: Callable, *sequences: Any) -> list[Any]:
-        """Apply ``func`` elementwise over ``sequences``, load-balanced, like
-        the builtin ``map``; returns the list of results in order."""
-        return self.mapper().map(func, *sequences)
-
-    def mapper(
-        self,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: Any = None,
-        depend: Callable[[dict], bool] | None = None,
-        block: bool = True,
-        chunksize: int = 1,
-    ) -> BlockingTaskMapper:
-        """A load-balanced :class:`~kernel.interfaces.IMapper`: each chunk of
-        ``chunksize`` elements becomes one :class:`~kernel.task.MapTask` with
-        these options (see :class:`kernel.task.BaseTask`).
-
-        :param block: ``map`` waits and returns the results; if false it
-            returns the list of taskids (one per chunk) at once.
-        """
-        return BlockingTaskMapper(
-            self,
-            clear_before=clear_before,
-            clear_after=clear_after,
-            retries=retries,
-            recovery_task=recovery_task,
-            depend=depend,
-            block=block,
-            chunksize=chunksize,
-        )
-
-    def parallel(
-        self,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: Any = None,
-        depend: Callable[[dict], bool] | None = None,
-        block: bool = True,
-        chunksize: int = 1,
-    ) -> Callable:
-        """A decorator making a function map itself over its arguments as
-        load-balanced tasks (options as :meth:`mapper`)."""
-        return parallelfunction.parallel(
-            self.mapper(clear_before, clear_after, retries, recovery_task, depend, block, chunksize)
-        )
-
-
-@implementer(IMapper)
-class BlockingTaskMapper:
-    """Maps a function as load-balanced tasks through a :class:`BlockingTaskClient`.
-
-    The tasks are those of :class:`kernel.taskmapper.TaskMapper` (one per
-    chunk of elements); waiting shows a progress bar over them when
-    interactive.
-
-    :param client: the task client.
-    :param block: wait for the results (else ``map`` returns the taskids).
-    :param options: ``clear_before``, ``clear_after``, ``retries``,
-        ``recovery_task``, ``depend`` (see :class:`~kernel.task.BaseTask`)
-        and ``chunksize``.
-    """
-
-    def __init__(self, client: BlockingTaskClient, block: bool = True, **options: Any):
-        from kernel.taskmapper import TaskMapper
-
-        if not isinstance(block, bool):
-            raise TypeError(f"block must be True or False, not {block!r}")
-        self.client = client
-        self.block = block
-        self._tasks = TaskMapper(None, block=block, **options)
-
-    def __repr__(self) -> str:
-        return f"<BlockingTaskMapper block={self.block!r} chunksize={self._tasks.chunksize}>"
-
-    def map(self, func: Callable, *sequences: Any) -> list[Any]:
-        """``map(func, *sequences)`` as load-balanced tasks (stopping at the
-        shortest sequence, as the builtin does).
-
-        :returns: the results in order (``block``), or the taskids.
-        :raises Exception: the exception of the first element (in order)
-            whose task failed, after every task is done.
-        """
-        taskids = self.client.run_many(self._tasks.tasks(func, *sequences))
-        if not self.block:
-            return taskids
-        self.client.barrier(taskids)
-        out: list[Any] = []
-        for tr in self.client.get_task_results(taskids, block=True):
-            out.extend(tr.results)  # raises the task's exception if it failed
-        return out

@@ -49,7 +49,6 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kernel import parallelfunction
 from kernel.dependency import Dependency
 from kernel.error import (
     DependencyTimeout,
@@ -68,7 +67,7 @@ from kernel.scheduler import LoadTable
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
 from kernel.taskdb.memory import DictDB
-from kernel.taskmapper import TaskMapper
+from kernel.taskmapper import MapperMixin
 
 __all__ = ["TaskController", "normalize_flags", "DEFAULT_FLAGS"]
 
@@ -201,7 +200,7 @@ _READY = "ready"
 
 
 @implementer(ITaskController, IMapper)
-class TaskController(service.Service):
+class TaskController(MapperMixin, service.Service):
     """The load-balanced task queue over a controller's engines.
 
     :param controller: an :class:`~kernel.interfaces.IControllerCore` whose
@@ -495,52 +494,6 @@ class TaskController(service.Service):
             return new
 
         return ensureDeferred(again())
-
-    # -- load-balanced map ---------------------------------------------------
-
-    def map(self, func: Callable, *sequences: Any) -> Deferred:
-        """Load-balanced ``map(func, *sequences)``; fires the list of results in order."""
-        return self.mapper().map(func, *sequences)
-
-    def mapper(
-        self,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: Any = None,
-        depend: Callable | None = None,
-        block: bool = True,
-        chunksize: int = 1,
-    ) -> TaskMapper:
-        """An :class:`~kernel.interfaces.IMapper` whose ``map`` runs each
-        ``chunksize`` elements as one task with these flags (see
-        :class:`~kernel.taskmapper.TaskMapper`)."""
-        return TaskMapper(
-            self,
-            clear_before=clear_before,
-            clear_after=clear_after,
-            retries=retries,
-            recovery_task=recovery_task,
-            depend=depend,
-            block=block,
-            chunksize=chunksize,
-        )
-
-    def parallel(
-        self,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: Any = None,
-        depend: Callable | None = None,
-        block: bool = True,
-        chunksize: int = 1,
-    ) -> Callable[[Callable], parallelfunction.ParallelFunction]:
-        """A decorator making a function a load-balanced parallel function
-        (calling it maps it over its argument sequences)."""
-        return parallelfunction.parallel(
-            self.mapper(clear_before, clear_after, retries, recovery_task, depend, block, chunksize)
-        )
 
     # -- engines -------------------------------------------------------------
 

@@ -21,7 +21,6 @@ only when ``results`` is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from foolscap.api import Referenceable, RemoteInterface, registerCopier, registerRemoteCopyFactory
@@ -31,13 +30,13 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from kernel import fcutil, parallelfunction
+from kernel import fcutil
 from kernel.error import RemoteError
 from kernel.fcutil import Anything
 from kernel.interfaces import IBlockingClientAdaptor, ITaskController
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
-from kernel.taskmapper import TaskMapper
+from kernel.taskmapper import MapperMixin
 
 __all__ = [
     "CLIENT_NAME",
@@ -255,7 +254,7 @@ class FCTaskControllerFromTaskController(Referenceable):
 
 
 @implementer(ITaskController, IBlockingClientAdaptor)
-class FCTaskClient:
+class FCTaskClient(MapperMixin):
     """Client class for Foolscap exposed TaskController.
 
     This class is an adapter that makes a RemoteReference to a TaskController
@@ -354,52 +353,6 @@ class FCTaskClient:
         if not isinstance(taskids, int):
             taskids = list(taskids)
         return self._call("resubmit", taskids)
-
-    # -- load-balanced map ---------------------------------------------------
-
-    def map(self, func: Callable, *sequences: Any) -> defer.Deferred:
-        """Apply ``func`` to ``*sequences`` elementwise, load balanced; fires
-        the list of results (like the builtin ``map``)."""
-        return self.mapper().map(func, *sequences)
-
-    def mapper(
-        self,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: Any = None,
-        depend: Callable | None = None,
-        block: bool = True,
-        chunksize: int = 1,
-    ) -> TaskMapper:
-        """An :class:`~kernel.interfaces.IMapper` that runs each chunk of the
-        map as a load-balanced task with these arguments (see
-        :class:`~kernel.task.BaseTask`)."""
-        return TaskMapper(
-            self,
-            clear_before=clear_before,
-            clear_after=clear_after,
-            retries=retries,
-            recovery_task=recovery_task,
-            depend=depend,
-            block=block,
-            chunksize=chunksize,
-        )
-
-    def parallel(
-        self,
-        clear_before: bool = False,
-        clear_after: bool = False,
-        retries: int = 0,
-        recovery_task: Any = None,
-        depend: Callable | None = None,
-        block: bool = True,
-        chunksize: int = 1,
-    ) -> Callable[[Callable], parallelfunction.ParallelFunction]:
-        """A decorator making a function a load-balanced parallel function."""
-        return parallelfunction.parallel(
-            self.mapper(clear_before, clear_after, retries, recovery_task, depend, block, chunksize)
-        )
 
     # -- IBlockingClientAdaptor ------------------------------------------------
 

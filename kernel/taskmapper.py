@@ -5,6 +5,9 @@ methods (``run``, ``barrier``, ``get_task_result``), so it works the same on
 the in-process :class:`~kernel.taskcontroller.TaskController` and on a
 network client's implementation of the interface. Results are deserialized
 here, on the caller's side.
+
+:class:`MapperMixin` gives a task client its ``map``, ``mapper`` and
+``parallel`` methods, building whichever mapper class the client names.
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, FirstError, fail, gatherResults
 from zope.interface import implementer
 
+from kernel import parallelfunction
 from kernel.interfaces import IMapper
 from kernel.task import MapTask, apply_chunk
 
-__all__ = ["TaskMapper"]
+__all__ = ["MapperMixin", "TaskMapper"]
 
 
 @implementer(IMapper)
@@ -91,8 +95,6 @@ class TaskMapper:
         try:
             tasks = self.tasks(func, *sequences)
         except Exception as e:
-            from twisted.internet.defer import fail
-
             return fail(e)
         tc = self.task_controller
         d = gatherResults([tc.run(t) for t in tasks], consumeErrors=True)
@@ -127,8 +129,71 @@ def _flatten(results: list) -> list:
 
 
 def _first_error(f):
-    from twisted.internet.defer import FirstError
-
     if f.check(FirstError):
         return f.value.subFailure
     return f
+
+
+class MapperMixin:
+    """``map``, ``mapper`` and ``parallel`` for a task client.
+
+    The mapper is ``mapper_class(self, clear_before=..., ..., chunksize=...)``:
+    :class:`TaskMapper` by default, for a client whose ``run`` returns
+    Deferreds; a blocking client names its own blocking mapper.
+    """
+
+    mapper_class: type = TaskMapper
+
+    def map(self, func: Callable, *sequences: Any) -> Any:
+        """Load-balanced ``map(func, *sequences)`` with the default flags.
+
+        :returns: the list of results in order (a Deferred firing it, for
+            a client that returns Deferreds).
+        """
+        return self.mapper().map(func, *sequences)
+
+    def mapper(
+        self,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        retries: int = 0,
+        recovery_task: Any = None,
+        depend: Callable | None = None,
+        block: bool = True,
+        chunksize: int = 1,
+    ) -> Any:
+        """An :class:`~kernel.interfaces.IMapper` whose ``map`` runs each
+        ``chunksize`` elements as one :class:`~kernel.task.MapTask` with these
+        flags (see :class:`~kernel.task.BaseTask`).
+
+        :param block: ``map`` gives the results; if false it gives the list
+            of taskids (one per chunk), to be collected later.
+        :returns: an instance of :attr:`mapper_class`.
+        """
+        return self.mapper_class(
+            self,
+            clear_before=clear_before,
+            clear_after=clear_after,
+            retries=retries,
+            recovery_task=recovery_task,
+            depend=depend,
+            block=block,
+            chunksize=chunksize,
+        )
+
+    def parallel(
+        self,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        retries: int = 0,
+        recovery_task: Any = None,
+        depend: Callable | None = None,
+        block: bool = True,
+        chunksize: int = 1,
+    ) -> Callable[[Callable], parallelfunction.ParallelFunction]:
+        """A decorator making a function a load-balanced parallel function
+        (calling it maps it over its argument sequences; options as
+        :meth:`mapper`)."""
+        return parallelfunction.parallel(
+            self.mapper(clear_before, clear_after, retries, recovery_task, depend, block, chunksize)
+        )
