@@ -25,10 +25,10 @@ core interface, client half implements the *same* interface remotely):
   :class:`FCOutputSink` and streams its stdout/stderr to it as written
   (coalesced every :data:`OUTPUT_DELAY` seconds).
 
-Every remote method answers with an envelope, ``("ok", value)`` or
-``("error", info)`` where ``info`` is :meth:`RemoteError.to_dict` plain data:
-Foolscap's own failure transport would lose the pickled exception and mix
-engine errors with transport errors.
+Every remote method answers with an envelope of :mod:`kernel.envelope`,
+``("ok", value)`` or ``("error", info)`` where ``info`` is
+:meth:`RemoteError.to_dict` plain data: Foolscap's own failure transport would
+lose the pickled exception and mix engine errors with transport errors.
 """
 
 from __future__ import annotations
@@ -58,12 +58,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import serialized
+from kernel.envelope import open_plain, package_engine_failure, package_success
 from kernel.error import (
     ConnectionError,
     EngineError,
-    RemoteError,
     SecurityError,
-    engine_failure_info,
 )
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
 from kernel.serialized import Serialized
@@ -183,25 +182,14 @@ class RIEngineRegistrar(RemoteInterface):
 # ---------------------------------------------------------------------------
 
 
-def _ok(value: Any) -> tuple:
-    return ("ok", value)
-
-
-def _error(f: Failure) -> tuple:
-    return ("error", engine_failure_info(f).to_dict())
+def _malformed(reply: Any) -> EngineError:
+    return EngineError(f"malformed reply from an engine: {reply!r:.200}")
 
 
 def _open(reply: Any) -> Any:
-    """Unwrap an envelope: the value, or raise the engine's :class:`RemoteError`."""
-    try:
-        status, value = reply
-    except (TypeError, ValueError):
-        raise EngineError(f"malformed reply from an engine: {reply!r:.200}") from None
-    if status == "ok":
-        return value
-    if status == "error":
-        raise RemoteError.from_dict(value)
-    raise EngineError(f"malformed reply from an engine: {reply!r:.200}")
+    """Unwrap an envelope: the value, or raise the engine's :class:`RemoteError`
+    (never unpickled here)."""
+    return open_plain(reply, _malformed)
 
 
 def _blob(s: Serialized) -> bytes:
@@ -242,7 +230,7 @@ class FCEngineReferenceFromService(Referenceable):
         d = defer.maybeDeferred(getattr(self.engine, method), *args, **kwargs)
         if convert is not None:
             d.addCallback(convert)
-        d.addCallbacks(_ok, _error)
+        d.addCallbacks(package_success, package_engine_failure)
         d.addCallback(self._flush_before_reply)
         return d
 
@@ -260,7 +248,7 @@ class FCEngineReferenceFromService(Referenceable):
         try:
             ns = {k: _unblob(v) for k, v in namespace.items()}
         except Exception:
-            return _error(Failure())
+            return package_engine_failure(Failure())
         return self._call("push_serialized", ns)
 
     def remote_pull_serialized(self, keys):
@@ -316,25 +304,25 @@ class FCEngineReferenceFromService(Referenceable):
         try:
             body = _unblob(payload)
         except Exception:
-            return _error(Failure())
+            return package_engine_failure(Failure())
         return self._call(
             "run_task", body, clear_before=clear_before, clear_after=clear_after, convert=convert
         )
 
     def remote_ping(self):
-        return _ok("pong")
+        return package_success("pong")
 
     # -- streaming output ----------------------------------------------------
 
     def remote_set_output_sink(self, sink):
         add = getattr(self.engine, "add_output_observer", None)
         if add is None:
-            return _ok(False)
+            return package_success(False)
         self._sink = sink
         if not self._observing:
             add(self._output)
             self._observing = True
-        return _ok(True)
+        return package_success(True)
 
     def _output(self, stream_name: str, text: str) -> None:
         if self._sink is None:

@@ -12,11 +12,12 @@ Three things cross the wire between a Foolscap client half and a server half:
   own lists, tuples, dicts, strings and numbers.
 - **Outcomes**: every remote method answers with an envelope,
   ``("ok", value)`` or ``("error", failure_dict)``
-  (:func:`package_success`, :func:`package_failure`), because a Foolscap
-  failure reaches the caller only as a type *name* and a string. The failure
-  dict is plain data (:meth:`kernel.error.RemoteError.to_dict`, or a composite
-  of them); :func:`unpackage` turns it back into the original exception type
-  with the remote traceback attached.
+  (:mod:`kernel.envelope`, shared by every transport and re-exported here),
+  because a Foolscap failure reaches the caller only as a type *name* and a
+  string. The failure dict is plain data
+  (:meth:`kernel.error.RemoteError.to_dict`, or a composite of them);
+  :func:`unpackage` turns it back into the original exception type with the
+  remote traceback attached.
 
 Size limits
 -----------
@@ -51,14 +52,8 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
-from kernel.error import (
-    CompositeError,
-    ConnectionError,
-    KernelError,
-    ProtocolError,
-    RemoteError,
-    engine_failure_info,
-)
+from kernel.envelope import package_failure, package_success, unpackage, unpackage_failure
+from kernel.error import ConnectionError, ProtocolError
 from kernel.serialized import Serialized
 
 __all__ = [
@@ -156,91 +151,6 @@ def register_serialized_copyable() -> None:
 
 
 register_serialized_copyable()
-
-
-# -- outcomes -----------------------------------------------------------------
-
-_OK = "ok"
-_ERROR = "error"
-
-
-def package_success(value: AnyType) -> tuple[str, AnyType]:
-    """The envelope of a successful call: ``("ok", value)``."""
-    return (_OK, value)
-
-
-def package_failure(f: Failure | BaseException) -> tuple[str, dict[str, AnyType]]:
-    """The envelope of a failed call, as plain data.
-
-    A :class:`~kernel.error.CompositeError` keeps each engine's
-    :class:`~kernel.error.RemoteError`; anything else is described by
-    :func:`kernel.error.engine_failure_info` (a RemoteError passes through
-    unchanged, so an engine's exception is never unpickled on the way).
-
-    :returns: ``("error", failure_dict)``.
-    """
-    exc = f.value if isinstance(f, Failure) else f
-    if isinstance(exc, CompositeError):
-        return (
-            _ERROR,
-            {
-                "kind": "composite",
-                "message": exc.message,
-                "elist": [e.to_dict() for e in exc.elist],
-            },
-        )
-    info = engine_failure_info(f)
-    return (_ERROR, {"kind": "remote", **info.to_dict()})
-
-
-def unpackage_failure(d: dict[str, AnyType]) -> BaseException:
-    """Rebuild the exception a failure dict describes.
-
-    :returns: a :class:`~kernel.error.CompositeError` of RemoteErrors, or the
-        original exception (its type unpickled here, the remote traceback
-        attached and added as a note), or a RemoteError if the original type
-        cannot be rebuilt in this process.
-    """
-    if not isinstance(d, dict):
-        return ProtocolError(f"malformed failure from the controller: {d!r}")
-    if d.get("kind") == "composite":
-        elist = [RemoteError.from_dict(e) for e in d.get("elist", [])]
-        return CompositeError(d.get("message", "remote failure"), elist)
-    remote = RemoteError.from_dict(d)
-    exc = remote.original()
-    if exc is not remote:
-        _add_remote_traceback_note(exc, remote)
-    return exc
-
-
-def _add_remote_traceback_note(exc: BaseException, remote: RemoteError) -> None:
-    """Show the remote traceback of a user's exception when it is printed."""
-    if isinstance(exc, KernelError) or not remote.traceback or not hasattr(exc, "add_note"):
-        return
-    where = "an engine" if remote.engine_id is None else f"engine {remote.engine_id}"
-    try:
-        exc.add_note(f"Remote traceback (from {where}):\n{remote.traceback.rstrip()}")
-    except Exception:  # pragma: no cover - exotic exception types
-        pass
-
-
-def unpackage(r: AnyType) -> AnyType:
-    """Open an envelope made by :func:`package_success`/:func:`package_failure`.
-
-    :returns: the value of a success.
-    :raises: the rebuilt exception of a failure;
-        :class:`~kernel.error.ProtocolError` for anything else.
-    """
-    if isinstance(r, tuple) and len(r) == 2:
-        tag, body = r
-        if tag == _OK:
-            return body
-        if tag == _ERROR:
-            raise unpackage_failure(body)
-    raise ProtocolError(
-        f"unexpected reply from the controller: {r!r:.200}; are the client and "
-        "controller running the same txkernel version?"
-    )
 
 
 # -- calling the far side -----------------------------------------------------

@@ -2,7 +2,7 @@
 
 The PB adapters carry the *same* remote protocol as the Foolscap adapters:
 the same ``remote_*`` methods, the same plain-data envelopes
-(:func:`kernel.fcutil.package_success` / :func:`~kernel.fcutil.package_failure`)
+(:mod:`kernel.envelope`)
 and the same client halves. This module is the bridge that lets those pieces
 run over :mod:`twisted.spread.pb` instead of Foolscap:
 

@@ -12,6 +12,7 @@ from kernel.error import (
     InvalidEngineID,
     ProtocolError,
     RemoteError,
+    engine_failure_info,
 )
 from kernel.serialized import Serialized
 from tests.fcloopback import Loopback
@@ -49,7 +50,7 @@ class Echo(Referenceable):
             if kind == "composite":
                 raise CompositeError(
                     "one or more exceptions from call to method: execute",
-                    [fcutil.engine_failure_info(ZeroDivisionError("division by zero"))],
+                    [engine_failure_info(ZeroDivisionError("division by zero"))],
                 )
         except Exception as e:
             return fcutil.package_failure(e)
