@@ -141,6 +141,26 @@ async def _client(reference: Any) -> Any:
     return getattr(importlib.import_module(module), cls)(reference)
 
 
+async def _get_client(
+    kind: str,
+    furl_name: str,
+    furl_or_file: Any,
+    cluster_dir: Any,
+    adapter: str,
+    tub: Any,
+    timeout: float,
+) -> Any:
+    """Connect to the controller's ``kind`` interface (``'multiengine'`` or
+    ``'task'``) over ``adapter``."""
+    if _adapter(adapter) != "fc":
+        # kernel.multienginepb, kernel.tasknative, ...: imported only when used.
+        module = importlib.import_module(f"kernel.{kind}{adapter}")
+        get = getattr(module, f"get_{kind}_client")
+        return await get(_pb_dir(furl_or_file, cluster_dir), timeout=timeout)
+    furl = find_furl(furl_or_file, cluster_dir, furl_name)
+    return await _client(await connect(furl, tub, timeout))
+
+
 def get_multiengine_client(
     furl_or_file: str | None = None,
     cluster_dir: str | os.PathLike | None = None,
@@ -162,24 +182,17 @@ def get_multiengine_client(
     :returns: Deferred firing a
         :class:`~kernel.multienginefc.FCFullSynchronousMultiEngineClient`.
     """
-
-    async def go() -> Any:
-        if _adapter(adapter) == "pb":
-            from kernel import multienginepb
-
-            return await multienginepb.get_multiengine_client(
-                _pb_dir(furl_or_file, cluster_dir), timeout=timeout
-            )
-        if adapter == "native":
-            from kernel import multienginenative
-
-            return await multienginenative.get_multiengine_client(
-                _pb_dir(furl_or_file, cluster_dir), timeout=timeout
-            )
-        furl = find_furl(furl_or_file, cluster_dir, clusterdir.MULTIENGINE_FURL)
-        return await _client(await connect(furl, tub, timeout))
-
-    return defer.ensureDeferred(go())
+    return defer.ensureDeferred(
+        _get_client(
+            "multiengine",
+            clusterdir.MULTIENGINE_FURL,
+            furl_or_file,
+            cluster_dir,
+            adapter,
+            tub,
+            timeout,
+        )
+    )
 
 
 def get_task_client(
@@ -194,24 +207,12 @@ def get_task_client(
 
     :param furl_or_file: a FURL, a ``task.furl`` file, or None.
     :param cluster_dir: where to find ``task.furl`` when ``furl_or_file`` is None.
-    :param adapter: ``'fc'`` (Foolscap) or ``'pb'`` (Perspective Broker).
+    :param adapter: ``'fc'`` (Foolscap), ``'pb'`` (Perspective Broker) or
+        ``'native'`` (through a cluster directory, like PB).
     :param tub: the Foolscap Tub to connect from (default: :func:`client_tub`).
     :param timeout: seconds to wait for the controller.
     :returns: Deferred firing a :class:`~kernel.taskfc.FCTaskClient`.
     """
-
-    async def go() -> Any:
-        if _adapter(adapter) == "pb":
-            from kernel import taskpb
-
-            return await taskpb.get_task_client(_pb_dir(furl_or_file, cluster_dir), timeout=timeout)
-        if adapter == "native":
-            from kernel import tasknative
-
-            return await tasknative.get_task_client(
-                _pb_dir(furl_or_file, cluster_dir), timeout=timeout
-            )
-        furl = find_furl(furl_or_file, cluster_dir, clusterdir.TASK_FURL)
-        return await _client(await connect(furl, tub, timeout))
-
-    return defer.ensureDeferred(go())
+    return defer.ensureDeferred(
+        _get_client("task", clusterdir.TASK_FURL, furl_or_file, cluster_dir, adapter, tub, timeout)
+    )
