@@ -57,6 +57,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from foolscap.api import Violation
+from foolscap.remoteinterface import RemoteInterfaceConstraint, getRemoteInterface
 from twisted.application import internet, service
 from twisted.cred import credentials as cred_credentials
 from twisted.cred import error as cred_error
@@ -435,10 +437,6 @@ def _schema(target: Any, method: str) -> Any:
 
     :raises WireError: the RemoteInterface has no such method.
     """
-    try:
-        from foolscap.remoteinterface import getRemoteInterface
-    except ImportError:  # pragma: no cover - foolscap is a dependency
-        return None
     iface = getRemoteInterface(target)
     if iface is None:
         return None
@@ -450,9 +448,6 @@ def _schema(target: Any, method: str) -> Any:
 def _check_args(schema: Any, args: tuple, kwargs: dict) -> None:
     """Apply a Foolscap method schema's argument constraints (its size limits
     and types). Reference arguments must be PB references."""
-    from foolscap.api import Violation
-    from foolscap.remoteinterface import RemoteInterfaceConstraint
-
     names = schema.argumentNames
     if len(args) > len(names):
         raise WireError(f"too many arguments ({len(args)} given, {len(names)} accepted)")
