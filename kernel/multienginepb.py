@@ -34,7 +34,6 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from kernel import pbutil
-from kernel.clusterdir import ClusterDir
 from kernel.interfaces import (
     IBlockingClientAdaptor,
     IMultiEngineCoordinator,
@@ -92,10 +91,6 @@ def get_multiengine_client(
         credentials or a connection file others can read;
         :class:`~kernel.error.ConnectionError` if no controller answers.
     """
-
-    async def go() -> PBFullSynchronousMultiEngineClient:
-        i = info if info is not None else pbutil.read_connection_info(ClusterDir(cluster_dir))
-        remote = await pbutil.login_with(i, pbutil.CLIENT_USER, MULTIENGINE, timeout)
-        return PBFullSynchronousMultiEngineClient(remote)
-
-    return defer.ensureDeferred(go())
+    return pbutil.connect_client(
+        PBFullSynchronousMultiEngineClient, MULTIENGINE, cluster_dir, info, timeout
+    )

@@ -70,6 +70,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
+from kernel.clusterdir import ClusterDir
 from kernel.error import ConnectionError, ProtocolError, SecurityError
 from kernel.serialized import Serialized
 
@@ -106,6 +107,7 @@ __all__ = [
     "public_pem",
     "CERT_FILE",
     "read_connection_info",
+    "connect_client",
     "serve_controller",
 ]
 
@@ -923,6 +925,32 @@ def read_connection_info(cd: Any) -> dict[str, Any]:
             f"`txkernel cluster start -n 4 --adapter pb --cluster-dir {cd.path}`."
         )
     return info
+
+
+def connect_client(
+    client_class: Callable[[PBRemote], Any],
+    service_name: str,
+    cluster_dir: Any = None,
+    info: dict[str, Any] | None = None,
+    timeout: float = 30.0,
+) -> defer.Deferred:
+    """Log in to a controller's client service and wrap it in a client half.
+
+    :param client_class: called with the service's :class:`PBRemote`.
+    :param service_name: the service behind the client login.
+    :param cluster_dir: where the controller wrote ``pb.json`` (None: the
+        default cluster directory).
+    :param info: the connection info itself, instead of ``cluster_dir``.
+    :param timeout: bound on connecting and logging in, seconds.
+    :returns: Deferred firing ``client_class(remote)``.
+    :raises: (errback) as :func:`read_connection_info` and :func:`login`.
+    """
+
+    async def go() -> Any:
+        i = info if info is not None else read_connection_info(ClusterDir(cluster_dir))
+        return client_class(await login_with(i, CLIENT_USER, service_name, timeout))
+
+    return defer.ensureDeferred(go())
 
 
 # ---------------------------------------------------------------------------

@@ -29,7 +29,6 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from kernel import pbutil
-from kernel.clusterdir import ClusterDir
 from kernel.interfaces import IBlockingClientAdaptor, ITaskController
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
@@ -108,10 +107,4 @@ def get_task_client(
         credentials or a connection file others can read;
         :class:`~kernel.error.ConnectionError` if no controller answers.
     """
-
-    async def go() -> PBTaskClient:
-        i = info if info is not None else pbutil.read_connection_info(ClusterDir(cluster_dir))
-        remote = await pbutil.login_with(i, pbutil.CLIENT_USER, TASK, timeout)
-        return PBTaskClient(remote)
-
-    return defer.ensureDeferred(go())
+    return pbutil.connect_client(PBTaskClient, TASK, cluster_dir, info, timeout)
