@@ -830,6 +830,29 @@ def _kill_if_ours(pid: int) -> None:
         pass
 
 
+#: The backends a group of scenarios can run on. All but ``local`` start a real
+#: controller and engine processes (Foolscap, PB, the native transport).
+BACKENDS = ("local", "processes", "processes-pb", "processes-native")
+
+
+def outcomes_fixture(group: str, backends: tuple[str, ...] = BACKENDS) -> Any:
+    """A module-scoped pytest fixture, parametrized by backend, firing the
+    outcomes of ``group`` (:func:`run_in_child`); process backends are marked
+    slow. Assign it to ``outcomes`` in a test module."""
+    import pytest
+
+    params = [
+        pytest.param(b, id=b, marks=() if b == "local" else pytest.mark.slow) for b in backends
+    ]
+
+    @pytest.fixture(scope="module", params=params)
+    def outcomes(request: Any, tmp_path_factory: Any) -> dict[str, str | None]:
+        workdir = str(tmp_path_factory.mktemp(f"{group}-{request.param}"))
+        return run_in_child(group, request.param, workdir)
+
+    return outcomes
+
+
 def run_in_child(
     group: str,
     backend: str,

@@ -6,8 +6,8 @@ assertions live). All the scenarios of the group run in one child process per
 backend (blocking clients cannot share a process with pytest-twisted's
 reactor): ``local``, engines inside the child (:class:`kernel.client.LocalCluster`);
 ``processes``, a real controller and engine processes reached over Foolscap
-through ``client.get_*_client(cluster_dir=...)``; and ``processes-pb``, the same
-over Perspective Broker.
+through ``client.get_*_client(cluster_dir=...)``; ``processes-pb`` and
+``processes-native``, the same over Perspective Broker and the native transport.
 """
 
 import pytest
@@ -16,19 +16,7 @@ from tests import client_scenarios
 
 NAMES = list(client_scenarios.scenarios("task"))
 
-BACKENDS = [
-    pytest.param("local", id="local"),
-    pytest.param("processes", id="processes", marks=pytest.mark.slow),
-    pytest.param("processes-pb", id="processes-pb", marks=pytest.mark.slow),
-    pytest.param("processes-native", id="processes-native", marks=pytest.mark.slow),
-]
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def outcomes(request, tmp_path_factory):
-    backend = request.param
-    workdir = str(tmp_path_factory.mktemp(f"task-{backend}"))
-    return client_scenarios.run_in_child("task", backend, workdir)
+outcomes = client_scenarios.outcomes_fixture("task")
 
 
 @pytest.mark.timeout(300)

@@ -15,17 +15,7 @@ from tests import client_scenarios
 
 NAMES = list(client_scenarios.scenarios("magic"))
 
-BACKENDS = [
-    pytest.param("local", id="local"),
-    pytest.param("processes", id="processes", marks=pytest.mark.slow),
-]
-
-
-@pytest.fixture(scope="module", params=BACKENDS)
-def outcomes(request, tmp_path_factory):
-    backend = request.param
-    workdir = str(tmp_path_factory.mktemp(f"magic-{backend}"))
-    return client_scenarios.run_in_child("magic", backend, workdir)
+outcomes = client_scenarios.outcomes_fixture("magic", ("local", "processes"))
 
 
 @pytest.mark.timeout(300)
