@@ -1095,14 +1095,28 @@ def _is_tls_failure(reason: Failure) -> bool:
 def _check_remote_interface(target: Any, method: str) -> None:
     """Refuse a method the target's Foolscap RemoteInterface (if it declares
     one) does not list, unless the target names it in ``native_remote_methods``."""
+    allowed = _allowed_methods.get(type(target))
+    if allowed is None:
+        allowed = _allowed_methods[type(target)] = _remote_methods(target)
+    if allowed is not True and method not in allowed[1]:
+        raise ProtocolError(f"no remote method {method!r} on {allowed[0]}")
+
+
+#: type -> True (no RemoteInterface: any remote_* method), or
+#: (interface name, allowed method names).
+_allowed_methods: dict[type, Any] = {}
+
+
+def _remote_methods(target: Any) -> Any:
     try:
         from foolscap.remoteinterface import getRemoteInterface
     except ImportError:  # pragma: no cover - foolscap is a dependency
-        return
+        return True
     iface = getRemoteInterface(target)
-    extra = getattr(target, "native_remote_methods", ())
-    if iface is not None and method not in iface.names() and method not in extra:
-        raise ProtocolError(f"no remote method {method!r} on {iface.__remote_name__}")
+    if iface is None:
+        return True
+    names = frozenset(iface.names()) | frozenset(getattr(target, "native_remote_methods", ()))
+    return (iface.__remote_name__, names)
 
 
 class NativeRemote:

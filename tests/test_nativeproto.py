@@ -469,3 +469,29 @@ def test_a_forwarded_buffer_changed_after_it_was_received_does_not_verify():
     data = b"".join(bytes(s) for s in FrameWriter(KEY).frame(b"[]", buffers).segments())
     with pytest.raises(SecurityError):
         FrameReader(KEY).feed(data)
+
+
+def test_only_the_methods_of_a_targets_remote_interface_can_be_called():
+    """A server half declaring a Foolscap RemoteInterface answers only the
+    methods it lists (plus its ``native_remote_methods``)."""
+    from kernel.enginenative import NativeEngineReferenceFromService
+
+    class Leaky(NativeEngineReferenceFromService):
+        def remote_secret(self):  # pragma: no cover - must never be reachable
+            raise AssertionError("called")
+
+    exposed = Leaky(object())  # no engine needed: only ping is answered
+    gateway = nativeproto.Gateway({"engine": exposed})
+    client, server, pump = iosim.connectedServerAndClient(
+        lambda: NativeProtocol(KEY, is_client=False, root=gateway),
+        lambda: NativeProtocol(KEY, is_client=True),
+    )
+    pump.flush()
+    engine = get(client, pump, "engine")
+    secret = engine.callRemote("secret")
+    ping = engine.callRemote("ping")
+    pump.flush()
+    with pytest.raises(ProtocolError, match="no remote method 'secret' on RIEngine"):
+        result_of(secret)
+    assert result_of(ping) == ("ok", "pong")
+    nativeproto._check_remote_interface(exposed, "clear_queue")  # a native extra
