@@ -495,3 +495,15 @@ def test_only_the_methods_of_a_targets_remote_interface_can_be_called():
         result_of(secret)
     assert result_of(ping) == ("ok", "pong")
     nativeproto._check_remote_interface(exposed, "clear_queue")  # a native extra
+
+
+def test_a_peer_sending_an_oversized_frame_is_dropped_and_nothing_runs(monkeypatch):
+    client, server, pump, service = pair()
+    svc = get(client, pump)
+    d = svc.callRemote("echo", b"x" * 5000)  # written now, under the sender's limit
+    monkeypatch.setattr(nativeproto, "MAX_FRAME_BYTES", 1000)  # the receiver's limit
+    pump.flush()
+    assert service.calls == []
+    assert server.transport.disconnecting
+    with pytest.raises(error.ConnectionLost):
+        result_of(d)
