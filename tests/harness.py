@@ -4,9 +4,15 @@
 contract mixins run against it unchanged. Front ends are built in
 :meth:`InProcessHarness._build_frontends` (one place each front end's
 engineer extends); :func:`inprocess_cluster` is a ready-made pytest fixture.
+
+Modules that run a contract on a cluster of real processes share one per
+module: :func:`module_processes` makes the ``processes`` fixture and
+:class:`OnModuleProcesses` gives the contract class its ``cluster`` from it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import DeferredList, maybeDeferred
@@ -150,3 +156,31 @@ async def inprocess_cluster():
         yield harness
     finally:
         await harness.stop()
+
+
+def module_processes(harness_class: Any, n_engines: int = 4) -> Any:
+    """A module-scoped pytest fixture: one ``harness_class`` cluster (a
+    controller process and ``n_engines`` engine processes, started with
+    ``await harness_class.start(n_engines=...)``) shared by the module's
+    tests and stopped after the last. Assign it to ``processes`` in a test
+    module."""
+
+    @pytest_twisted.async_yield_fixture(scope="module")
+    async def processes() -> Any:
+        harness = await harness_class.start(n_engines=n_engines)
+        try:
+            yield harness
+        finally:
+            await harness.stop()
+
+    return processes
+
+
+class OnModuleProcesses:
+    """Mixed into a contract class: each test's ``cluster`` is the module's
+    ``processes`` fixture (see :func:`module_processes`), reset first."""
+
+    @pytest_twisted.async_yield_fixture
+    async def cluster(self, processes: Any) -> Any:
+        await processes.reset()
+        yield processes

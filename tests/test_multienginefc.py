@@ -27,27 +27,16 @@ from kernel.multienginefc import (
     make_client_referenceable,
 )
 from tests.contract.multiengine import MultiEngineContract
+from tests.harness import OnModuleProcesses, module_processes
 from tests.harness_fc import FoolscapHarness, FoolscapLoopbackHarness
 
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def processes():
-    """One controller process and four engine processes for this module."""
-    harness = await FoolscapHarness.start(n_engines=4)
-    try:
-        yield harness
-    finally:
-        await harness.stop()
+#: One controller process and four engine processes for this module.
+processes = module_processes(FoolscapHarness)
 
 
 @pytest.mark.slow
-class TestMultiEngineFoolscap(MultiEngineContract):
+class TestMultiEngineFoolscap(OnModuleProcesses, MultiEngineContract):
     """Every multiengine contract test over Foolscap, engines in their own processes."""
-
-    @pytest_twisted.async_yield_fixture
-    async def cluster(self, processes):
-        await processes.reset()
-        yield processes
 
 
 @pytest.mark.slow

@@ -18,27 +18,16 @@ from kernel.interfaces import (
     ISynchronousMultiEngine,
 )
 from tests.contract.multiengine import MultiEngineContract
+from tests.harness import OnModuleProcesses, module_processes
 from tests.harness_pb import PBHarness, PBLoopback
 
-
-@pytest_twisted.async_yield_fixture(scope="module")
-async def processes():
-    """One controller process and four engine processes (``--adapter pb``)."""
-    harness = await PBHarness.start(n_engines=4)
-    try:
-        yield harness
-    finally:
-        await harness.stop()
+#: One controller process and four engine processes (``--adapter pb``).
+processes = module_processes(PBHarness)
 
 
 @pytest.mark.slow
-class TestMultiEnginePB(MultiEngineContract):
+class TestMultiEnginePB(OnModuleProcesses, MultiEngineContract):
     """Every multiengine contract test over PB, engines in their own processes."""
-
-    @pytest_twisted.async_yield_fixture
-    async def cluster(self, processes):
-        await processes.reset()
-        yield processes
 
 
 @pytest.mark.slow

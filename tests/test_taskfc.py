@@ -20,6 +20,7 @@ from kernel.taskfc import (
     IFCTaskController,
 )
 from tests.contract.task import TaskControllerContract
+from tests.harness import OnModuleProcesses, module_processes
 from tests.harness_fc import FoolscapHarness, FoolscapLoopbackHarness
 
 WAIT = 30
@@ -33,24 +34,13 @@ def boom(x):
     raise Boom(f"bad input {x}")
 
 
-@pytest_twisted.async_yield_fixture(scope="module")
-async def processes():
-    """One controller process and four engine processes for this module."""
-    harness = await FoolscapHarness.start(n_engines=4)
-    try:
-        yield harness
-    finally:
-        await harness.stop()
+#: One controller process and four engine processes for this module.
+processes = module_processes(FoolscapHarness)
 
 
 @pytest.mark.slow
-class TestTaskControllerFoolscap(TaskControllerContract):
+class TestTaskControllerFoolscap(OnModuleProcesses, TaskControllerContract):
     """Every ITaskController contract test over Foolscap, engines in their own processes."""
-
-    @pytest_twisted.async_yield_fixture
-    async def cluster(self, processes):
-        await processes.reset()
-        yield processes
 
 
 # -- the adapter itself (controller and engines in process) ------------------------

@@ -13,6 +13,7 @@ from kernel.interfaces import IBlockingClientAdaptor, ITaskController
 from kernel.serialized import Serialized
 from kernel.task import MapTask, StringTask, TaskResult
 from tests.contract.task import TaskControllerContract
+from tests.harness import OnModuleProcesses, module_processes
 from tests.harness_pb import PBHarness, PBLoopback
 
 WAIT = 30
@@ -26,24 +27,13 @@ def boom(x):
     raise Boom(f"bad input {x}")
 
 
-@pytest_twisted.async_yield_fixture(scope="module")
-async def processes():
-    """One controller process and four engine processes (``--adapter pb``)."""
-    harness = await PBHarness.start(n_engines=4)
-    try:
-        yield harness
-    finally:
-        await harness.stop()
+#: One controller process and four engine processes (``--adapter pb``).
+processes = module_processes(PBHarness)
 
 
 @pytest.mark.slow
-class TestTaskControllerPB(TaskControllerContract):
+class TestTaskControllerPB(OnModuleProcesses, TaskControllerContract):
     """Every ITaskController contract test over PB, engines in their own processes."""
-
-    @pytest_twisted.async_yield_fixture
-    async def cluster(self, processes):
-        await processes.reset()
-        yield processes
 
 
 # -- the adapter itself, in process --------------------------------------------
