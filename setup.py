@@ -29,7 +29,7 @@ setup(
             # tests/test_client_jupyter.py runs the clients and magics in a
             # real Jupyter kernel (brings jupyter_client)
             "ipykernel>=6",
-            "ruff>=0.5",
+            "ruff==0.17.*",  # pinned: new releases add rules to the selected sets
         ],
     },
     entry_points={"console_scripts": ["txkernel = kernel.cli:main"]},
