@@ -21,6 +21,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from kernel.wiretext import safe_text
+
 STREAMS = ("stdout", "stderr")
 
 _lock = threading.RLock()
@@ -46,11 +48,18 @@ class OutputSink:
         self._on_write = on_write
 
     def write(self, stream_name: str, text: str) -> int:
-        """Record ``text`` written to ``stream_name`` (``'stdout'``/``'stderr'``)."""
+        """Record ``text`` written to ``stream_name`` (``'stdout'``/``'stderr'``).
+
+        Lone surrogates become backslash escapes (:func:`kernel.wiretext.safe_text`)
+        so the output can be sent."""
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        written = len(text)
+        text = safe_text(text)
         getattr(self, stream_name).write(text)
         if self._on_write is not None and text:
             self._on_write(stream_name, text)
-        return len(text)
+        return written
 
 
 class _StreamProxy(io.TextIOBase):

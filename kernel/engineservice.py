@@ -46,6 +46,7 @@ from kernel.interfaces import (
     IEngineSerialized,
     IEngineTasks,
 )
+from kernel.wiretext import safe_text
 
 # Frames from these files are left out of the traceback text users see.
 _INTERNAL_FILES = frozenset(
@@ -58,6 +59,8 @@ _PLAIN_SCALARS = (str, int, float, bool, type(None))
 def _keys_list(keys: str | list[str] | tuple[str, ...]) -> list[str]:
     if isinstance(keys, str):
         return [keys]
+    if not isinstance(keys, (list, tuple)):
+        raise TypeError(f"keys must be str or a list of str, got {keys!r:.200}")
     keys = list(keys)
     for k in keys:
         if not isinstance(k, str):
@@ -91,6 +94,22 @@ def plain_property(key: str, value: Any) -> Any:
         "(str, int, float, bool, None, and lists/dicts of those): convert the value, "
         "or push it into the namespace instead"
     )
+
+
+def plain_properties(properties: Any) -> dict[str, Any]:
+    """Check a ``set_properties`` argument: a dict of str keys and plain data.
+
+    :returns: a private copy (see :func:`plain_property`).
+    :raises InvalidProperty: naming what is wrong.
+    """
+    if not isinstance(properties, dict):
+        raise InvalidProperty(f"set_properties() needs a dict, got {type(properties).__name__}")
+    checked = {}
+    for key, value in properties.items():
+        if not isinstance(key, str):
+            raise InvalidProperty(f"property names must be str, got {key!r}")
+        checked[key] = plain_property(key, value)
+    return checked
 
 
 def format_user_traceback(exc: BaseException) -> str:
@@ -393,10 +412,13 @@ class EngineService:
 
     def keys(self) -> Deferred:
         """Fire the sorted names in the namespace, ``id`` included, dunder
-        names (``__builtins__``, ``__name__``) left out."""
+        names (``__builtins__``, ``__name__``) left out. A name holding a lone
+        surrogate is listed with it backslash-escaped (it could not be sent)."""
         return self._submit(
             lambda: sorted(
-                k for k in self._namespace if not (k.startswith("__") and k.endswith("__"))
+                safe_text(k)
+                for k in self._namespace
+                if isinstance(k, str) and not (k.startswith("__") and k.endswith("__"))
             )
         )
 
@@ -453,15 +475,7 @@ class EngineService:
             that is not plain data or a key that is not a str.
         """
         try:
-            if not isinstance(properties, dict):
-                raise InvalidProperty(
-                    f"set_properties() needs a dict, got {type(properties).__name__}"
-                )
-            checked = {}
-            for key, value in properties.items():
-                if not isinstance(key, str):
-                    raise InvalidProperty(f"property names must be str, got {key!r}")
-                checked[key] = plain_property(key, value)
+            checked = plain_properties(properties)
         except InvalidProperty as e:
             return fail(e)
         self.properties.update(checked)

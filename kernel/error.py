@@ -14,6 +14,8 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
+from kernel.wiretext import safe_text
+
 # Attribute names under which an engine attaches its identity and traceback
 # text to an exception raised in user code.
 _ENGINE_ID_ATTR = "_txkernel_engine_id"
@@ -214,8 +216,21 @@ def engine_failure_info(f: Failure | BaseException) -> RemoteError:
         else:
             tb = "".join(_traceback.format_exception(type(exc), exc, exc.__traceback__))
     return RemoteError(
-        type(exc).__name__, str(exc), tb, getattr(exc, _ENGINE_ID_ATTR, None), _try_pickle(exc)
+        type(exc).__name__,
+        _exc_text(exc),
+        safe_text(tb),
+        getattr(exc, _ENGINE_ID_ATTR, None),
+        _try_pickle(exc),
     )
+
+
+def _exc_text(exc: BaseException) -> str:
+    """``str(exc)``, safe to send, even when the exception's ``__str__`` fails."""
+    try:
+        text = str(exc)
+    except Exception as e:
+        return f"<str() of this {type(exc).__name__} failed: {type(e).__name__}: {e}>"
+    return safe_text(text)
 
 
 def _try_pickle(exc: BaseException) -> bytes | None:

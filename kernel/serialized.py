@@ -193,6 +193,8 @@ def loads(blob: BufferLike) -> Any:
 
 def serialize_namespace(namespace: dict[str, Any]) -> dict[str, Serialized]:
     """Serialize each value of a ``name: object`` dict (keys must be str)."""
+    if not isinstance(namespace, dict):
+        raise TypeError(f"push takes a dict of name: value, got a {type(namespace).__name__}")
     out = {}
     for key, value in namespace.items():
         if not isinstance(key, str):
