@@ -47,7 +47,7 @@ from foolscap.api import (
 from foolscap.call import CopiedFailure
 from foolscap.constraint import ByteStringConstraint
 from foolscap.copyable import AttributeDictConstraint
-from foolscap.schema import UnicodeConstraint
+from foolscap.schema import BooleanConstraint, UnicodeConstraint
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
@@ -64,6 +64,7 @@ __all__ = [
     "MAX_SOURCE_CHARS",
     "SERIALIZED_TYPE",
     "Anything",
+    "Flag",
     "Name",
     "NameList",
     "SerializedNamespace",
@@ -96,14 +97,29 @@ SERIALIZED_TYPE = "txkernel.Serialized.v1"
 #: Any value; used for plain data whose type varies (``targets``, ``keys``) and
 #: for replies (envelopes of plain data and Serialized blobs).
 Anything = Any()
+
+
+# Foolscap's own text and bool constraints treat a token of another type (an
+# int where text belongs) as a broken protocol and drop the connection, with
+# every call on it. These refuse just that call, with a Violation.
+class _LenientText(UnicodeConstraint):
+    strictTaster = False
+
+
+class _LenientBool(BooleanConstraint):
+    strictTaster = False
+
+
 #: A variable name.
-Name = UnicodeConstraint(maxLength=MAX_NAME_CHARS)
+Name = _LenientText(maxLength=MAX_NAME_CHARS)
 #: A list of variable names.
 NameList = ListOf(Name, maxLength=MAX_NAMES)
 #: Python source text.
-Source = UnicodeConstraint(maxLength=MAX_SOURCE_CHARS)
+Source = _LenientText(maxLength=MAX_SOURCE_CHARS)
 #: Text an engine wrote (one streamed piece of stdout or stderr).
-Text = UnicodeConstraint(maxLength=MAX_SOURCE_CHARS)
+Text = _LenientText(maxLength=MAX_SOURCE_CHARS)
+#: A flag (``block``, ``controller``, ``verbose``).
+Flag = _LenientBool()
 
 _Frames = ListOf(ByteStringConstraint(maxLength=MAX_FRAME_BYTES), maxLength=MAX_FRAMES)
 

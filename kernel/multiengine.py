@@ -101,7 +101,8 @@ def resolve_targets(targets: Any, registered: Iterable[int]) -> list[int]:
     :returns: the ids in the order given (all registered ids, sorted, for ``'all'``).
     :raises NoEnginesRegistered: ``'all'`` while no engine is registered.
     :raises InvalidEngineID: for anything but an int, a non-empty list/tuple
-        of ints or ``'all'``, or for an id that is not registered.
+        of ints or ``'all'``, for an id listed twice, or for an id that is not
+        registered.
     """
     registered = set(registered)
     if isinstance(targets, str) and targets == "all":
@@ -114,19 +115,37 @@ def resolve_targets(targets: Any, registered: Iterable[int]) -> list[int]:
         ids = [int(t) for t in targets]
     else:
         raise InvalidEngineID(
-            f"invalid targets {targets!r}: use an engine id (int), a non-empty list "
+            f"invalid targets {targets!r:.200}: use an engine id (int), a non-empty list "
             "of ids, or 'all'"
         )
     missing = [t for t in ids if t not in registered]
     if missing:
-        which = ", ".join(str(t) for t in missing)
+        which = ", ".join(str(t) for t in missing[:10])
+        if len(missing) > 10:
+            which += f", ... ({len(missing)} unknown ids in all)"
         hint = (
             f"registered engines: {sorted(registered)}"
             if registered
             else "no engines are registered (start some with `txkernel cluster start -n 4`)"
         )
         raise InvalidEngineID(f"no engine with id {which}: {hint}")
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        twice = sorted({t for t in ids if t in seen or seen.add(t)})
+        raise InvalidEngineID(
+            f"targets name engine(s) {', '.join(map(str, twice[:10]))} more than once: "
+            "list each engine once"
+        )
     return ids
+
+
+def _check_keys(keys: Any) -> None:
+    """Refuse ``keys`` that are not a name or a list/tuple of names."""
+    if isinstance(keys, str):
+        return
+    if isinstance(keys, (list, tuple)) and all(isinstance(k, str) for k in keys):
+        return
+    raise TypeError(f"keys must be a name (str) or a list of names, got {keys!r:.200}")
 
 
 def _merge_failures(method: str, ids: list[int], outcomes: list) -> list:
@@ -399,11 +418,14 @@ class MultiEngine(MultiEngineCallerMixin):
     @_deferred
     async def pull_serialized(self, keys: str | list[str], targets: Any = "all") -> list:
         """Fire one Serialized (or list of them) per target, unopened."""
+        _check_keys(keys)
         return await self._each("pull_serialized", self.engine_ids(targets), keys)
 
     @_deferred
     async def get_result(self, i: int | None = None, targets: Any = "all") -> list[dict]:
         """Fire each target's result dict of command ``i`` (None: the latest)."""
+        if i is not None and not _is_id(i):
+            raise TypeError(f"get_result takes a command number (int) or None, got {i!r:.100}")
         return await self._each("get_result", self.engine_ids(targets), i)
 
     @_deferred
@@ -486,7 +508,13 @@ class SynchronousMultiEngine:
         self.multiengine = multiengine
         self.pending = PendingDeferredManager()
 
-    def _two_phase(self, d: defer.Deferred, block: bool) -> defer.Deferred:
+    def _two_phase(self, block: bool, call: Callable[[], defer.Deferred]) -> defer.Deferred:
+        # ``block`` is checked before ``call`` starts any work
+        if not isinstance(block, bool):
+            return defer.fail(
+                TypeError(f"block must be True or False, got {block!r:.100}: nothing was run")
+            )
+        d = call()
         if block:
             return d
         return defer.succeed(self.pending.save_pending_deferred(d))
@@ -507,99 +535,99 @@ class SynchronousMultiEngine:
 
     def execute(self, lines: str, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.execute` with ``block``."""
-        return self._two_phase(self.multiengine.execute(lines, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.execute(lines, targets))
 
     def push(self, namespace: dict, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.push` with ``block``."""
-        return self._two_phase(self.multiengine.push(namespace, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.push(namespace, targets))
 
     def pull(self, keys: Any, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.pull` with ``block``."""
-        return self._two_phase(self.multiengine.pull(keys, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.pull(keys, targets))
 
     def push_function(
         self, namespace: dict, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.push_function` with ``block``."""
-        return self._two_phase(self.multiengine.push_function(namespace, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.push_function(namespace, targets))
 
     def pull_function(
         self, keys: Any, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.pull_function` with ``block``."""
-        return self._two_phase(self.multiengine.pull_function(keys, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.pull_function(keys, targets))
 
     def push_serialized(
         self, namespace: dict, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.push_serialized` with ``block``."""
-        return self._two_phase(self.multiengine.push_serialized(namespace, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.push_serialized(namespace, targets))
 
     def pull_serialized(
         self, keys: Any, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.pull_serialized` with ``block``."""
-        return self._two_phase(self.multiengine.pull_serialized(keys, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.pull_serialized(keys, targets))
 
     def get_result(
         self, i: int | None = None, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.get_result` with ``block``."""
-        return self._two_phase(self.multiengine.get_result(i, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.get_result(i, targets))
 
     def reset(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.reset` with ``block``."""
-        return self._two_phase(self.multiengine.reset(targets), block)
+        return self._two_phase(block, lambda: self.multiengine.reset(targets))
 
     def keys(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.keys` with ``block``."""
-        return self._two_phase(self.multiengine.keys(targets), block)
+        return self._two_phase(block, lambda: self.multiengine.keys(targets))
 
     def kill(
         self, controller: bool = False, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.kill` with ``block``."""
-        return self._two_phase(self.multiengine.kill(controller, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.kill(controller, targets))
 
     def clear_queue(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.clear_queue` with ``block``."""
-        return self._two_phase(self.multiengine.clear_queue(targets), block)
+        return self._two_phase(block, lambda: self.multiengine.clear_queue(targets))
 
     def queue_status(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.queue_status` with ``block``."""
-        return self._two_phase(self.multiengine.queue_status(targets), block)
+        return self._two_phase(block, lambda: self.multiengine.queue_status(targets))
 
     def set_properties(
         self, properties: dict, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.set_properties` with ``block``."""
-        return self._two_phase(self.multiengine.set_properties(properties, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.set_properties(properties, targets))
 
     def get_properties(
         self, keys: Any = None, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.get_properties` with ``block``."""
-        return self._two_phase(self.multiengine.get_properties(keys, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.get_properties(keys, targets))
 
     def del_properties(
         self, keys: Any, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.del_properties` with ``block``."""
-        return self._two_phase(self.multiengine.del_properties(keys, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.del_properties(keys, targets))
 
     def has_properties(
         self, keys: Any, targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.has_properties` with ``block``."""
-        return self._two_phase(self.multiengine.has_properties(keys, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.has_properties(keys, targets))
 
     def clear_properties(self, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.clear_properties` with ``block``."""
-        return self._two_phase(self.multiengine.clear_properties(targets), block)
+        return self._two_phase(block, lambda: self.multiengine.clear_properties(targets))
 
     def get_ids(self, *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.get_ids` with ``block``."""
-        return self._two_phase(self.multiengine.get_ids(), block)
+        return self._two_phase(block, lambda: self.multiengine.get_ids())
 
     # -- coordinator -------------------------------------------------------
 
@@ -614,13 +642,15 @@ class SynchronousMultiEngine:
         block: bool = True,
     ) -> defer.Deferred:
         """:meth:`MultiEngine.scatter` with ``block``."""
-        return self._two_phase(self.multiengine.scatter(key, seq, dist, flatten, targets), block)
+        return self._two_phase(
+            block, lambda: self.multiengine.scatter(key, seq, dist, flatten, targets)
+        )
 
     def gather(
         self, key: str, dist: str = "b", targets: Any = "all", *, block: bool = True
     ) -> defer.Deferred:
         """:meth:`MultiEngine.gather` with ``block``."""
-        return self._two_phase(self.multiengine.gather(key, dist, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.gather(key, dist, targets))
 
     def raw_map(
         self,
@@ -632,7 +662,7 @@ class SynchronousMultiEngine:
         block: bool = True,
     ) -> defer.Deferred:
         """:meth:`MultiEngine.raw_map` with ``block``."""
-        return self._two_phase(self.multiengine.raw_map(func, seqs, dist, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.raw_map(func, seqs, dist, targets))
 
     def map(self, func: Callable, *seqs: Any, block: bool = True) -> defer.Deferred:
         """``map(func, *seqs)`` over every engine, with ``block``."""
@@ -653,11 +683,11 @@ class SynchronousMultiEngine:
 
     def zip_pull(self, keys: Any, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.zip_pull` with ``block``."""
-        return self._two_phase(self.multiengine.zip_pull(keys, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.zip_pull(keys, targets))
 
     def run(self, filename: str, targets: Any = "all", *, block: bool = True) -> defer.Deferred:
         """:meth:`MultiEngine.run` with ``block``."""
-        return self._two_phase(self.multiengine.run(filename, targets), block)
+        return self._two_phase(block, lambda: self.multiengine.run(filename, targets))
 
 
 registerAdapter(SynchronousMultiEngine, IMultiEngine, ISynchronousMultiEngine)

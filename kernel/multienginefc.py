@@ -52,7 +52,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import fcutil
-from kernel.fcutil import Anything, Name, SerializedNamespace, Source, Text
+from kernel.engineservice import plain_properties
+from kernel.error import InvalidProperty
+from kernel.fcutil import Anything, Flag, Name, SerializedNamespace, Source, Text
 from kernel.interfaces import (
     IBlockingClientAdaptor,
     IMultiEngine,
@@ -61,6 +63,7 @@ from kernel.interfaces import (
     ISynchronousMultiEngine,
 )
 from kernel.multiengine import MultiEngineCallerMixin, SynchronousMultiEngine
+from kernel.wiretext import check_sendable
 
 __all__ = [
     "CLIENT_NAME",
@@ -104,52 +107,52 @@ class RIMultiEngine(RemoteInterface):
         """The fully qualified name of the client class to use."""
         return str
 
-    def execute(lines=Source, targets=Anything, block=bool):
+    def execute(lines=Source, targets=Anything, block=Flag):
         return Anything
 
-    def push_serialized(namespace=SerializedNamespace, targets=Anything, block=bool):
+    def push_serialized(namespace=SerializedNamespace, targets=Anything, block=Flag):
         return Anything
 
-    def pull_serialized(keys=Anything, targets=Anything, block=bool):
+    def pull_serialized(keys=Anything, targets=Anything, block=Flag):
         return Anything
 
-    def get_result(i=Anything, targets=Anything, block=bool):
+    def get_result(i=Anything, targets=Anything, block=Flag):
         return Anything
 
-    def reset(targets=Anything, block=bool):
+    def reset(targets=Anything, block=Flag):
         return Anything
 
-    def keys(targets=Anything, block=bool):
+    def keys(targets=Anything, block=Flag):
         return Anything
 
-    def kill(controller=bool, targets=Anything, block=bool):
+    def kill(controller=Flag, targets=Anything, block=Flag):
         return Anything
 
-    def clear_queue(targets=Anything, block=bool):
+    def clear_queue(targets=Anything, block=Flag):
         return Anything
 
-    def queue_status(targets=Anything, block=bool):
+    def queue_status(targets=Anything, block=Flag):
         return Anything
 
-    def set_properties(properties=Anything, targets=Anything, block=bool):
+    def set_properties(properties=Anything, targets=Anything, block=Flag):
         return Anything
 
-    def get_properties(keys=Anything, targets=Anything, block=bool):
+    def get_properties(keys=Anything, targets=Anything, block=Flag):
         return Anything
 
-    def del_properties(keys=Anything, targets=Anything, block=bool):
+    def del_properties(keys=Anything, targets=Anything, block=Flag):
         return Anything
 
-    def has_properties(keys=Anything, targets=Anything, block=bool):
+    def has_properties(keys=Anything, targets=Anything, block=Flag):
         return Anything
 
-    def clear_properties(targets=Anything, block=bool):
+    def clear_properties(targets=Anything, block=Flag):
         return Anything
 
-    def get_ids(block=bool):
+    def get_ids(block=Flag):
         return Anything
 
-    def get_pending_deferred(deferred_id=Anything, block=bool):
+    def get_pending_deferred(deferred_id=Anything, block=Flag):
         return Anything
 
     def clear_pending_deferreds():
@@ -360,6 +363,9 @@ class FCMultiEngine(MultiEngineCallerMixin):
                 w.callback(result)
 
     async def _remote(self, method: str, *args: Any) -> Any:
+        # Foolscap drops the connection (and every call on it) on text it
+        # cannot encode: refuse such a call alone, before it is sent.
+        check_sendable(args, method)
         session = await self._get_session()
         try:
             return await fcutil.call_remote(session, method, *args, block=True)
@@ -417,6 +423,11 @@ class FCMultiEngine(MultiEngineCallerMixin):
 
     def set_properties(self, properties: dict[str, Any], targets: Any = "all") -> defer.Deferred:
         """Update each target's properties (plain data only)."""
+        try:
+            # refused here with the engine's own message, before the transport
+            plain_properties(properties)
+        except InvalidProperty as e:
+            return defer.fail(e)
         return self._mux("set_properties", properties, targets)
 
     def get_properties(self, keys: Any = None, targets: Any = "all") -> defer.Deferred:

@@ -32,11 +32,12 @@ from zope.interface import implementer
 
 from kernel import fcutil
 from kernel.error import RemoteError
-from kernel.fcutil import Anything
+from kernel.fcutil import Anything, Flag
 from kernel.interfaces import IBlockingClientAdaptor, ITaskController
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
 from kernel.taskmapper import MapperMixin
+from kernel.wiretext import check_sendable
 
 __all__ = [
     "CLIENT_NAME",
@@ -152,7 +153,7 @@ class IFCTaskController(RemoteInterface):
         """``ptask`` is the task's ``(flags, payload)`` spec; fires the taskid."""
         return Anything
 
-    def get_task_result(taskid=Anything, block=bool):
+    def get_task_result(taskid=Anything, block=Flag):
         return Anything
 
     def abort(taskid=Anything):
@@ -164,7 +165,7 @@ class IFCTaskController(RemoteInterface):
     def spin():
         return Anything
 
-    def queue_status(verbose=bool):
+    def queue_status(verbose=Flag):
         return Anything
 
     def clear(taskids=_OptionalTaskids):
@@ -279,6 +280,8 @@ class FCTaskClient(MapperMixin):
 
     def _call(self, method: str, *args: Any) -> defer.Deferred:
         try:
+            # text Foolscap cannot encode would drop the whole connection
+            check_sendable(args, method)
             d = self.remote_reference.callRemote(method, *args)
         except Exception:
             d = defer.fail()
