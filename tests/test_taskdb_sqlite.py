@@ -78,3 +78,42 @@ async def test_closed_database_fails_calls(tmp_path):
 def test_bad_table_name_is_refused(tmp_path):
     with pytest.raises(ValueError):
         SQLiteDB(str(tmp_path / "t.db"), table="x; DROP TABLE y")
+
+
+def _rows_seen_by_another_connection(path):
+    other = sqlite3.connect(path)
+    try:
+        return [t for (t,) in other.execute("SELECT taskid FROM tasks ORDER BY taskid")]
+    finally:
+        other.close()
+
+
+def test_writes_are_group_committed_after_the_commit_delay(tmp_path):
+    from twisted.internet.task import Clock
+
+    path, clock = str(tmp_path / "t.db"), Clock()
+    db = SQLiteDB(path, clock=clock)
+    db.add_record(1, {"status": "pending"})
+    db.update_record(1, {"status": "running"})
+    db.add_record(2, {"status": "pending"})
+    assert db.get_record(1).result["status"] == "running"  # visible here at once
+    assert _rows_seen_by_another_connection(path) == []  # not committed yet
+    assert len(clock.getDelayedCalls()) == 1  # one commit for the whole batch
+    clock.advance(db.commit_delay)
+    assert _rows_seen_by_another_connection(path) == [1, 2]
+    assert clock.getDelayedCalls() == []
+    db.close()
+
+
+def test_many_writes_commit_without_waiting_for_the_delay(tmp_path):
+    from twisted.internet.task import Clock
+
+    path = str(tmp_path / "t.db")
+    db = SQLiteDB(path, clock=Clock())
+    db.commit_every = 3
+    for taskid in range(3):
+        db.add_record(taskid, {})
+    assert _rows_seen_by_another_connection(path) == [0, 1, 2]
+    db.add_record(3, {})
+    db.close()
+    assert _rows_seen_by_another_connection(path) == [0, 1, 2, 3]  # close commits

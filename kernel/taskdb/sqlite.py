@@ -10,6 +10,14 @@ exactly those of the in-memory :class:`~kernel.taskdb.memory.DictDB`.
 
 Calls run on the caller's thread (the reactor): SQLite on a local file in WAL
 mode answers these small statements in microseconds.
+
+Writes are group-committed: the first write opens a transaction, which is
+committed :attr:`SQLiteDB.commit_delay` seconds later, after
+:attr:`SQLiteDB.commit_every` writes, by :meth:`SQLiteDB.commit`, on
+:meth:`SQLiteDB.close`, or when the reactor shuts down -- so a busy
+controller pays for one commit per batch of task records, not three per
+task. Reads go through the same connection and see every write at once; a
+process killed outright loses at most the last ``commit_delay`` seconds.
 """
 
 from __future__ import annotations
@@ -95,9 +103,17 @@ class SQLiteDB:
 
     :param path: the database file (created if missing), or ``":memory:"``.
     :param table: the table name (letters, digits and underscores).
+    :param clock: an ``IReactorTime`` that schedules the group commits
+        (default: the reactor, which also commits before it shuts down).
     """
 
-    def __init__(self, path: str = ":memory:", table: str = "tasks"):
+    #: Seconds a transaction of writes stays open before it is committed.
+    commit_delay = 0.05
+
+    #: Writes after which an open transaction is committed at once.
+    commit_every = 2000
+
+    def __init__(self, path: str = ":memory:", table: str = "tasks", clock: Any = None):
         if not table.replace("_", "").isalnum():
             raise ValueError(f"table name must be letters, digits and underscores: {table!r}")
         self.path = str(path)
@@ -110,6 +126,14 @@ class SQLiteDB:
             self._conn.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{k} {t}" for k, t in _COLUMNS.items())
         self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+        self._writes = 0  # in the open transaction
+        self._commit_call: Any = None
+        self._shutdown_trigger: Any = None
+        if clock is None:
+            from twisted.internet import reactor as clock
+
+            self._shutdown_trigger = clock.addSystemEventTrigger("before", "shutdown", self.commit)
+        self._clock = clock
 
     def __repr__(self) -> str:
         return f"<SQLiteDB {self.path!r} table={self.table!r}>"
@@ -118,6 +142,31 @@ class SQLiteDB:
         if self._conn is None:
             raise RuntimeError(f"{self!r} is closed")
         return self._conn
+
+    def _write(self) -> sqlite3.Connection:
+        """The connection, inside a transaction that a commit will close."""
+        conn = self._db()
+        if not conn.in_transaction:
+            conn.execute("BEGIN")
+            self._writes = 0
+            if self._commit_call is None or not self._commit_call.active():
+                self._commit_call = self._clock.callLater(self.commit_delay, self.commit)
+        self._writes += 1
+        return conn
+
+    def _wrote(self) -> None:
+        if self._writes >= self.commit_every:
+            self.commit()
+
+    def commit(self) -> None:
+        """Commit the writes made so far (they are already visible to reads
+        through this object; this makes them durable and visible to others)."""
+        if self._commit_call is not None and self._commit_call.active():
+            self._commit_call.cancel()
+        self._commit_call = None
+        if self._conn is not None and self._conn.in_transaction:
+            self._conn.commit()
+        self._writes = 0
 
     def _row_to_record(self, keys: list[str], row: tuple) -> dict[str, Any]:
         return {k: _decode(k, v) for k, v in zip(keys, row, strict=True)}
@@ -153,11 +202,12 @@ class SQLiteDB:
             fields.pop("taskid", None)
             full = new_record(taskid, **fields)
             keys = list(_COLUMNS)
-            self._db().execute(
+            self._write().execute(
                 f"INSERT OR REPLACE INTO {self.table} ({', '.join(keys)}) "
                 f"VALUES ({', '.join('?' for _ in keys)})",
                 [_encode(k, full[k]) for k in keys],
             )
+            self._wrote()
         except Exception:
             return defer.fail()
         return defer.succeed(None)
@@ -177,10 +227,11 @@ class SQLiteDB:
                     raise KeyError(f"no task record with taskid {taskid!r}")
                 return defer.succeed(None)
             assignments = ", ".join(f"{k} = ?" for k in changes)
-            cursor = self._db().execute(
+            cursor = self._write().execute(
                 f"UPDATE {self.table} SET {assignments} WHERE taskid = ?",
                 [*(_encode(k, v) for k, v in changes.items()), taskid],
             )
+            self._wrote()
             if cursor.rowcount == 0:
                 raise KeyError(f"no task record with taskid {taskid!r}")
         except Exception:
@@ -200,9 +251,10 @@ class SQLiteDB:
     def drop_records(self, taskids: Iterable[int]) -> defer.Deferred:
         """Delete the records (unknown taskids are ignored). Fires None."""
         try:
-            self._db().executemany(
+            self._write().executemany(
                 f"DELETE FROM {self.table} WHERE taskid = ?", [(t,) for t in taskids]
             )
+            self._wrote()
         except Exception:
             return defer.fail()
         return defer.succeed(None)
@@ -244,8 +296,12 @@ class SQLiteDB:
         return defer.succeed(found)
 
     def close(self) -> defer.Deferred:
-        """Close the database file. Fires None."""
+        """Commit and close the database file. Fires None."""
         if self._conn is not None:
+            self.commit()
+            if self._shutdown_trigger is not None:
+                self._clock.removeSystemEventTrigger(self._shutdown_trigger)
+                self._shutdown_trigger = None
             self._conn.close()
             self._conn = None
         return defer.succeed(None)
