@@ -22,7 +22,24 @@ from kernel import parallelfunction
 from kernel.interfaces import IMapper
 from kernel.task import MapTask, apply_chunk
 
-__all__ = ["MapperMixin", "TaskMapper"]
+__all__ = ["MapperMixin", "TaskMapper", "default_chunksize", "DEFAULT_MAP_TASKS", "MAX_CHUNKSIZE"]
+
+#: With the default ``chunksize=None``, a map is split into about this many
+#: tasks: enough for several per engine on a cluster of up to 8 engines, so
+#: the load still balances, while each task's fixed cost (a round trip
+#: through the controller) is shared by many elements.
+DEFAULT_MAP_TASKS = 32
+
+#: The most elements the default chunking puts in one task.
+MAX_CHUNKSIZE = 1000
+
+
+def default_chunksize(n: int) -> int:
+    """The chunk size ``chunksize=None`` picks for ``n`` elements: one element
+    per task up to :data:`DEFAULT_MAP_TASKS` elements, then about
+    :data:`DEFAULT_MAP_TASKS` tasks, at most :data:`MAX_CHUNKSIZE` elements each.
+    """
+    return max(1, min(MAX_CHUNKSIZE, -(-n // DEFAULT_MAP_TASKS)))
 
 
 @implementer(IMapper)
@@ -37,7 +54,9 @@ class TaskMapper:
     :param depend: likewise (judged on the engine).
     :param block: True: ``map`` fires the list of results; False: it fires the
         list of taskids (one per chunk), to be collected later.
-    :param chunksize: how many elements each task computes (>= 1).
+    :param chunksize: how many elements each task computes (>= 1), or None
+        (the default) to choose from the number of elements
+        (:func:`default_chunksize`); pass 1 for a few long-running elements.
     """
 
     def __init__(
@@ -49,10 +68,12 @@ class TaskMapper:
         recovery_task: Any = None,
         depend: Callable | None = None,
         block: bool = True,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ):
-        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
-            raise ValueError(f"chunksize must be an int >= 1, got {chunksize!r}")
+        if chunksize is not None and (
+            not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1
+        ):
+            raise ValueError(f"chunksize must be an int >= 1 or None, got {chunksize!r}")
         self.task_controller = task_controller
         self.flags = {
             "clear_before": clear_before,
@@ -72,7 +93,7 @@ class TaskMapper:
             raise TypeError("map() needs at least one sequence")
         arglists = list(zip(*sequences, strict=False))
         name = getattr(func, "__name__", "function")
-        n = self.chunksize
+        n = self.chunksize or default_chunksize(len(arglists))
         return [
             MapTask(
                 apply_chunk,
@@ -160,11 +181,13 @@ class MapperMixin:
         recovery_task: Any = None,
         depend: Callable | None = None,
         block: bool = True,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ) -> Any:
         """An :class:`~kernel.interfaces.IMapper` whose ``map`` runs each
         ``chunksize`` elements as one :class:`~kernel.task.MapTask` with these
-        flags (see :class:`~kernel.task.BaseTask`).
+        flags (see :class:`~kernel.task.BaseTask`). ``chunksize=None`` splits
+        a long sequence into about :data:`DEFAULT_MAP_TASKS` tasks
+        (:func:`default_chunksize`).
 
         :param block: ``map`` gives the results; if false it gives the list
             of taskids (one per chunk), to be collected later.
@@ -189,7 +212,7 @@ class MapperMixin:
         recovery_task: Any = None,
         depend: Callable | None = None,
         block: bool = True,
-        chunksize: int = 1,
+        chunksize: int | None = None,
     ) -> Callable[[Callable], parallelfunction.ParallelFunction]:
         """A decorator making a function a load-balanced parallel function
         (calling it maps it over its argument sequences; options as

@@ -670,6 +670,36 @@ def test_mapper_chunks_elements_and_keeps_order():
     assert d.result == [x + y for x, y in zip(range(10), range(10, 20), strict=True)]
 
 
+def test_default_chunksize_splits_long_maps_into_a_bounded_number_of_tasks():
+    from kernel.taskmapper import DEFAULT_MAP_TASKS, MAX_CHUNKSIZE, default_chunksize
+
+    assert [default_chunksize(n) for n in (0, 1, DEFAULT_MAP_TASKS)] == [1, 1, 1]
+    assert default_chunksize(DEFAULT_MAP_TASKS + 1) == 2
+    assert -(-10_000 // default_chunksize(10_000)) == DEFAULT_MAP_TASKS
+    assert default_chunksize(10**9) == MAX_CHUNKSIZE
+
+
+def test_default_map_runs_one_task_per_chunk_and_keeps_order():
+    from kernel.taskmapper import DEFAULT_MAP_TASKS
+
+    _, tc, engines, _ = make(2)
+    tc.mapper(block=False).map(abs, range(3)).addCallback(lambda ids: None)
+    assert [len(serialized.deserialize(c.payload).args[1]) for c in all_calls(engines)] == [1, 1]
+    for call in all_calls(engines):
+        call.succeed([0])
+    _, tc, engines, _ = make(2)
+    n = 1000
+    d = tc.map(lambda x: -x, range(n))
+    done = 0
+    while calls := all_calls(engines):
+        for call in calls:
+            body = serialized.deserialize(call.payload)
+            call.succeed([body.args[0](*args) for args in body.args[1]])
+            done += 1
+    assert done == DEFAULT_MAP_TASKS
+    assert d.result == [-x for x in range(n)]
+
+
 def test_mapper_rejects_bad_chunksize():
     _, tc, _, _ = make()
     with pytest.raises(ValueError, match="chunksize"):
