@@ -175,7 +175,9 @@ class RemoteError(KernelError):
 
     def original(self) -> BaseException:
         """The original exception, unpickled here, with the engine's traceback
-        text attached; ``self`` if it cannot be unpickled in this process."""
+        text attached; ``self`` if it cannot be unpickled in this process, or
+        if it is not an :class:`Exception` (an engine's ``SystemExit`` or
+        ``KeyboardInterrupt`` must not stop the client that reads it)."""
         if self.pickled is None:
             return self
         from kernel import serialized
@@ -184,7 +186,7 @@ class RemoteError(KernelError):
             exc = serialized.loads(self.pickled)
         except Exception:
             return self
-        if not isinstance(exc, BaseException):
+        if not isinstance(exc, Exception):
             return self
         attach_engine_info(exc, self.engine_id, self.traceback)
         return exc

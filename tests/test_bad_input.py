@@ -29,6 +29,7 @@ from kernel.error import (
     InvalidProperty,
     InvalidTaskID,
     ProtocolError,
+    RemoteError,
     SerializationError,
 )
 from kernel.task import MapTask, StringTask
@@ -148,6 +149,11 @@ async def test_failing_code_is_reported_per_engine_and_the_engines_stay_up(
         with pytest.raises(CompositeError) as info:
             await bounded(mec.execute(code))
         assert engine_errors(info, ename) == sorted(cluster.registered())
+        # re-raised here as an Exception: an engine's SystemExit or
+        # KeyboardInterrupt does not stop the client
+        with pytest.raises(Exception) as raised:
+            info.value.raise_exception()
+        assert ename in (type(raised.value).__name__, getattr(raised.value, "ename", None))
 
 
 @pytest_twisted.ensureDeferred
@@ -381,7 +387,7 @@ async def test_failing_tasks_fail_alone(cluster, mec, bystander, tc):
     async with unharmed(cluster, mec, bystander):
         cases = {
             "KeyError": MapTask(_raise_key_error, args=("k",)),
-            "SyntaxError-free": StringTask("raise SystemExit(2)"),
+            "SystemExit": StringTask("raise SystemExit(2)"),
             "RuntimeError": MapTask(abs, args=(1,), depend=_broken_depend),
             "recovery": MapTask(
                 _raise_key_error, args=(1,), recovery_task=MapTask(_raise_key_error, args=(2,))
@@ -394,7 +400,10 @@ async def test_failing_tasks_fail_alone(cluster, mec, bystander, tc):
         outcomes = {name: await task_outcome(tc, t) for name, t in ids.items()}
         assert {n: o.status for n, o in outcomes.items()} == dict.fromkeys(cases, "failed")
         assert outcomes["KeyError"].error.ename == "KeyError"
-        assert outcomes["SyntaxError-free"].error.ename == "SystemExit"
+        assert outcomes["SystemExit"].error.ename == "SystemExit"
+        # reading it must not stop this process: it comes as a RemoteError
+        with pytest.raises(RemoteError, match="SystemExit: 2"):
+            _ = outcomes["SystemExit"].results
         assert "the depend function broke" in outcomes["RuntimeError"].error.evalue
         # the recovery task's own failure is the outcome
         assert outcomes["recovery"].error.evalue == "2"
