@@ -252,6 +252,7 @@ class TaskController(MapperMixin, service.Service):
         self._looping = False
         self._again = False
         self._db_tail: Deferred = succeed(None)
+        self._db_pending = 0  # DB calls started or queued and not yet finished
         self._stopped = False
         controller.on_register_engine_do(self._engine_registered, True)
         controller.on_unregister_engine_do(self._engine_unregistered, True)
@@ -935,7 +936,17 @@ class TaskController(MapperMixin, service.Service):
 
     def _db_call(self, method: str, *args: Any) -> Deferred:
         """Call a DB method after every earlier DB call has finished (so reads
-        see earlier writes even with an asynchronous backend)."""
+        see earlier writes even with an asynchronous backend).
+
+        While no earlier call is outstanding (always, for a synchronous
+        backend such as SQLite) the method is called at once, with no
+        Deferred chain on the hot path.
+        """
+        if self._db_pending == 0:
+            d = maybeDeferred(getattr(self.db, method), *args)
+            if not d.called:
+                self._wait_for_db(d)
+            return d
         result = Deferred()
 
         def step(_: Any) -> Deferred:
@@ -950,8 +961,21 @@ class TaskController(MapperMixin, service.Service):
             d.addBoth(deliver)
             return d
 
-        self._db_tail.addCallback(step)
+        self._db_pending += 1
+        self._db_tail.addCallback(step).addBoth(self._db_call_done)
         return result
+
+    def _wait_for_db(self, d: Deferred) -> None:
+        """Make later DB calls wait for the outstanding call ``d``."""
+        self._db_pending += 1
+        tail = Deferred()
+        d.addBoth(lambda outcome: (tail.callback(None), outcome)[1])
+        self._db_tail = tail
+        tail.addBoth(self._db_call_done)
+
+    def _db_call_done(self, _: Any) -> None:
+        self._db_pending -= 1
+        return None
 
     def _db_write(self, method: str, *args: Any) -> None:
         self._db_call(method, *args).addErrback(

@@ -141,6 +141,44 @@ def test_result_is_read_back_from_the_task_db():
     assert outcome(tc, taskid).stdout == "from the db"
 
 
+class SlowDB(DictDB):
+    """A DictDB whose writes finish only when the test says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[tuple[Deferred, str, tuple]] = []
+
+    def add_record(self, *args):
+        return self._hold("add_record", args)
+
+    def update_record(self, *args):
+        return self._hold("update_record", args)
+
+    def _hold(self, method, args):
+        d = Deferred()
+        self.held.append((d, method, args))
+        return d
+
+    def release(self):
+        while self.held:
+            d, method, args = self.held.pop(0)
+            getattr(DictDB, method)(self, *args)
+            d.callback(None)
+
+
+def test_reads_wait_for_earlier_writes_of_an_asynchronous_db():
+    db = SlowDB()
+    _, tc, engines, _ = make(1, db=db)
+    taskid = submit(tc)
+    engines[0].calls[0].succeed("done")
+    read = tc.get_task_result(taskid)
+    assert not read.called  # its record is still being written
+    db.release()
+    assert read.result.status == "succeeded" and read.result.results == "done"
+    again = tc.get_task_result(taskid)  # nothing outstanding: read at once
+    assert again.called and again.result.results == "done"
+
+
 def test_run_spec_refuses_bad_flags_and_payloads():
     _, tc, _, _ = make()
     failures = []
