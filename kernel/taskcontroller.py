@@ -460,7 +460,17 @@ class TaskController(MapperMixin, service.Service):
 
     def db_query(self, query: dict[str, Any], keys: Iterable[str] | str | None = None) -> Deferred:
         """Fire the task records matching the MongoDB-style ``query`` (see
-        :meth:`kernel.interfaces.ITaskDB.find_records`); blobs stay bytes."""
+        :meth:`kernel.interfaces.ITaskDB.find_records`); blobs stay bytes.
+
+        :raises: (errback) ``TypeError`` if ``query`` is not a dict.
+        """
+        if not isinstance(query, dict):
+            return fail(
+                TypeError(
+                    f"db_query takes a dict query, e.g. {{'status': 'failed'}}, "
+                    f"not a {type(query).__name__}"
+                )
+            )
         return self._db_call("find_records", query, keys)
 
     def resubmit(self, taskids: Iterable[int]) -> Deferred:

@@ -425,10 +425,19 @@ def test_bad_task_options_are_refused_when_the_task_is_built():
 @pytest_twisted.ensureDeferred
 async def test_unknown_task_ids(cluster, mec, bystander, tc):
     async with unharmed(cluster, mec, bystander):
-        for call in (tc.abort, tc.get_task_result):
+        for call in (tc.abort, tc.get_task_result, tc.barrier, tc.resubmit):
             for bad in (999_999, -1):
-                with pytest.raises(InvalidTaskID):
-                    await bounded(call(bad))
+                with pytest.raises(InvalidTaskID, match=f"no task with id {bad}"):
+                    await bounded(call(bad if call in (tc.abort, tc.get_task_result) else [bad]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_task_queries(cluster, mec, bystander, tc):
+    async with unharmed(cluster, mec, bystander):
+        with pytest.raises(TypeError, match="db_query takes a dict query"):
+            await bounded(tc.db_query("status == failed"))
+        with pytest.raises(KeyError, match="is not a task record key; use one of"):
+            await bounded(tc.db_query({"$bad": 1}))
 
 
 @pytest_twisted.ensureDeferred
