@@ -580,3 +580,66 @@ async def test_code_that_exits_the_engine_loses_that_engine_only(cluster, mec, b
     cluster.start_engine()
     await cluster.wait_for_engines_async(2)
     assert len(await bounded(mec.execute("c = 1"))) == 2
+
+
+# -- in process: what a departed client leaves on the controller -------------------
+
+
+class _SlowEngine:
+    """An engine whose commands finish only when the test says so."""
+
+    def __init__(self):
+        self.running = []
+
+    def execute(self, lines):
+        d = defer.Deferred()
+        self.running.append(d)
+        return d
+
+
+class _Controller:
+    def __init__(self, engine):
+        self.engines = {0: engine}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_departed_clients_session_and_pending_results_are_released():
+    import gc
+    import weakref
+
+    from kernel.multiengine import MultiEngine
+    from kernel.multienginefc import FCSynchronousMultiEngineFromMultiEngine
+    from tests.fcloopback import Loopback
+
+    engine = _SlowEngine()
+    root = FCSynchronousMultiEngineFromMultiEngine(MultiEngine(_Controller(engine)))
+    sessions = []
+    connect = root.remote_connect
+
+    def remember_session():
+        session = connect()
+        sessions.append(weakref.ref(session))
+        return session
+
+    root.remote_connect = remember_session
+    loop = Loopback()
+    try:
+        ref = await bounded(loop.reference(root))
+        session = await bounded(ref.callRemote("connect"))
+        # a result left on the controller (block=False), then the client goes
+        tag, pending_id = await bounded(session.callRemote("execute", "x = 1", 0, False))
+        assert tag == "ok"
+        pending = weakref.ref(sessions[0]().smultiengine.pending)
+        await loop.client.stopService()
+        await wait_for_async(
+            lambda: gc.collect() is not None and sessions[0]() is None,
+            PROMPT,
+            "the departed client's session is still held",
+        )
+        # the engine finishes later; its result has nowhere to go and is dropped
+        assert pending() is not None
+        engine.running[0].callback({"id": 0})
+        gc.collect()
+        assert pending() is None
+    finally:
+        await loop.server.stopService()
