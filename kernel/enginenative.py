@@ -13,7 +13,10 @@ joined, and lands in the engine's namespace in the buffer it was received in.
   after a reconnection, exponential backoff, give up on a
   :class:`~kernel.error.SecurityError`), reaching the controller through a
   :class:`NativeControllerLocator` with the cluster key of ``native.json``.
-  The engine is exposed as :class:`NativeEngineReferenceFromService`.
+  The engine is exposed as :class:`NativeEngineReferenceFromService`. A
+  large pulled value (or task result) is replied from its own memory, not
+  copied: the engine's queue starts nothing else until the reply is written
+  (see :class:`_Lender`).
 - Controller process: :class:`NativeEngineRegistrar` registers each engine as
   ``PipelinedEngine(NativeEngineFromReference(reference), max_in_flight=PIPELINE)``:
   up to :data:`PIPELINE` commands are sent ahead to each engine, which runs
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import nativeproto
@@ -55,26 +59,93 @@ __all__ = [
 
 #: Commands in flight per engine (sent ahead; the engine runs them in order).
 PIPELINE = 8
+#: A reply viewing at least this many bytes of live objects is sent from
+#: their memory, holding the engine's queue meanwhile; a smaller one is copied.
+LEND_BYTES = 1 << 20
 #: The service name of the engine registrar on a native controller.
 REGISTRAR = "registrar"
 
 
 def _owned(s: Serialized) -> Serialized:
-    """``s`` with buffers that share no memory with live objects.
-
-    A blob pulled from a namespace views the object's memory; the engine may
-    run the next (pipelined) command while the reply is still being written,
-    so the reply takes a snapshot first (``bytes``, written without another
-    copy, see :mod:`kernel.nativeproto`).
-    """
+    """``s`` with buffers that share no memory with live objects (copies of
+    those that are not ``bytes``)."""
     if all(type(b) is bytes for b in s.buffers):
         return s
     return Serialized(s.data, [b if type(b) is bytes else bytes(b) for b in s.buffers])
 
 
+def _lent_bytes(blobs: list[Serialized]) -> int:
+    """Bytes of the blobs' buffers that view live objects' memory."""
+    return sum(memoryview(b).nbytes for s in blobs for b in s.buffers if type(b) is not bytes)
+
+
+class _Lender:
+    """Sends a reply that views live objects (a pulled value, a task's result)
+    without copying it, if it is large.
+
+    The engine may run the next command (sent ahead, see
+    :class:`PipelinedEngine`) as soon as one ends, and that command could
+    change the value while its reply is still being written. A reply with
+    less than :data:`LEND_BYTES` of such memory is copied (cheap); a larger
+    one holds the engine's queue until the reply has left that memory
+    (:class:`kernel.nativeproto.AfterWritten`), and goes out as it is.
+
+    :param queue: the engine-side queue to hold.
+    """
+
+    __slots__ = ("queue", "release")
+
+    def __init__(self, queue: _EngineSideQueue):
+        self.queue = queue
+        self.release: Callable[[], None] | None = None
+
+    def lend(self, blobs: list[Serialized]) -> list[Serialized]:
+        """The blobs to reply with (runs as the command ends, before the queue
+        starts the next one)."""
+        if _lent_bytes(blobs) < LEND_BYTES:
+            return [_owned(s) for s in blobs]
+        self.release = self.queue.hold()
+        return blobs
+
+    def reply(self, reply: Any) -> Any:
+        """The reply, wrapped so the queue is released once it is written."""
+        release, self.release = self.release, None
+        if release is None:
+            return reply
+        if isinstance(reply, Failure):
+            release()
+            return reply
+        return nativeproto.AfterWritten(reply, release)
+
+
 class _EngineSideQueue(QueuedEngine):
     """The engine process's own FIFO of the commands sent ahead to it, so
-    that ``clear_queue`` can still drop those that have not started."""
+    that ``clear_queue`` can still drop those that have not started.
+
+    :meth:`hold` keeps the next command from starting (see :class:`_Lender`).
+    """
+
+    def __init__(self, engine: Any):
+        super().__init__(engine)
+        self._holds = 0
+
+    def hold(self) -> Callable[[], None]:
+        """Start no command until the returned function is called (once)."""
+        self._holds += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._holds -= 1
+                self._pump()
+
+        return release
+
+    def _pump(self) -> None:
+        if not self._holds:
+            super()._pump()
 
     def add_output_observer(self, observer: Callable[[str, str], Any]) -> None:
         self.engine.add_output_observer(observer)
@@ -122,22 +193,32 @@ class NativeEngineReferenceFromService(FCEngineReferenceFromService):
         return self._call("push_serialized", namespace)
 
     def remote_pull_serialized(self, keys):
-        def convert(result):
-            return _owned(result) if isinstance(keys, str) else [_owned(s) for s in result]
+        lender = _Lender(self.engine)
 
-        return self._call("pull_serialized", keys, convert=convert)
+        def convert(result):
+            if isinstance(keys, str):
+                return lender.lend([result])[0]
+            return lender.lend(list(result))
+
+        d = self._call("pull_serialized", keys, convert=convert)
+        d.addBoth(lender.reply)
+        return d
 
     def remote_run_task(self, payload, clear_before=False, clear_after=False):
-        def convert(result):
-            return dict(result, result=_owned(result["result"]))
+        lender = _Lender(self.engine)
 
-        return self._call(
+        def convert(result):
+            return dict(result, result=lender.lend([result["result"]])[0])
+
+        d = self._call(
             "run_task",
             payload,
             clear_before=bool(clear_before),
             clear_after=bool(clear_after),
             convert=convert,
         )
+        d.addBoth(lender.reply)
+        return d
 
 
 class PipelinedEngine(QueuedEngine):

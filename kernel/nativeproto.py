@@ -37,6 +37,9 @@ travel as buffers. The first tag lets a receiver check a frame's header
 make it allocate anything large; buffers are then received straight into
 preallocated ``bytearray``\\ s (a pushed array reaches the engine's
 namespace without another copy: see :func:`kernel.serialized.deserialize_private`).
+Large buffers come from a :class:`kernel.bufferpool.BufferPool`: one that
+nothing holds any more is received into again, so a repeated large transfer
+does not pay for zero-filling and faulting in fresh memory each time.
 Sizes are bounded (:data:`MAX_HEADER_BYTES`, :data:`MAX_BUFFERS`,
 :data:`MAX_FRAME_BYTES`); an oversized frame is refused and the connection
 dropped.
@@ -65,7 +68,9 @@ joined into one big copy: it is fed to the transport in slices of
 :data:`WRITE_SLICE` bytes by a pull producer, as the socket drains, so a
 100 MB push holds at most a few slices of extra memory. A large ``bytes`` is
 written on its own into an empty transport buffer, which Twisted sends
-without copying. Each piece is hashed just before it is written.
+without copying. Each piece is hashed just before it is written. A reply
+wrapped in :class:`AfterWritten` says when its buffers' memory is no longer
+needed, so a side can lend a live object's memory instead of copying it.
 
 Reading into place
 ------------------
@@ -111,6 +116,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kernel.bufferpool import POOL, BufferPool
 from kernel.error import ConnectionError, ProtocolError, SecurityError
 from kernel.serialized import Serialized
 
@@ -120,6 +126,7 @@ __all__ = [
     "MAX_BUFFERS",
     "MAX_FRAME_BYTES",
     "NATIVE_FILE",
+    "AfterWritten",
     "Frame",
     "FrameWriter",
     "FrameReader",
@@ -313,13 +320,16 @@ class FrameReader:
 
     :param key: this direction's session key.
     :param routing: receive buffers as :class:`RoutedBuffer` (a controller).
+    :param pool: where large buffers come from (reused once nothing else
+        holds them: :class:`kernel.bufferpool.BufferPool`); None for fresh ones.
     :raises SecurityError: (from :meth:`feed`) a tag does not verify.
     :raises ProtocolError: (from :meth:`feed`) a malformed or oversized frame.
     """
 
-    def __init__(self, key: bytes, routing: bool = False):
+    def __init__(self, key: bytes, routing: bool = False, pool: BufferPool | None = None):
         self._key_mac = hmac.new(key, digestmod=hashlib.sha256)
         self._buffer_type = RoutedBuffer if routing else bytearray
+        self.pool = pool
         self._sha: Any = None
         self.seq = 0
         self._pending = bytearray()  # bytes of the current small part
@@ -437,7 +447,11 @@ class FrameReader:
             self._sizes = sizes
             self._mac = mac
             # Room for the buffers, allocated only now that the header is known good.
-            self._buffers = [self._buffer_type(n) for n in sizes]
+            kind, pool = self._buffer_type, self.pool
+            if pool is None:
+                self._buffers = [kind(n) for n in sizes]
+            else:
+                self._buffers = [pool.take(kind, n) for n in sizes]
             self._index = 0
             self._filled = 0
             self._state = "buffers"
@@ -624,6 +638,35 @@ def decode(header: bytes, buffers: list[bytearray], proto: NativeProtocol | None
 # ---------------------------------------------------------------------------
 
 
+class AfterWritten:
+    """A reply whose value's memory is lent to the connection: ``callback``
+    runs once every byte of the reply has left that memory (sent, or handed
+    to the transport as a copy) or the connection is gone. A side that
+    replies with a live object's memory (an engine replying to a pull) uses
+    it to leave the object alone until then, instead of copying it.
+
+    :param value: the reply.
+    :param callback: called with no arguments, once.
+    """
+
+    __slots__ = ("value", "callback")
+
+    def __init__(self, value: Any, callback: Callable[[], Any]):
+        self.value = value
+        self.callback = callback
+
+
+#: An outbox entry that runs a callback once everything before it is written.
+_NOTIFY = object()
+
+
+def _run_notice(callback: Callable[[], Any]) -> None:
+    try:
+        callback()
+    except Exception:
+        log.err(None, "native transport: a written-reply callback failed")
+
+
 @implementer(IPullProducer)
 class _Outbox:
     """Feeds a connection's frames to its transport, in order.
@@ -672,6 +715,22 @@ class _Outbox:
             q.append((None, frame.mac))
         self._pump(drained=False)
 
+    def notify(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback`` once everything sent so far has left its buffers'
+        memory (at once if nothing is waiting), or when the queue is cleared."""
+        if not self.queue:
+            _run_notice(callback)
+        else:
+            self.queue.append((_NOTIFY, callback))
+
+    def clear(self) -> None:
+        """Drop everything not yet written (the connection is gone); run the
+        pending :meth:`notify` callbacks."""
+        q, self.queue = self.queue, collections.deque()
+        for seg, callback in q:
+            if seg is _NOTIFY:
+                _run_notice(callback)
+
     def resumeProducing(self) -> None:  # noqa: N802
         # The transport calls this once it has written everything it held.
         self._pump(drained=True)
@@ -690,6 +749,10 @@ class _Outbox:
                 if seg is None:  # every buffer before it is hashed
                     q.popleft()
                     write(mac.digest())
+                    continue
+                if seg is _NOTIFY:  # everything before it left its memory
+                    q.popleft()
+                    _run_notice(mac)
                     continue
                 if type(seg) is bytes and len(seg) <= WRITE_SLICE:
                     q.popleft()
@@ -750,7 +813,7 @@ class _Outbox:
             self.pumping = False
 
     def stopProducing(self) -> None:  # noqa: N802
-        self.queue.clear()
+        self.clear()
 
 
 class Gateway:
@@ -829,6 +892,10 @@ class NativeProtocol(protocol.Protocol):
                     return
             for header, buffers in self._reader.feed(data):
                 self._message(decode(header, buffers, self))
+            if POOL.tracked_bytes:
+                from twisted.internet import reactor
+
+                POOL.keep_trimmed(reactor)
         except SecurityError as e:
             self._refuse(e)
         except Exception as e:
@@ -852,7 +919,7 @@ class NativeProtocol(protocol.Protocol):
         )
         c2s, s2c = session_keys(self.key, client_nonce, server_nonce)
         self._writer = FrameWriter(c2s if self.is_client else s2c)
-        self._reader = FrameReader(s2c if self.is_client else c2s, routing=self.routing)
+        self._reader = FrameReader(s2c if self.is_client else c2s, routing=self.routing, pool=POOL)
         if self.is_client:
             self._send(["a"])  # proves the key
         return rest
@@ -907,7 +974,7 @@ class NativeProtocol(protocol.Protocol):
         self._exports.clear()
         self._export_ids.clear()
         if self._outbox is not None:
-            self._outbox.queue.clear()
+            self._outbox.clear()
 
     # -- messages ------------------------------------------------------------
 
@@ -970,12 +1037,23 @@ class NativeProtocol(protocol.Protocol):
             d.addErrback(lambda f: log.msg(f"one-way call {method!r} failed: {f.value}"))
 
     def _reply(self, value: Any, call_id: int) -> None:
-        if not self.connected_:
-            return
+        written = None
+        if type(value) is AfterWritten:
+            value, written = value.value, value.callback
         try:
-            self._send(["r", call_id, value])
-        except Exception:
-            self._reply_failure(Failure(), call_id, "?")
+            if not self.connected_:
+                return
+            try:
+                self._send(["r", call_id, value])
+            except Exception:
+                self._reply_failure(Failure(), call_id, "?")
+                return
+            if written is not None:
+                self._outbox.notify(written)
+                written = None
+        finally:
+            if written is not None:
+                _run_notice(written)
 
     def _reply_failure(self, f: Failure, call_id: int, method: Any) -> None:
         if not self.connected_:

@@ -262,3 +262,32 @@ async def test_a_controller_process_with_tls_serves_engines_and_clients():
             mec.disconnect()
     finally:
         cluster.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_pulled_value_is_sent_from_its_memory_and_the_next_command_waits():
+    """No snapshot copy of a large pull: the reply views the array, and the
+    engine starts nothing else until the reply has been written."""
+    import numpy as np
+
+    from kernel.engineservice import EngineService
+
+    engine = EngineService()
+    try:
+        ref = enginenative.NativeEngineReferenceFromService(engine)
+        await ref.remote_execute("import numpy as np; a = np.ones(2 * 2**20 // 8)")
+        reply = await ref.remote_pull_serialized("a")
+        assert isinstance(reply, nativeproto.AfterWritten)
+        _, blob = reply.value
+        (buf,) = blob.buffers
+        assert np.shares_memory(np.asarray(buf), engine._namespace["a"])  # no copy
+        changed = ref.remote_execute("a[:] = 0")
+        status = await ref.engine.queue_status()
+        assert status == {"queue": ["execute('a[:] = 0')"], "pending": None}  # held, not started
+        reply.callback()  # the reply has been written
+        await changed
+        assert not engine._namespace["a"].any()
+        small = await ref.remote_pull_serialized("id")  # small values: copied, nothing held
+        assert not isinstance(small, nativeproto.AfterWritten)
+    finally:
+        await engine.kill()

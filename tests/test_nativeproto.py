@@ -507,3 +507,83 @@ def test_a_peer_sending_an_oversized_frame_is_dropped_and_nothing_runs(monkeypat
     assert server.transport.disconnecting
     with pytest.raises(error.ConnectionLost):
         result_of(d)
+
+
+# -- receive buffers and lent replies ----------------------------------------------
+
+
+def test_a_reader_with_a_pool_receives_into_a_free_buffer_again_never_a_held_one():
+    from kernel.bufferpool import MIN_BYTES, BufferPool
+
+    pool = BufferPool()
+    payload = os.urandom(MIN_BYTES)
+    writer, reader = FrameWriter(KEY), FrameReader(KEY, pool=pool)
+    ((_, (first,)),) = reader.feed(frames_of(writer, b"[]", [payload]))
+    first_id = id(first)
+    held = first
+    ((_, (second,)),) = reader.feed(frames_of(writer, b"[]", [payload[::-1]]))
+    assert second is not held and held == payload  # the held one is untouched
+    assert second == payload[::-1]
+    del first, held, second
+    ((_, (third,)),) = reader.feed(frames_of(writer, b"[]", [payload]))
+    assert id(third) == first_id  # the first buffer, free again, is received into
+    assert pool.tracked_bytes == 2 * MIN_BYTES
+    assert third == payload and type(third) is bytearray
+
+
+def _recording_outbox():
+    transport = StringTransport()
+    return nativeproto._Outbox(transport), transport
+
+
+def test_a_written_notice_runs_once_a_large_buffer_has_left_its_memory():
+    outbox, transport = _recording_outbox()
+    big = bytearray(os.urandom(3 * nativeproto.WRITE_SLICE))
+    told = []
+    outbox.send(FrameWriter(KEY).frame(b"[]", [memoryview(big)]))
+    outbox.notify(lambda: told.append(len(transport.value())))
+    assert told == []  # the first slice is with the transport, the rest still in `big`
+    while outbox.queue:
+        outbox.resumeProducing()
+    assert told == [len(transport.value())]
+    ((_, (got,)),) = FrameReader(KEY).feed(transport.value())
+    assert got == big
+
+
+def test_a_written_notice_runs_at_once_with_nothing_queued_and_when_the_queue_is_dropped():
+    outbox, _ = _recording_outbox()
+    told = []
+    outbox.notify(lambda: told.append("idle"))
+    assert told == ["idle"]
+    outbox.send(FrameWriter(KEY).frame(b"[]", [memoryview(bytearray(3 * nativeproto.WRITE_SLICE))]))
+    outbox.notify(lambda: told.append("dropped"))
+    outbox.stopProducing()  # the connection went away
+    assert told == ["idle", "dropped"] and not outbox.queue
+
+
+def test_a_reply_wrapped_in_after_written_is_sent_as_its_value_and_then_releases():
+    client, _, pump, service = pair()
+    told = []
+    service.remote_lend = lambda: nativeproto.AfterWritten(
+        {"blob": Serialized(b"s", [bytearray(b"lent")])}, lambda: told.append("released")
+    )
+    svc = get(client, pump)
+    d = svc.callRemote("lend")
+    pump.flush()
+    reply = result_of(d)
+    assert bytes(reply["blob"].buffers[0]) == b"lent"
+    assert told == ["released"]
+
+
+def test_a_reply_lent_on_a_closed_connection_releases_at_once():
+    client, server, pump, service = pair()
+    told = []
+    gate = Deferred()
+    service.remote_lend = lambda: gate
+    svc = get(client, pump)
+    svc.callRemote("lend").addErrback(lambda f: None)
+    pump.flush()
+    server.transport.loseConnection()
+    pump.flush()
+    gate.callback(nativeproto.AfterWritten("late", lambda: told.append("released")))
+    assert told == ["released"]

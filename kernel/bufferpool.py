@@ -1,0 +1,136 @@
+"""Receive buffers that are reused once nothing else holds them.
+
+A fresh ``bytearray(n)`` of 100 MB costs more than receiving 100 MB into
+it: the memory is zero-filled, and every page of it is faulted in and
+cleared by the kernel first. Profiling a 100 MB push and pull over the
+native transport showed that allocation as the largest single cost in the
+controller, and a large one in engines and clients.
+
+:class:`BufferPool` hands out large receive buffers and keeps track of them.
+When a buffer of the same type and size is needed again, one that nothing
+outside the pool refers to any more is handed out again, as it is (its old
+bytes are overwritten by the receive). "Nothing refers to it" is exact in
+CPython: every holder of the buffer's memory (a ``memoryview``, a NumPy
+array built on it, a ``Serialized`` blob, an outbox slice being written)
+holds a reference to the buffer object, so a buffer whose reference count is
+the pool's own is unreachable from anywhere else and cannot be reached again.
+
+Free buffers are not kept forever: :meth:`BufferPool.trim` drops those idle
+for :data:`IDLE_SECONDS`, and the pool never tracks more than
+:data:`LIMIT_BYTES` in all.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["MIN_BYTES", "LIMIT_BYTES", "IDLE_SECONDS", "BufferPool", "POOL"]
+
+#: Buffers smaller than this are allocated fresh each time (cheap enough).
+MIN_BYTES = 1 << 20
+#: Most bytes the pool tracks at once (in use or free).
+LIMIT_BYTES = 512 << 20
+#: A free buffer unused this long is released by :meth:`BufferPool.trim`.
+IDLE_SECONDS = 10.0
+
+# References to a tracked buffer that the pool itself accounts for while
+# checking it: its entry, the loop variable, and getrefcount's argument.
+_OWN_REFS = 3
+
+
+class BufferPool:
+    """Large receive buffers, reused once only the pool refers to them.
+
+    :param limit: most bytes tracked at once.
+    :param idle: seconds after which a free buffer is released by :meth:`trim`.
+    :param clock: returns the time in seconds (for tests).
+    """
+
+    def __init__(
+        self,
+        limit: int = LIMIT_BYTES,
+        idle: float = IDLE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.limit = limit
+        self.idle = idle
+        self.clock = clock
+        # [buffer, time last handed out]
+        self._entries: list[list[Any]] = []
+        self._bytes = 0
+        self._timer: Any = None
+
+    @property
+    def tracked_bytes(self) -> int:
+        """Bytes of the buffers tracked now (in use or free)."""
+        return self._bytes
+
+    def take(self, kind: type, size: int) -> Any:
+        """A buffer ``kind(size)``: a free tracked one of that type and size
+        if there is one (its content is left as it was), else a new one.
+
+        :param kind: ``bytearray`` or a subclass of it.
+        """
+        if size < MIN_BYTES:
+            return kind(size)
+        now = self.clock()
+        for entry in self._entries:
+            buf = entry[0]
+            if type(buf) is kind and len(buf) == size and sys.getrefcount(buf) == _OWN_REFS:
+                entry[1] = now
+                return buf
+        buf = None  # drop the loop's reference before trimming
+        self.trim(now, need=size)
+        buf = kind(size)
+        if self._bytes + size <= self.limit:
+            self._entries.append([buf, now])
+            self._bytes += size
+        return buf
+
+    def trim(self, now: float | None = None, need: int = 0) -> int:
+        """Release free buffers idle for longer than ``idle`` seconds, and
+        more (oldest first) if ``need`` more bytes would exceed the limit.
+
+        :returns: the bytes still tracked.
+        """
+        if now is None:
+            now = self.clock()
+        keep = []
+        free = []
+        for entry in sorted(self._entries, key=lambda e: e[1]):
+            if sys.getrefcount(entry[0]) == _OWN_REFS - 1:  # entry and argument
+                if now - entry[1] > self.idle:
+                    continue
+                free.append(entry)
+            keep.append(entry)
+        total = sum(len(e[0]) for e in keep)
+        for entry in free:
+            if total + need <= self.limit:
+                break
+            keep.remove(entry)
+            total -= len(entry[0])
+        self._entries = keep
+        self._bytes = total
+        return total
+
+    def keep_trimmed(self, reactor: Any) -> None:
+        """While buffers are tracked, :meth:`trim` every ``idle`` seconds on
+        ``reactor`` (so free buffers are released without further receives)."""
+        if self._bytes and (self._timer is None or not self._timer.active()):
+            self._timer = reactor.callLater(self.idle, self._timed_trim, reactor)
+
+    def _timed_trim(self, reactor: Any) -> None:
+        self._timer = None
+        if self.trim():
+            self.keep_trimmed(reactor)
+
+    def has_free(self) -> bool:
+        """Whether any tracked buffer is free now (a :meth:`trim` may release it)."""
+        return any(sys.getrefcount(e[0]) == _OWN_REFS - 1 for e in self._entries)
+
+
+#: The process's pool, shared by every native connection.
+POOL = BufferPool()
