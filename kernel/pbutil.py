@@ -551,6 +551,11 @@ def _translate(f: Failure, method: str) -> Failure:
     if f.check(*_LOST):
         return Failure(error.ConnectionLost(f"{method}: {f.getErrorMessage()}"))
     if f.check(WireError):
+        if isinstance(f, pb.CopiedFailure):
+            # raised on the far side: it refused the call (bad arguments)
+            return Failure(
+                ProtocolError(f"the peer refused the call {method}: {f.getErrorMessage()}")
+            )
         return Failure(ProtocolError(f"malformed reply to {method}: {f.getErrorMessage()}"))
     kind = _remote_type(f)
     if kind:

@@ -85,7 +85,10 @@ async def test_raw_calls_with_wrong_arguments_are_refused_and_the_connection_sta
 ):
     session = await bounded(mec.remote_reference.callRemote("connect"))
     async with unharmed(cluster, mec, bystander):
-        with pytest.raises(ProtocolError, match="the peer refused or failed the call execute"):
+        with pytest.raises(
+            ProtocolError,
+            match="the peer refused the call execute: .*(refused|missing|unknown|too many)",
+        ):
             await bounded(session.callRemote("execute", *args, **kwargs))
         assert await bounded(session.callRemote("get_ids", True)) == (
             "ok",
