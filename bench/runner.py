@@ -35,6 +35,8 @@ WARMUP_PROBES = {
 STANDALONE_PROBES = {"startup"}
 #: Probes that run last, because they load the controller.
 LAST_PROBES = {"scale_memory"}
+#: Probes that get a freshly started cluster of their own.
+FRESH_PROBES = {"scale_memory"}
 
 
 class _Terminated(Exception):
@@ -182,6 +184,12 @@ def run_system(
                     emit({"type": "workload", "name": w.name, "size": size, "repeats": reps,
                           "raw": [], "values": [], "na": None, "error": start_error})  # fmt: skip
                 continue
+            if probe_name in FRESH_PROBES and started and not start_error:
+                # Memory must not depend on what ran before (the data workloads
+                # leave large buffers behind): measure on a fresh cluster.
+                log("restarting for a fresh controller")
+                system.stop()
+                system.start()
             log(f"{probe_name}: size {size:,}, {reps} runs")
             for entry in measure(probe, members, size, reps, probe_name in WARMUP_PROBES, log):
                 emit({"type": "workload", **entry})

@@ -11,6 +11,7 @@ import pytest
 
 from bench import report, runner
 from bench.run import read_child_results, sizing
+from bench.systems import System
 from bench.workloads import BY_NAME, TARGETS, WORKLOADS, select
 
 
@@ -251,3 +252,45 @@ def test_measure_records_a_failing_probe_as_an_error():
 
     (got,) = runner.measure(probe, [BY_NAME["apply_lb"]], 10, 3, False, lambda s: None)
     assert got["error"] == "RuntimeError: engine died" and got["values"] == []
+
+
+class FakeSystem(System):
+    """Records lifecycle calls and probes; measures nothing real."""
+
+    name = "fake"
+    not_applicable = {"pull": "no pulling here"}
+
+    def __init__(self):
+        self.calls = []
+
+    def start(self):
+        self.calls.append("start")
+
+    def stop(self):
+        self.calls.append("stop")
+
+    def probe_startup(self, size):
+        self.calls.append("startup")
+        return {"startup": 1.0}
+
+    def probe_push_pull(self, size):
+        self.calls.append("push_pull")
+        return {"push": 0.5, "pull": 0.5}
+
+    def probe_scale_memory(self, size):
+        self.calls.append("scale")
+        return {"scale_memory": 64_000_000}
+
+
+def test_run_system_orders_lifecycle_and_gives_scale_a_fresh_cluster(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner.signal, "signal", lambda *a: None)
+    system, out = FakeSystem(), tmp_path / "out.jsonl"
+    chosen = select("scale,push,pull,startup,tcp_rtt")
+    sizes = {w.name: 10 for w in chosen}
+    repeats = {w.name: 1 for w in chosen}
+    runner.run_system(system, chosen, sizes, repeats, out)
+    assert system.calls == ["startup", "start", "push_pull", "stop", "start", "scale", "stop"]
+    got = read_child_results(out, "fake")
+    assert got["workloads"]["pull"]["na"] == "no pulling here"
+    assert got["workloads"]["scale_memory"]["values"] == [64.0]
+    assert "tcp_rtt" not in got["workloads"]  # a probe the system lacks is not a row
