@@ -44,6 +44,7 @@ from kernel.enginefc import (
     FCEngineRegistrar,
 )
 from kernel.engineservice import QueuedEngine
+from kernel.error import ConnectionError
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
 from kernel.serialized import Serialized
 
@@ -62,6 +63,10 @@ PIPELINE = 8
 #: A reply viewing at least this many bytes of live objects is sent from
 #: their memory, holding the engine's queue meanwhile; a smaller one is copied.
 LEND_BYTES = 1 << 20
+#: How often an engine that has never registered looks for its controller, seconds.
+STARTUP_POLL = 0.05
+#: For how long after it starts an engine looks that often, seconds.
+STARTUP_WINDOW = 10.0
 #: The service name of the engine registrar on a native controller.
 REGISTRAR = "registrar"
 
@@ -326,6 +331,13 @@ class NativeControllerLocator:
 class NativeEngineConnector(EngineConnector):
     """Keep an engine registered with a controller over the native transport.
 
+    Until it first registers, and for at most :data:`STARTUP_WINDOW` seconds,
+    an engine that finds no controller yet (no ``native.json``, nothing
+    listening: :class:`~kernel.error.ConnectionError`) tries again every
+    :data:`STARTUP_POLL` seconds instead of backing off, so engines started
+    together with their controller register as soon as it listens. After
+    that, retries back off as for Foolscap.
+
     :param get_info: returns the controller's connection info (e.g.
         ``lambda: nativeproto.read_connection_info(cluster_dir)``); called
         before each attempt, so a rewritten ``native.json`` is picked up.
@@ -339,3 +351,26 @@ class NativeEngineConnector(EngineConnector):
 
     def __init__(self, get_info: Callable[[], dict], engine: Any, **kwargs: Any):
         super().__init__(NativeControllerLocator(), get_info, engine, **kwargs)
+        self._started_at: float | None = None
+        self._not_there_yet = False
+
+    def startService(self) -> None:  # noqa: N802
+        self._started_at = self.clock.seconds()
+        super().startService()
+
+    def _failed(self, f: Failure) -> None:
+        self._not_there_yet = f.check(ConnectionError) is not None
+        super()._failed(f)
+
+    def _schedule(self) -> None:
+        starting = (
+            self.registrations == 0
+            and self._not_there_yet
+            and self._started_at is not None
+            and self.clock.seconds() - self._started_at < STARTUP_WINDOW
+        )
+        if starting:
+            self.delay = min(self.delay, STARTUP_POLL)
+        super()._schedule()
+        if starting:
+            self.delay = self.initial_delay  # back off from the start afterwards

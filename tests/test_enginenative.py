@@ -291,3 +291,53 @@ async def test_a_large_pulled_value_is_sent_from_its_memory_and_the_next_command
         assert not isinstance(small, nativeproto.AfterWritten)
     finally:
         await engine.kill()
+
+
+def test_an_engine_started_before_its_controller_looks_for_it_often_then_backs_off():
+    from twisted.internet.task import Clock
+
+    from kernel.error import ConnectionError
+
+    clock = Clock()
+    attempts = []
+
+    def get_info():
+        attempts.append(clock.seconds())
+        raise ConnectionError("no native.json yet")
+
+    connector = enginenative.NativeEngineConnector(get_info, object(), clock=clock, max_delay=2.0)
+    connector.startService()
+    try:
+        while clock.seconds() < enginenative.STARTUP_WINDOW + 10:
+            clock.advance(enginenative.STARTUP_POLL)
+        gaps = [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)]
+        in_window = [
+            g for a, g in zip(attempts, gaps, strict=False) if a < enginenative.STARTUP_WINDOW
+        ]
+        after = [
+            g for a, g in zip(attempts, gaps, strict=False) if a >= enginenative.STARTUP_WINDOW
+        ]
+        assert set(in_window) == {enginenative.STARTUP_POLL}
+        assert after[0] < after[1] < after[2] and max(after) <= 2.0 + 1e-6  # backing off
+    finally:
+        connector.stopService()
+
+
+def test_an_engine_that_reaches_a_controller_refusing_it_does_not_poll_fast():
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    attempts = []
+
+    def get_info():
+        attempts.append(clock.seconds())
+        raise ValueError("a malformed native.json")  # not "no controller yet"
+
+    connector = enginenative.NativeEngineConnector(get_info, object(), clock=clock, max_delay=2.0)
+    connector.startService()
+    try:
+        for _ in range(40):
+            clock.advance(enginenative.STARTUP_POLL)
+        assert len(attempts) <= 4  # 0.2, 0.4, 0.8 s apart, not every 0.05 s
+    finally:
+        connector.stopService()

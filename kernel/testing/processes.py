@@ -405,19 +405,46 @@ class LocalCluster:
         for _ in range(n_engines):
             self.start_engine()
 
+    def _engines_with_controller(self) -> list[str] | None:
+        """The engine options for starting engines together with the
+        controller, or None when they must wait for it.
+
+        Native engines are started at once: they look for the controller
+        until it listens (:class:`kernel.enginenative.NativeEngineConnector`),
+        so their start-up overlaps the controller's. They are told the adapter,
+        since ``native.json`` may not exist yet to detect it by.
+        """
+        args = self.controller_args
+        native = "--adapter=native" in args or any(
+            a == "--adapter" and b == "native" for a, b in zip(args, args[1:], strict=False)
+        )
+        if not native:
+            return None
+        if any(a.startswith("--adapter") for a in self.engine_args):
+            return []
+        return ["--adapter=native"]
+
     def start(self, n_engines: int = 2) -> dict[int, int]:
         """Start the controller and ``n_engines`` engines; wait until all are
         registered. Returns ``{id: pid}``."""
-        self.start_controller()
+        together = self._engines_with_controller()
+        if together is None:
+            self.start_controller()
+        else:
+            self.launch_controller()
         for _ in range(n_engines):
-            self.start_engine()
+            self.start_engine(*(together or ()))
         return self.wait_for_engines(n_engines)
 
     async def start_async(self, n_engines: int = 2) -> dict[int, int]:
         """As :meth:`start`, for Twisted code."""
-        await self.start_controller_async()
+        together = self._engines_with_controller()
+        if together is None:
+            await self.start_controller_async()
+        else:
+            self.launch_controller()
         for _ in range(n_engines):
-            self.start_engine()
+            self.start_engine(*(together or ()))
         return await self.wait_for_engines_async(n_engines)
 
     def stop(self, grace: float = 10.0) -> None:
