@@ -49,7 +49,6 @@ from foolscap.api import (
     fireEventually,
 )
 from foolscap.constraint import ByteStringConstraint
-from foolscap.slicers.unicode import UnicodeConstraint
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IReactorTime
@@ -64,6 +63,7 @@ from kernel.error import (
     EngineError,
     SecurityError,
 )
+from kernel.fcutil import MAX_NAMES, Name, Source
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
 from kernel.serialized import Serialized
 
@@ -71,24 +71,18 @@ from kernel.serialized import Serialized
 #: the wire. Large pushes (hundreds of MB) must work; a bound still stops a
 #: confused peer from exhausting memory.
 MAX_BLOB = 2**31 - 1
-#: Longest source text ``execute`` accepts, in characters.
-MAX_SOURCE = 64 * 2**20
-#: Most names in one push/pull.
-MAX_KEYS = 100_000
-#: Longest variable or property name.
-MAX_NAME = 1000
 #: Seconds an engine gathers output before streaming it to the controller.
 OUTPUT_DELAY = 0.05
 
 Blob = ByteStringConstraint(maxLength=MAX_BLOB)
-Name = UnicodeConstraint(maxLength=MAX_NAME)
+# Name, Source and MAX_NAMES come from kernel.fcutil: engines take the same
+# names and source text as the client interfaces.
 # A name or a list of names. (Foolscap's ChoiceOf cannot hold a
 # UnicodeConstraint, so this one is open; the engine checks the names.)
 Names = AnyConstraint()
 # Replies are plain data of any size (an envelope around results and blobs).
 Reply = AnyConstraint()
-Source = UnicodeConstraint(maxLength=MAX_SOURCE)
-BlobNamespace = DictOf(Name, Blob, maxKeys=MAX_KEYS)
+BlobNamespace = DictOf(Name, Blob, maxKeys=MAX_NAMES)
 OptionalInt = ChoiceOf(int, None)
 PlainData = AnyConstraint()
 
