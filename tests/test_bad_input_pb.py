@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, threads
 
 from kernel import asyncclient
 from kernel.error import CompositeError, ConnectionError, InvalidEngineID, ProtocolError
@@ -26,7 +26,8 @@ def cluster():
         c.start(2)
         yield c
     finally:
-        c.stop()
+        # off the reactor thread: the clients' connections close while it runs
+        pytest_twisted.blockon(threads.deferToThread(c.stop))
 
 
 def _client(cluster):
