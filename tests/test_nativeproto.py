@@ -25,6 +25,7 @@ from kernel.nativeproto import (
 from kernel.serialized import Serialized
 
 KEY = bytes(range(32))
+TAG = nativeproto.TAG_BYTES
 
 
 def frames_of(writer: FrameWriter, header: bytes, buffers: list) -> bytes:
@@ -587,3 +588,52 @@ def test_a_reply_lent_on_a_closed_connection_releases_at_once():
     pump.flush()
     gate.callback(nativeproto.AfterWritten("late", lambda: told.append("released")))
     assert told == ["released"]
+
+
+# -- large frames: one Poly1305 over the buffers -------------------------------------
+
+
+BIG = nativeproto.ONE_TIME_MAC_BYTES
+
+
+def test_a_large_frame_round_trips_and_is_signed_with_a_one_time_mac():
+    payload = os.urandom(BIG)
+    frame = FrameWriter(KEY).frame(b"[]", [payload, b"", b"tail"])
+    assert isinstance(frame.mac, nativeproto._OneTimeClosing)
+    data = b"".join(bytes(s) for s in frame.segments())
+    ((_, got),) = FrameReader(KEY).feed(data)
+    assert got == [bytearray(payload), bytearray(), bytearray(b"tail")]
+
+
+@pytest.mark.parametrize("where", ["first buffer", "last buffer", "closing tag"])
+def test_a_large_frame_tampered_anywhere_after_its_header_does_not_verify(where):
+    payload = os.urandom(BIG)
+    data = bytearray(frames_of(FrameWriter(KEY), b"[]", [payload, b"tail"]))
+    pos = {"first buffer": -TAG - 4 - 1000, "last buffer": -TAG - 2, "closing tag": -1}[where]
+    data[pos] ^= 1
+    with pytest.raises(SecurityError):
+        FrameReader(KEY).feed(bytes(data))
+
+
+def test_a_large_frame_under_another_key_or_sequence_number_does_not_verify():
+    payload = os.urandom(BIG)
+    writer = FrameWriter(KEY)
+    first = frames_of(writer, b"[]", [payload])
+    second = frames_of(writer, b"[]", [payload])
+    reader = FrameReader(KEY)
+    reader.feed(first)
+    with pytest.raises(SecurityError):
+        reader.feed(first)  # replayed: the sequence number moved on
+    with pytest.raises(SecurityError):
+        FrameReader(bytes(32)).feed(second)
+
+
+def test_large_buffers_a_controller_received_are_signed_again_for_the_next_hop():
+    payload = os.urandom(BIG)
+    ((_, buffers),) = FrameReader(KEY, routing=True).feed(
+        frames_of(FrameWriter(KEY), b"[]", [payload])
+    )
+    other = b"\x05" * 32
+    data = b"".join(bytes(s) for s in FrameWriter(other).frame(b"[]", buffers).segments())
+    ((_, again),) = FrameReader(other).feed(data)
+    assert again == [bytearray(payload)]
