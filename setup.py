@@ -18,6 +18,8 @@ setup(
         "foolscap>=23.11",
         "cloudpickle>=3.0",
         "tqdm>=4.60",
+        # Poly1305 for the native transport's large frames (also pulled in by twisted[tls])
+        "cryptography>=3.4",
     ],
     extras_require={
         "test": [
