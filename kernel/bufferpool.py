@@ -36,9 +36,15 @@ LIMIT_BYTES = 512 << 20
 #: A free buffer unused this long is released by :meth:`BufferPool.trim`.
 IDLE_SECONDS = 10.0
 
-# References to a tracked buffer that the pool itself accounts for while
-# checking it: its entry, the loop variable, and getrefcount's argument.
-_OWN_REFS = 3
+
+def _refs(entry: list) -> int:
+    """The reference count of the buffer in ``entry``, as seen from here."""
+    return sys.getrefcount(entry[0])
+
+
+# What _refs sees for a buffer held by its entry alone (measured, not assumed:
+# how many references the call itself adds depends on the interpreter).
+_FREE = _refs([bytearray()])
 
 
 class BufferPool:
@@ -78,11 +84,9 @@ class BufferPool:
             return kind(size)
         now = self.clock()
         for entry in self._entries:
-            buf = entry[0]
-            if type(buf) is kind and len(buf) == size and sys.getrefcount(buf) == _OWN_REFS:
+            if type(entry[0]) is kind and len(entry[0]) == size and _refs(entry) == _FREE:
                 entry[1] = now
-                return buf
-        buf = None  # drop the loop's reference before trimming
+                return entry[0]
         self.trim(now, need=size)
         buf = kind(size)
         if self._bytes + size <= self.limit:
@@ -101,7 +105,7 @@ class BufferPool:
         keep = []
         free = []
         for entry in sorted(self._entries, key=lambda e: e[1]):
-            if sys.getrefcount(entry[0]) == _OWN_REFS - 1:  # entry and argument
+            if _refs(entry) == _FREE:
                 if now - entry[1] > self.idle:
                     continue
                 free.append(entry)
@@ -129,7 +133,7 @@ class BufferPool:
 
     def has_free(self) -> bool:
         """Whether any tracked buffer is free now (a :meth:`trim` may release it)."""
-        return any(sys.getrefcount(e[0]) == _OWN_REFS - 1 for e in self._entries)
+        return any(_refs(e) == _FREE for e in self._entries)
 
 
 #: The process's pool, shared by every native connection.
