@@ -16,10 +16,12 @@ own, so its pending results are its own.
 Where user data is opened. ``push``, ``push_function`` and ``scatter``
 serialize each value once, here, and send the same blobs to every target with
 ``push_serialized``; ``pull``, ``pull_function``, ``gather`` and ``zip_pull``
-fetch blobs with ``pull_serialized`` and deserialize them here. Partitioning
-and joining also happen here. That code is :class:`MultiEngineCallerMixin`,
-built only on ``get_ids``, ``execute``, ``push_serialized`` and
-``pull_serialized``: it is the *caller's* side. In process it runs in the
+fetch blobs with ``pull_serialized`` and deserialize them here; ``apply`` serializes a
+function call once and sends it with ``apply_serialized``, and opens the
+returned values here. Partitioning and joining also happen here. That code
+is :class:`MultiEngineCallerMixin`, built only on ``get_ids``, ``execute``,
+``push_serialized``, ``pull_serialized`` and ``apply_serialized``: it is the
+*caller's* side. In process it runs in the
 client; a network adapter's client half reuses it in the client process while
 its server half calls only the ``*_serialized`` methods, so the controller
 routes opaque :class:`~kernel.serialized.Serialized` blobs and never unpickles
@@ -57,6 +59,7 @@ from kernel.interfaces import (
 from kernel.mapper import MultiEngineMapper
 from kernel.pendingdeferred import PendingDeferredManager
 from kernel.serialized import Serialized, deserialize_private, serialize, serialize_namespace
+from kernel.task import MapTask
 
 __all__ = [
     "MultiEngine",
@@ -191,12 +194,13 @@ async def _per_engine(method: str, ids: list[int], calls: list[defer.Deferred]) 
 class MultiEngineCallerMixin:
     """The multiengine methods that open user data, for the caller's side.
 
-    Built only on five primitives the class provides, each firing as in
+    Built only on the primitives the class provides, each firing as in
     :class:`~kernel.interfaces.IMultiEngine`: ``get_ids()``,
     ``push_serialized(namespace, targets)``, ``pull_serialized(keys, targets)``,
-    ``execute(lines, targets)``. :class:`MultiEngine` provides them over a
-    controller's engines; a network client half provides them over the wire
-    and gets ``push``/``pull``, the coordinator and the extras from here, so
+    ``execute(lines, targets)`` and ``apply_serialized(payload, targets)``.
+    :class:`MultiEngine` provides them over a controller's engines; a network
+    client half provides them over the wire and gets ``push``/``pull``,
+    ``apply``, the coordinator and the extras from here, so
     serialization, partitioning and joining stay in the client.
     """
 
@@ -253,6 +257,29 @@ class MultiEngineCallerMixin:
                         "function; use pull for other objects"
                     )
         return results
+
+    @_deferred
+    async def apply(self, func: Callable, *args: Any, targets: Any = "all", **kwargs: Any) -> list:
+        """Call ``func(*args, **kwargs)`` on each target, in one command per
+        engine; fire the list of return values in target order.
+
+        The call (function, arguments) is serialized once, here, as the body
+        of a :class:`~kernel.task.MapTask`, and the same blob goes to every
+        target; the return values are opened here. ``func`` runs with its own
+        globals, as a task does, not in the engine's namespace: to read or
+        bind names there, use :meth:`execute`, :meth:`push` and :meth:`pull`.
+        (``targets`` is this method's own keyword, so it cannot be passed on
+        to ``func``.)
+
+        :raises TypeError: ``func`` is not callable.
+        :raises kernel.error.CompositeError: (errback) naming ``apply``, with
+            the exception of each engine where ``func`` raised.
+        """
+        if not callable(func):
+            raise TypeError(f"apply needs a function, not a {type(func).__name__}")
+        _, payload = MapTask(func, args, kwargs).to_spec()
+        results = await _as("apply", self.apply_serialized(payload, targets))
+        return [open_blob(r["result"]) for r in results]
 
     # -- IMultiEngineCoordinator -------------------------------------------
 
@@ -422,6 +449,23 @@ class MultiEngine(MultiEngineCallerMixin):
         return await self._each("pull_serialized", self.engine_ids(targets), keys)
 
     @_deferred
+    async def apply_serialized(self, payload: Serialized, targets: Any = "all") -> list[dict]:
+        """Run the serialized task body ``payload`` on each target with the
+        engine's ``run_task``, in its queue with the other commands.
+
+        :returns: Deferred firing one dict per target: ``result`` (a
+            Serialized, unopened), ``stdout``, ``stderr``, ``started`` and
+            ``completed`` (see :meth:`~kernel.interfaces.IEngineTasks.run_task`).
+        :raises TypeError: ``payload`` is not a Serialized blob.
+        """
+        if not isinstance(payload, Serialized):
+            raise TypeError(
+                f"apply_serialized takes a Serialized task body, not {type(payload).__name__}: "
+                "use apply(func, *args) to call a function"
+            )
+        return await self._each("run_task", self.engine_ids(targets), payload)
+
+    @_deferred
     async def get_result(self, i: int | None = None, targets: Any = "all") -> list[dict]:
         """Fire each target's result dict of command ``i`` (None: the latest)."""
         if i is not None and not _is_id(i):
@@ -568,6 +612,20 @@ class SynchronousMultiEngine:
     ) -> defer.Deferred:
         """:meth:`MultiEngine.pull_serialized` with ``block``."""
         return self._two_phase(block, lambda: self.multiengine.pull_serialized(keys, targets))
+
+    def apply(
+        self, func: Callable, *args: Any, targets: Any = "all", block: bool = True, **kwargs: Any
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.apply` with ``block``."""
+        return self._two_phase(
+            block, lambda: self.multiengine.apply(func, *args, targets=targets, **kwargs)
+        )
+
+    def apply_serialized(
+        self, payload: Serialized, targets: Any = "all", *, block: bool = True
+    ) -> defer.Deferred:
+        """:meth:`MultiEngine.apply_serialized` with ``block``."""
+        return self._two_phase(block, lambda: self.multiengine.apply_serialized(payload, targets))
 
     def get_result(
         self, i: int | None = None, targets: Any = "all", *, block: bool = True

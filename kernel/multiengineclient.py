@@ -24,6 +24,7 @@ and the ``with mec: remote(); ...`` block syntax (:func:`remote`,
 from __future__ import annotations
 
 import ast
+import functools
 import linecache
 import statistics
 import sys
@@ -388,6 +389,9 @@ class IFullBlockingMultiEngineClient(Interface):
     def pull(keys, targets=None, block=None):
         """One value (or list of values) per target."""
 
+    def apply(f, *args, targets=None, block=None, **kwargs):
+        """``f(*args, **kwargs)`` on each target: its return values."""
+
     def scatter(key, seq, dist="b", flatten=False, targets=None, block=None):
         """Partition ``seq`` over the targets as ``key``."""
 
@@ -521,13 +525,16 @@ class FullBlockingMultiEngineClient(InteractiveMultiEngineClient):
         block: bool,
         wrap: Callable[[Any], Any] | None = None,
         wait_desc: str | None = None,
+        kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        """Call ``smultiengine.<method>(*args, block=block)``.
+        """Call ``smultiengine.<method>(*args, **kwargs, block=block)``.
 
         :returns: the result (``wrap``-ped) when ``block``; else a
             :class:`PendingResult` with ``wrap`` as its first callback.
         """
         f = getattr(self.smultiengine, method)
+        if kwargs:
+            f = functools.partial(f, **kwargs)
         if block:
             if wait_desc is not None:
                 result = progress.wait(reactorthread.submit(f, *args, block=True), wait_desc)
@@ -668,6 +675,25 @@ class FullBlockingMultiEngineClient(InteractiveMultiEngineClient):
         """Pull variables as :class:`~kernel.serialized.Serialized` blobs."""
         targets, block = self._findTargetsAndBlock(targets, block)
         return self._call("pull_serialized", keys, targets, block=block)
+
+    def apply(
+        self, f: Callable, *args: Any, targets: Any = None, block: Any = None, **kwargs: Any
+    ) -> Any:
+        """Call ``f(*args, **kwargs)`` on each target, one command per engine.
+
+        The call is serialized once and the same blob goes to every target.
+        ``f`` runs with its own globals (as a task does), not in the engine's
+        namespace: use :meth:`execute`, :meth:`push` and :meth:`pull` for
+        names bound there. ``targets`` and ``block`` belong to this method
+        and are not passed on to ``f``.
+
+        :returns: the list of return values in target order, or a PendingResult.
+        :raises kernel.error.CompositeError: naming ``apply``, with the
+            exception of each engine where ``f`` raised (``raise_exception()``
+            re-raises the first as its own type).
+        """
+        targets, block = self._findTargetsAndBlock(targets, block)
+        return self._call("apply", f, *args, block=block, kwargs={**kwargs, "targets": targets})
 
     def get_result(self, i: int | None = None, targets: Any = None, block: Any = None) -> Any:
         """The result dict of command ``i`` (None: the latest) on each target,

@@ -8,7 +8,8 @@ Server half (controller process)
     :func:`make_client_referenceable` and register it as ``multiengine.furl``);
     each client calls its ``connect`` method to get a session of its own, so
     pending results and ``clear_pending_deferreds`` are per client. Only the
-    ``*_serialized`` data methods are exposed: the controller routes
+    ``*_serialized`` data methods (``apply_serialized`` for function calls)
+    are exposed: the controller routes
     :class:`~kernel.serialized.Serialized` blobs and never unpickles user data.
 
 Client half (client process)
@@ -116,6 +117,11 @@ class RIMultiEngine(RemoteInterface):
     def pull_serialized(keys=Anything, targets=Anything, block=Flag):
         return Anything
 
+    def apply_serialized(payload=Anything, targets=Anything, block=Flag):
+        """``payload`` is a Serialized copyable (its frames checked by its
+        own state schema); the core refuses anything else."""
+        return Anything
+
     def get_result(i=Anything, targets=Anything, block=Flag):
         return Anything
 
@@ -212,6 +218,9 @@ class FCSynchronousMultiEngineFromMultiEngine(Referenceable):
 
     def remote_pull_serialized(self, keys, targets="all", block=True):
         return self._call("pull_serialized", keys, targets, block=block)
+
+    def remote_apply_serialized(self, payload, targets="all", block=True):
+        return self._call("apply_serialized", payload, targets, block=block)
 
     def remote_get_result(self, i=None, targets="all", block=True):
         return self._call("get_result", i, targets, block=block)
@@ -396,6 +405,11 @@ class FCMultiEngine(MultiEngineCallerMixin):
     def pull_serialized(self, keys: Any, targets: Any = "all") -> defer.Deferred:
         """Fire one Serialized (or list of them) per target, unopened."""
         return self._mux("pull_serialized", keys, targets)
+
+    def apply_serialized(self, payload: Any, targets: Any = "all") -> defer.Deferred:
+        """Run the Serialized task body ``payload`` on each target; fire the
+        ``run_task`` result dicts (``result`` unopened)."""
+        return self._mux("apply_serialized", payload, targets)
 
     def get_result(self, i: int | None = None, targets: Any = "all") -> defer.Deferred:
         """Fire each target's result dict of command ``i`` (None: the latest)."""

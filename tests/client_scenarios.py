@@ -232,6 +232,31 @@ def scenario_multiengine__push_and_pull_serialized(ctx: Context) -> None:
     assert [deserialize(b) for b in blobs] == [{"k": [1, 2]}] * ctx.n
 
 
+def scenario_multiengine__apply_calls_a_function_on_each_target(ctx: Context) -> None:
+    from kernel.error import CompositeError
+    from kernel.multiengineclient import PendingResult
+
+    mec = ctx.mec
+    base = 5
+
+    def f(x, *, scale=1):
+        return (x + base) * scale
+
+    assert mec.apply(f, 1, scale=2) == [12] * ctx.n
+    assert mec.apply(f, 1, targets=ctx.ids[1:3]) == [6, 6]
+    pr = mec.apply(f, 2, block=False)
+    assert isinstance(pr, PendingResult), type(pr)
+    assert pr.get_result(block=True) == [7] * ctx.n
+    mec.targets = ctx.ids[0]
+    try:
+        assert mec.apply(abs, -3) == [3], "the targets attribute is the default"
+    finally:
+        mec.targets = "all"
+    e = _raises(CompositeError, mec.apply, divmod, 1, 0, targets=ctx.ids[:2])
+    assert "apply" in str(e) and len(e.elist) == 2, str(e)
+    _raises(ZeroDivisionError, e.raise_exception)
+
+
 def scenario_multiengine__scatter_and_gather(ctx: Context) -> None:
     import numpy
 

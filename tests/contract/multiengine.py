@@ -611,6 +611,114 @@ class MultiEngineContract:
         pid = await neg([1, 2, 3])
         assert await me.get_pending_deferred(pid, True) == [-1, -2, -3]
 
+    # -- apply -------------------------------------------------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_returns_each_engines_value_in_target_order(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        # An engine's commands run on its own thread, in its own process or not:
+        # (pid, thread) names the engine that ran a call.
+        await me.execute("import os, threading\nme = (os.getpid(), threading.get_ident())")
+        order = [ids[2], ids[0], ids[1]]
+        expected = await me.pull("me", targets=order)
+        assert len(set(expected)) == 3
+
+        def whoami():
+            import os
+            import threading
+
+            return (os.getpid(), threading.get_ident())
+
+        assert await me.apply(whoami, targets=order) == expected
+        assert await me.apply(whoami, targets=ids[1]) == [expected[2]]
+        assert await me.apply(whoami) == await me.pull("me")
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_passes_args_kwargs_and_closures(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        offset = 100
+
+        def f(a, b, *rest, scale=1, **extra):
+            return (a + b + offset) * scale, rest, extra
+
+        got = await me.apply(f, 1, 2, 3, scale=10, tag="t", targets=ids[:2])
+        assert got == [(1030, (3,), {"tag": "t"})] * 2
+        assert await me.apply(lambda: np.arange(3) * offset, targets=ids[0]) == [
+            pytest.approx(np.arange(3) * offset)
+        ]
+        assert await me.apply(len, [1, 2, 3]) == [3] * len(ids)
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_runs_with_its_own_globals_not_the_engine_namespace(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        await me.push({"only_on_engine": 1}, targets=ids[0])
+
+        def read_it():
+            return only_on_engine  # noqa: F821 - not in this module, only on the engine
+
+        ce = await composite(me.apply(read_it, targets=ids[0]))
+        assert [e.ename for e in ce.elist] == ["NameError"]
+        # Nor does apply bind anything on the engine.
+        keys_before = await me.keys(targets=ids[0])
+        await me.apply(abs, -1, targets=ids[0])
+        assert await me.keys(targets=ids[0]) == keys_before
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_failures_make_a_composite_error_naming_apply(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+
+        class Oops(ValueError):
+            pass
+
+        def fail(x):
+            raise Oops(f"no {x}")
+
+        ce = await composite(me.apply(fail, 7, targets=ids[:2]))
+        assert [(e.engine_id, e.ename) for e in ce.elist] == [(i, "Oops") for i in ids[:2]]
+        assert [e.evalue for e in ce.elist] == ["no 7", "no 7"]
+        assert "apply" in str(ce)
+        with pytest.raises(ValueError, match="no 7"):
+            ce.raise_exception()
+        # A failed apply leaves the engines' queues running.
+        assert await me.apply(abs, -2, targets=ids[:2]) == [2, 2]
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_with_block_false_fires_a_pending_id(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        pid = await me.apply(pow, 2, 5, targets=ids[:2], block=False)
+        assert isinstance(pid, int)
+        assert await me.get_pending_deferred(pid, True) == [32, 32]
+        pid = await me.apply(divmod, 1, 0, targets=ids[0], block=False)
+        ce = await composite(me.get_pending_deferred(pid, True))
+        assert [e.ename for e in ce.elist] == ["ZeroDivisionError"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_serialized_passes_the_result_through_unopened(self, cluster):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        from kernel.task import MapTask
+
+        _, payload = MapTask(print, ("hello",)).to_spec()
+        results = await me.apply_serialized(payload, targets=ids[:2])
+        assert [type(r["result"]) for r in results] == [Serialized, Serialized]
+        assert [deserialize(r["result"]) for r in results] == [None, None]
+        assert [r["stdout"] for r in results] == ["hello\n", "hello\n"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_refuses_what_is_not_a_function_call(self, cluster):
+        me = cluster.multiengine
+        with pytest.raises(TypeError, match="apply needs a function"):
+            await me.apply(42)
+        with pytest.raises(TypeError, match="Serialized task body"):
+            await me.apply_serialized(b"not a blob")
+        with pytest.raises(InvalidEngineID):
+            await me.apply(abs, 1, targets=[10_000])
+
     # -- extras ------------------------------------------------------------------
 
     @pytest_twisted.ensureDeferred
