@@ -242,6 +242,18 @@ class IEngineMultiplexer(Interface):
     def pull_serialized(keys, targets="all"):
         """Fire a list, one entry per target, of Serialized (or lists of them)."""
 
+    def apply(func, *args, targets="all", **kwargs):
+        """Call ``func(*args, **kwargs)`` on every target in one command each
+        (the call serialized once, by the caller) and fire the list of return
+        values in target order. ``func`` runs with its own globals, as a task
+        does, not in the engine's namespace (use execute/push/pull for that).
+        Failures make one :class:`kernel.error.CompositeError` naming ``apply``."""
+
+    def apply_serialized(payload, targets="all"):
+        """Run the Serialized task body ``payload`` (opaque here) with each
+        target's ``run_task``, queued with its other commands; fire one
+        ``run_task`` result dict per target (``result`` stays Serialized)."""
+
     def get_result(i=None, targets="all"):
         """Fire a list of result dicts of command ``i`` on each target."""
 
