@@ -150,6 +150,13 @@ async def test_tasks_take_and_return_private_types(cluster, private):
 
 
 @pytest_twisted.ensureDeferred
+async def test_apply_takes_and_returns_private_types(cluster, private):
+    me = cluster.multiengine
+    assert await me.apply(private.make_secret, 5) == [private.Secret(5)] * 2
+    assert await me.apply(private.Secret.double, private.Secret(4)) == [private.Secret(8)] * 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_tripwire_pickles_cross_the_controller_unopened(cluster, marker_dir):
     me, tc = cluster.multiengine, cluster.task_controller
     controller = cluster.cluster.controller.pid
