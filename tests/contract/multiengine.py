@@ -13,6 +13,7 @@ see the same file system). No test depends on how long anything takes.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -696,6 +697,27 @@ class MultiEngineContract:
         pid = await me.apply(divmod, 1, 0, targets=ids[0], block=False)
         ce = await composite(me.get_pending_deferred(pid, True))
         assert [e.ename for e in ce.elist] == ["ZeroDivisionError"]
+
+    @pytest_twisted.ensureDeferred
+    async def test_apply_waits_in_the_engines_queue_behind_earlier_commands(
+        self, cluster, tmp_path
+    ):
+        me = cluster.multiengine
+        ids = await me.get_ids()
+        t = ids[0]
+        gate = str(tmp_path / "gate")
+        running = await me.execute(gate_code(gate), targets=t, block=False)
+        applied = await me.apply(os.path.exists, gate, targets=t, block=False)
+
+        async def apply_queued():
+            ((_, status),) = await me.queue_status(targets=t)
+            return status["pending"] is not None and len(status["queue"]) == 1
+
+        await until(apply_queued, "apply queued behind a running command")
+        open_gate(gate)
+        await me.get_pending_deferred(running, True)
+        # It ran only after the command before it, which waited for the gate.
+        assert await me.get_pending_deferred(applied, True) == [True]
 
     @pytest_twisted.ensureDeferred
     async def test_apply_serialized_passes_the_result_through_unopened(self, cluster):
