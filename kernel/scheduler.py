@@ -110,7 +110,8 @@ class LoadTable:
     """Outstanding task counts per engine, kept in least-recently-used order.
 
     Engines are identified by any hashable key. ``hwm`` caps the outstanding
-    tasks per engine (0: no cap).
+    tasks per engine (0: no cap); an engine added with its own ``hwm`` has
+    that cap instead.
     """
 
     def __init__(self, scheme: str | Callable[..., int] = "leastload", hwm: int = 0):
@@ -120,6 +121,7 @@ class LoadTable:
         self.hwm = hwm
         # dicts keep insertion order: the first key is the least recently used
         self._loads: dict[Hashable, int] = {}
+        self._caps: dict[Hashable, int] = {}  # engines with their own cap
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._loads
@@ -135,29 +137,36 @@ class LoadTable:
         """Outstanding tasks on ``key``."""
         return self._loads[key]
 
-    def add_engine(self, key: Hashable) -> None:
-        """Add an engine with no load, as the most recently used."""
+    def add_engine(self, key: Hashable, hwm: int | None = None) -> None:
+        """Add an engine with no load, as the most recently used.
+
+        :param hwm: this engine's own cap (0: none); None: the table's ``hwm``.
+        """
         self._loads.setdefault(key, 0)
+        if hwm is not None:
+            self._caps[key] = hwm
 
     def remove_engine(self, key: Hashable) -> None:
         """Forget an engine (no error if unknown)."""
         self._loads.pop(key, None)
+        self._caps.pop(key, None)
 
     def has_room(self, key: Hashable) -> bool:
-        """Is ``key`` below the high-water mark?"""
-        return self.hwm == 0 or self._loads[key] < self.hwm
+        """Is ``key`` below its high-water mark?"""
+        cap = self._caps.get(key, self.hwm)
+        return cap == 0 or self._loads[key] < cap
 
     def has_room_anywhere(self) -> bool:
-        """Is any engine below the high-water mark?"""
-        if self.hwm == 0:
+        """Is any engine below its high-water mark?"""
+        if self.hwm == 0 and not self._caps:
             return bool(self._loads)
-        return any(n < self.hwm for n in self._loads.values())
+        return any(self.has_room(k) for k in self._loads)
 
     def available(self) -> list[Hashable]:
-        """Engines below the high-water mark, in LRU order."""
-        if self.hwm == 0:
+        """Engines below their high-water mark, in LRU order."""
+        if self.hwm == 0 and not self._caps:
             return list(self._loads)
-        return [k for k, n in self._loads.items() if n < self.hwm]
+        return [k for k in self._loads if self.has_room(k)]
 
     def choose(self, candidates: Iterable[Hashable] | None = None) -> Hashable | None:
         """Pick an engine with the scheme among ``candidates`` (default: all

@@ -92,7 +92,23 @@ class ControllerOptions(usage.Options):
         ["heartbeat", None, 3.0, "Seconds between engine heartbeats.", _positive],
         ["max-missed", None, 3, "Heartbeats an engine may miss before it is declared dead.", int],
         ["scheme", None, "leastload", "Task scheduling scheme: " + ", ".join(SCHEMES) + "."],
-        ["hwm", None, 1, "Most tasks outstanding on one engine (0: no limit).", int],
+        [
+            "hwm",
+            None,
+            None,
+            "Most tasks outstanding on one engine (0: no limit; default: as many as the "
+            "engine's transport pipelines, 1 for fc and pb).",
+            int,
+        ],
+        [
+            "pipeline",
+            None,
+            1,
+            "Most tasks sent to one engine at once when its transport pipelines "
+            "(native): more is faster for many short tasks, but a multiengine command "
+            "may then wait behind that many tasks.",
+            int,
+        ],
         ["task-db", None, "sqlite", "Task database: sqlite (in the cluster directory) or memory."],
     ]
     optFlags = [
@@ -114,8 +130,10 @@ class ControllerOptions(usage.Options):
             raise usage.UsageError(
                 f"unknown scheme {self['scheme']!r}: choose one of {', '.join(SCHEMES)}"
             )
-        if self["hwm"] < 0:
+        if self["hwm"] is not None and self["hwm"] < 0:
             raise usage.UsageError(f"--hwm must be 0 (no limit) or positive, got {self['hwm']}")
+        if self["pipeline"] < 1:
+            raise usage.UsageError(f"--pipeline must be at least 1, got {self['pipeline']}")
         if self["max-missed"] < 1:
             raise usage.UsageError(f"--max-missed must be at least 1, got {self['max-missed']}")
         if self["task-db"] not in ("sqlite", "memory"):
@@ -347,7 +365,12 @@ def _build_frontends(controller: Any, options: Any, cd: ClusterDir) -> tuple[Any
         db = SQLiteDB(cd.task_db_path)
         first_taskid = db.next_taskid()  # after a restart: never reuse an id
     task_controller = TaskController(
-        controller, scheme=options["scheme"], hwm=options["hwm"], db=db, first_taskid=first_taskid
+        controller,
+        scheme=options["scheme"],
+        hwm=options["hwm"],
+        db=db,
+        first_taskid=first_taskid,
+        pipeline=options["pipeline"],
     )
     return MultiEngine(controller), task_controller
 

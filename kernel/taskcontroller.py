@@ -20,9 +20,14 @@ The life of a task::
   (:class:`~kernel.error.UnmetDependency`) and preferring ones it has not
   failed on.
 - *assigned*: counted in the engine's load; the controller feeds each
-  engine's :class:`~kernel.engineservice.QueuedEngine` one task at a time, so
-  multiengine commands interleave with tasks instead of queueing behind all
-  of them, and a task not yet sent can still be moved or aborted.
+  engine's :class:`~kernel.engineservice.QueuedEngine` one task at a time by
+  default, so multiengine commands interleave with tasks instead of queueing
+  behind all of them, and a task not yet sent can still be moved or aborted
+  without ever starting. With ``pipeline=N`` an engine whose transport
+  pipelines (its ``max_in_flight`` > 1, e.g. native) is sent up to N at once,
+  so it never idles for a round trip between short tasks; the price is that a
+  multiengine command may wait behind N tasks, and an aborted task already
+  sent is interrupted when it starts rather than never run.
 - *sent*: in the engine's FIFO or running.
 
 Every change is written to the task DB (:mod:`kernel.taskdb`); a finished
@@ -175,7 +180,10 @@ class _Worker:
         self.engine_id = engine_id
         self.engine = engine
         self.assigned: collections.deque[_Task] = collections.deque()
-        self.sent: tuple[_Task, int] | None = None
+        #: tasks sent to the engine and not yet back, oldest first -> attempt token
+        self.sent: dict[_Task, int] = {}
+        #: the most tasks sent to the engine at once
+        self.depth = 1
         self.lost = False
 
     def __repr__(self) -> str:
@@ -209,8 +217,15 @@ class TaskController(MapperMixin, service.Service):
     :param scheme: a scheduling scheme name (see :mod:`kernel.scheduler`) or a
         callable ``scheme(loads) -> index``.
     :param hwm: the most tasks outstanding on one engine at a time (0: no
-        limit). 1, the default, gives the best balance for tasks of unknown
-        length: an engine gets its next task when it finishes one.
+        limit). None, the default, allows each engine as many as it is sent at
+        once (see ``pipeline``; 1 unless pipelining): an engine gets its next
+        task when it finishes one, the best balance for tasks of unknown
+        length.
+    :param pipeline: the most tasks sent to one engine's command queue at a
+        time, for an engine that runs several commands at once (capped by its
+        ``max_in_flight``, e.g. 8 for a native engine); an engine without
+        ``max_in_flight`` is sent one at a time. 1, the default, keeps the
+        guarantees above (see the module docstring).
     :param db: the :class:`~kernel.interfaces.ITaskDB` to record tasks in
         (default: a new :class:`~kernel.taskdb.memory.DictDB`).
     :param clock: an ``IReactorTime`` for timeouts (default: the reactor).
@@ -228,17 +243,22 @@ class TaskController(MapperMixin, service.Service):
         self,
         controller: Any,
         scheme: str | Callable[..., int] = "leastload",
-        hwm: int = 1,
+        hwm: int | None = None,
         db: Any = None,
         clock: Any = None,
         first_taskid: int = 0,
+        pipeline: int = 1,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
         self.controller = controller
         self.clock = clock
         self.db = DictDB() if db is None else db
-        self._table = LoadTable(scheme, hwm)
+        if not isinstance(pipeline, int) or isinstance(pipeline, bool) or pipeline < 1:
+            raise ValueError(f"pipeline must be an int >= 1, got {pipeline!r}")
+        self._hwm = hwm
+        self.pipeline = pipeline
+        self._table = LoadTable(scheme, 0 if hwm is None else hwm)
         self._taskids = itertools.count(first_taskid)
         self._serials = itertools.count()
         self._tasks: dict[int, _Task] = {}  # unfinished tasks
@@ -267,9 +287,10 @@ class TaskController(MapperMixin, service.Service):
         return self._table.scheme
 
     @property
-    def hwm(self) -> int:
-        """The per-engine high-water mark (0: unlimited)."""
-        return self._table.hwm
+    def hwm(self) -> int | None:
+        """The per-engine high-water mark (0: unlimited; None: each engine's
+        pipeline depth)."""
+        return self._hwm
 
     def stopService(self):  # noqa: N802 - Twisted's name
         """Stop: stop watching engines, and end every unfinished task as
@@ -421,14 +442,17 @@ class TaskController(MapperMixin, service.Service):
         """Fire ``{'pending', 'running', 'succeeded', 'failed', 'aborted'}``:
         counts, or sorted lists of taskids when ``verbose``.
 
-        *pending* tasks wait in the controller (for dependencies or an engine);
-        *running* ones have been sent to an engine.
+        *running* tasks are each the oldest task sent to its engine (the one
+        it runs, unless a multiengine command runs first); *pending* ones
+        wait, in the controller (for dependencies or an engine) or in an
+        engine's pipeline behind its running task.
         """
         groups: dict[str, list[int]] = {
             k: [] for k in ("pending", "running", "succeeded", "failed", "aborted")
         }
+        heads = {next(iter(w.sent)) for w in self._workers.values() if w.sent}
         for tid, state in self._tasks.items():
-            groups["running" if state.stage == "sent" else "pending"].append(tid)
+            groups["running" if state in heads else "pending"].append(tid)
         for tid, done in self._done.items():
             groups[done.status].append(tid)
         if verbose:
@@ -516,9 +540,15 @@ class TaskController(MapperMixin, service.Service):
         if old is not None:
             self._retire(old, "it was replaced by a new engine with the same id")
         worker = _Worker(next(self._serials), id, engine)
+        in_flight = getattr(engine, "max_in_flight", 1)
+        if not isinstance(in_flight, int) or in_flight < 1:
+            in_flight = 1
+        worker.depth = min(self.pipeline, in_flight)
+        if self._hwm:
+            worker.depth = min(worker.depth, self._hwm)
         self._workers[worker.serial] = worker
         self._by_id[id] = worker
-        self._table.add_engine(worker.serial)
+        self._table.add_engine(worker.serial, worker.depth if self._hwm is None else None)
         self._kick()
 
     def _engine_unregistered(self, id: int) -> None:
@@ -541,9 +571,8 @@ class TaskController(MapperMixin, service.Service):
         for state in reversed(worker.assigned):
             self._make_ready(state, front=True)
         worker.assigned.clear()
-        sent, worker.sent = worker.sent, None
-        if sent is not None:
-            state, token = sent
+        sent, worker.sent = worker.sent, {}
+        for state, token in sent.items():
             if state.stage == "sent" and state.attempt == token:
                 state.attempt += 1  # ignore whatever the lost engine still sends
                 exc = EngineError(
@@ -726,20 +755,19 @@ class TaskController(MapperMixin, service.Service):
         return self._table.choose(candidates)
 
     def _feed_engines(self) -> None:
-        """Send each engine its next assigned task when it has none in flight."""
+        """Send each engine its next assigned tasks while it has fewer than
+        its pipeline depth in flight."""
         while self._to_feed:
             worker = self._to_feed.pop()
-            if worker.lost or worker.sent is not None or not worker.assigned:
-                continue
-            state = worker.assigned.popleft()
-            self._send(worker, state)
+            while not worker.lost and worker.assigned and len(worker.sent) < worker.depth:
+                self._send(worker, worker.assigned.popleft())
 
     def _send(self, worker: _Worker, state: _Task) -> None:
         state.stage = "sent"
         state.attempt += 1
         state.attempts += 1
         token = state.attempt
-        worker.sent = (state, token)
+        worker.sent[state] = token
         state.started = self.clock.seconds()
         changes: dict[str, Any] = {
             "status": "running",
@@ -767,8 +795,8 @@ class TaskController(MapperMixin, service.Service):
 
     def _release(self, worker: _Worker, state: _Task, token: int) -> None:
         """The engine is done with this attempt: free its slot."""
-        if worker.sent is not None and worker.sent[0] is state and worker.sent[1] == token:
-            worker.sent = None
+        if worker.sent.get(state) == token:
+            del worker.sent[state]
             if not worker.lost:
                 self._table.finish_job(worker.serial)
                 self._to_feed.add(worker)
@@ -821,23 +849,33 @@ class TaskController(MapperMixin, service.Service):
     def _interrupt(self, state: _Task) -> None:
         """Interrupt an aborted task on its engine as soon as it runs there.
 
-        Only one task per engine is ever in the engine's queue, so a
-        ``run_task`` command waiting there (behind multiengine commands) is
-        this task: the queue cannot withdraw it, so the engine is asked again
-        every :attr:`abort_poll_interval` seconds until the task is the one
-        running, then interrupted. Its outcome is ignored either way.
+        The engine's queue cannot withdraw a command, and interrupting hits
+        whatever runs, so the engine is asked every :attr:`abort_poll_interval`
+        seconds until this task is the one running: it is the oldest task
+        this controller has sent to the engine (so the oldest ``run_task``
+        command there), the oldest command in flight is a ``run_task`` and
+        no ``run_task`` still waits in the queue. Then it is interrupted. Its
+        outcome is ignored either way.
         """
         worker = state.worker
         engine = worker.engine
         token = state.attempt
 
         def still_there() -> bool:
-            return not worker.lost and worker.sent == (state, token)
+            return not worker.lost and worker.sent.get(state) == token
+
+        def running(status: dict) -> bool:
+            if next(iter(worker.sent)) is not state:
+                return False  # tasks sent before it run first
+            pending = status.get("pending")
+            if pending is not None and not str(pending).startswith("run_task("):
+                return False  # a multiengine command runs first
+            return not any(str(q).startswith("run_task(") for q in status.get("queue", []))
 
         def check(status: dict) -> Any:
             if not still_there():
                 return None
-            if any(str(q).startswith("run_task(") for q in status.get("queue", [])):
+            if not running(status):
                 self.clock.callLater(self.abort_poll_interval, attempt)
                 return None
             return engine.interrupt()

@@ -28,6 +28,7 @@ def test_controller_defaults_listen_on_loopback():
     assert o["adapter"] == "fc"
     assert o["heartbeat"] == 3.0
     assert o["scheme"] == "leastload"
+    assert (o["hwm"], o["pipeline"]) == (None, 1)  # one task at a time per engine
 
 
 def test_controller_options_parse_values():
@@ -39,9 +40,10 @@ def test_controller_options_parse_values():
         "--heartbeat=0.5",
         "--scheme=lru",
         "--hwm=3",
+        "--pipeline=4",
     )
     assert (o["cluster-dir"], o["engine-port"], o["client-port"]) == ("/x", 4000, 4001)
-    assert (o["heartbeat"], o["scheme"], o["hwm"]) == (0.5, "lru", 3)
+    assert (o["heartbeat"], o["scheme"], o["hwm"], o["pipeline"]) == (0.5, "lru", 3, 4)
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,7 @@ def test_controller_options_parse_values():
         (["--adapter=zmq"], "use --adapter fc or --adapter pb"),
         (["--scheme=fastest"], "choose one of lru"),
         (["--hwm=-1"], "--hwm must be 0"),
+        (["--pipeline=0"], "--pipeline must be at least 1"),
         (["--max-missed=0"], "--max-missed must be at least 1"),
         (["--task-db=mongo"], "use --task-db sqlite or memory"),
         (["--engine-port=5000", "--client-port=5000"], "must differ"),

@@ -537,6 +537,99 @@ def test_abort_of_a_task_still_queued_on_the_engine_interrupts_it_once_it_starts
     assert outcome(tc, taskid).status == "aborted"
 
 
+def make_pipelined(max_in_flight=8, pipeline=4, **kwargs):
+    """Like make(1), with an engine that runs several commands at once."""
+    controller = ControllerService()
+    clock = Clock()
+    tc = TaskController(controller, clock=clock, pipeline=pipeline, **kwargs)
+    engine = FakeEngine()
+    engine.max_in_flight = max_in_flight
+    controller.register_engine(engine)
+    return tc, engine, clock
+
+
+def test_an_engine_that_pipelines_is_sent_several_tasks_at_once():
+    tc, engine, _ = make_pipelined(max_in_flight=8)
+    assert tc.hwm is None and tc.pipeline == 4
+    ids = [submit(tc) for _ in range(6)]
+    assert len(engine.calls) == 4  # the pipeline depth, below the engine's 8
+    status = tc.queue_status(verbose=True).result
+    # the engine runs the oldest; the rest wait in its pipeline or here
+    assert status["running"] == ids[:1] and status["pending"] == ids[1:]
+    engine.calls[0].succeed()
+    assert len(engine.calls) == 4  # the next one went out at once
+    assert tc.queue_status().result["succeeded"] == 1
+
+
+def test_pipeline_depth_is_capped_by_the_engine_and_by_hwm():
+    tc, engine, _ = make_pipelined(max_in_flight=2)
+    [submit(tc) for _ in range(5)]
+    assert len(engine.calls) == 2
+    tc, engine, _ = make_pipelined(max_in_flight=8, hwm=1)
+    [submit(tc) for _ in range(5)]
+    assert len(engine.calls) == 1
+
+
+def test_by_default_a_pipelining_engine_is_sent_one_task_at_a_time():
+    controller, tc, engines, _ = make(0)
+    engine = FakeEngine()
+    engine.max_in_flight = 8
+    controller.register_engine(engine)
+    [submit(tc) for _ in range(3)]
+    assert len(engine.calls) == 1
+    assert (tc.pipeline, tc.hwm) == (1, None)
+
+
+def test_bad_pipeline_is_refused():
+    with pytest.raises(ValueError, match="pipeline"):
+        make(1, pipeline=0)
+
+
+def test_abort_of_a_pipelined_task_waits_until_the_tasks_before_it_are_done():
+    tc, engine, clock = make_pipelined()
+    first, second = submit(tc), submit(tc)
+    tc.abort(second)
+    assert outcome(tc, second).status == "aborted"
+    clock.advance(5 * tc.abort_poll_interval)
+    assert engine.interrupts == 0  # the first task is the one running
+    engine.calls[0].succeed("first")
+    clock.advance(tc.abort_poll_interval)
+    assert engine.interrupts == 1  # now the aborted one runs: interrupt it
+    engine.calls[0].fail(KeyboardInterrupt())
+    clock.advance(10 * tc.abort_poll_interval)
+    assert engine.interrupts == 1 and clock.getDelayedCalls() == []
+    assert outcome(tc, first).results == "first"
+    assert outcome(tc, second).status == "aborted"
+
+
+def test_abort_of_a_pipelined_task_waits_for_a_multiengine_command_ahead():
+    tc, engine, clock = make_pipelined()
+    taskid = submit(tc)
+    engine.queue_status = lambda: succeed({"queue": [], "pending": "execute('x = 1')"})
+    tc.abort(taskid)
+    clock.advance(5 * tc.abort_poll_interval)
+    assert engine.interrupts == 0
+    del engine.queue_status  # back to the class's: the task is the one running
+    clock.advance(tc.abort_poll_interval)
+    assert engine.interrupts == 1
+
+
+def test_engine_lost_with_several_tasks_in_flight_retries_each():
+    controller = ControllerService()
+    tc = TaskController(controller, clock=Clock(), pipeline=4)
+    engines = [FakeEngine(), FakeEngine()]
+    for e in engines:
+        e.max_in_flight = 8
+        controller.register_engine(e)
+    ids = [submit(tc, retries=1) for _ in range(4)]
+    assert [len(e.calls) for e in engines] == [2, 2]
+    controller.unregister_engine(0)
+    assert len(engines[1].calls) == 4  # two running there, two retried there
+    for call in list(engines[1].calls):
+        call.succeed()
+    assert {outcome(tc, t).status for t in ids} == {"succeeded"}
+
+
 def test_abort_polling_stops_when_the_task_finishes_anyway():
     _, tc, engines, clock = make(1)
     engines[0].queued = ["run_task(<Serialized 10 bytes>)"]
