@@ -227,6 +227,36 @@ def _port_is_free(interface: str, port: int) -> bool:
     return True
 
 
+#: Seconds a stopping controller waits for its peers to close their
+#: connections before it exits anyway.
+STOP_GRACE = 2.0
+
+
+def _bounded_stop(tub: Any) -> None:
+    """Make ``tub.stopService`` give up waiting for peers after :data:`STOP_GRACE`.
+
+    A Tub stops once every connection has closed cleanly, which a peer whose
+    reactor is blocked never does: without a bound, one stalled client kept a
+    SIGTERMed controller alive until it was killed.
+    """
+    from twisted.internet import defer, reactor
+
+    stop = tub.stopService
+
+    def stop_service() -> defer.Deferred:
+        d = defer.maybeDeferred(stop)
+        d.addTimeout(STOP_GRACE, reactor)
+        d.addErrback(
+            lambda f: (
+                f.trap(defer.TimeoutError)
+                and log.msg(f"peers did not close their connections in {STOP_GRACE} s; stopping")
+            )
+        )
+        return d
+
+    tub.stopService = stop_service
+
+
 def make_tub(cd: ClusterDir, name: str, interface: str = "127.0.0.1", port: int = 0) -> Any:
     """A Foolscap Tub with a certificate kept in the cluster directory.
 
@@ -250,6 +280,7 @@ def make_tub(cd: ClusterDir, name: str, interface: str = "127.0.0.1", port: int 
     host = socket.getfqdn() if interface in ("", "0.0.0.0") else interface
     tub.setLocation(f"{host}:{port}")
     tub.setOption("logLocalFailures", False)
+    _bounded_stop(tub)
     cd.set_port(name, port)
     return tub
 
@@ -402,12 +433,8 @@ def _serve_pb(
     cd: ClusterDir, registrar: Any, multiengine: Any, task_controller: Any, options: Any
 ) -> service.MultiService:
     """The controller's Perspective Broker listeners (see :mod:`kernel.pbutil`)."""
-    try:
-        from kernel import pbutil
-    except ImportError as e:
-        raise usage.UsageError(
-            f"the PB adapter is not available in this installation ({e}): use --adapter fc"
-        )
+    from kernel import pbutil
+
     return pbutil.serve_controller(
         cd,
         registrar,
@@ -424,10 +451,11 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
 
     With ``--adapter fc`` engines and clients connect over Foolscap
     (``engine.furl``, ``multiengine.furl``, ``task.furl``); with ``--adapter
-    pb`` over Perspective Broker (``pb.json``, see :mod:`kernel.pbutil`).
+    pb`` over Perspective Broker (``pb.json``, see :mod:`kernel.pbutil`); with
+    ``--adapter native`` over the native framed protocol (``native.json``, see
+    :mod:`kernel.nativeproto`).
 
-    :raises usage.UsageError: the cluster directory is not private, or the PB
-        adapter is asked for but not installed.
+    :raises usage.UsageError: the cluster directory is not private.
     """
     from kernel.controllerservice import ControllerService
     from kernel.enginefc import FCEngineRegistrar
