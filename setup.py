@@ -31,6 +31,8 @@ setup(
             # tests/test_client_jupyter.py runs the clients and magics in a
             # real Jupyter kernel (brings jupyter_client)
             "ipykernel>=6",
+            "sphinx>=7",  # the user guide must build without warnings
+            "myst-parser>=2",
             "ruff==0.17.*",  # pinned: new releases add rules to the selected sets
         ],
     },

@@ -101,3 +101,26 @@ def guide_outcomes(tmp_path_factory):
 def test_guide_sessions_run_as_written(page, guide_outcomes):
     assert page in guide_outcomes, f"{page} did not run"
     assert guide_outcomes[page] is None, guide_outcomes[page]
+
+
+def test_guide_builds_with_sphinx_without_warnings(tmp_path):
+    """``sphinx-build -W`` (warnings are errors) renders the whole guide."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sphinx",
+            "-W",
+            "--keep-going",
+            "-q",
+            "-b",
+            "html",
+            DOCS,
+            str(tmp_path / "html"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "html" / "tasks.html").exists()
