@@ -169,7 +169,10 @@ def hang_first_time(marker):
 async def sigkill_first_runner(cluster, marker):
     from kernel.testing.processes import wait_for_async
 
-    await wait_for_async(marker.exists, PROMPT, "the task never started")
+    def recorded():  # the file exists a moment before its first line is written
+        return marker.exists() and marker.read_text().endswith("\n")
+
+    await wait_for_async(recorded, PROMPT, "the task never started")
     pid = int(marker.read_text().split()[0])
     (proc,) = [p for p in cluster.engines if p.pid == pid]
     proc.kill()
