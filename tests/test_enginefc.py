@@ -278,7 +278,9 @@ async def test_engine_reconnects_to_restarted_controller_keeping_its_id(cd):
         c = Controller(cd)
         assert c.furl == furl  # same cert, port and swissnum
         await wait_until(lambda: list(c.controller.engines) == [0])
-        assert e.connector.registrations == 2
+        # the controller lists the engine a moment before the engine has
+        # heard back from its registration call
+        await wait_until(lambda: e.connector.registrations == 2)
         result = await remote(c).execute("print(id)")
         assert result["stdout"] == "0\n"
     finally:
