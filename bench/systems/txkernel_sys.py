@@ -10,9 +10,8 @@ Only what txkernel already provides is measured; a workload the client API
 cannot do yet is reported as n/a with the reason, never estimated.
 
 - execute: ``mec.execute('pass', targets=e0, block=True)``;
-- apply_direct: ``mec.raw_map(noop, [[None]], targets=e0, block=True)`` -- the
-  multiengine has no single-command function call yet, so this is a one-item
-  map on one engine (push, execute, pull, clean-up: four commands);
+- apply_direct: ``mec.apply(noop, targets=e0, block=True)`` -- one command
+  on one engine;
 - push/pull: ``mec.push({'a': array}, targets=e0)`` then ``mec.pull('a', targets=e0)``;
 - scatter/gather: ``mec.scatter('a', array)`` then ``mec.gather('a')`` over both engines;
 - startup: ``txkernel cluster start -n 2 --daemon`` run as a command, from
@@ -145,7 +144,7 @@ class TxkernelSystem(System):
         mec, e0 = self._mec, self._e0
         t0 = time.perf_counter()
         for _ in range(size):
-            mec.raw_map(noop, [[None]], targets=e0, block=True)
+            mec.apply(noop, targets=e0, block=True)
         return {"apply_direct": time.perf_counter() - t0}
 
     def probe_apply_lb(self, size: int) -> dict[str, float]:
