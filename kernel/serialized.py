@@ -175,9 +175,7 @@ def deserialize_private(s: Serialized) -> Any:
     bytearrays (a receiver's own, preallocated) are used as they are.
     """
     if any(type(b) is not bytearray for b in s.buffers):
-        s = Serialized(
-            s.data, [b if type(b) is bytearray else bytearray(b) for b in s.buffers]
-        )
+        s = Serialized(s.data, [b if type(b) is bytearray else bytearray(b) for b in s.buffers])
     return deserialize(s)
 
 
