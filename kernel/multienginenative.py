@@ -34,7 +34,6 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from kernel import nativeproto
-from kernel.clusterdir import ClusterDir
 from kernel.interfaces import (
     IBlockingClientAdaptor,
     IMultiEngineCoordinator,
@@ -93,10 +92,6 @@ def get_multiengine_client(
         or a connection file others can read;
         :class:`~kernel.error.ConnectionError` if no controller answers.
     """
-
-    async def go() -> NativeFullSynchronousMultiEngineClient:
-        i = info if info is not None else nativeproto.read_connection_info(ClusterDir(cluster_dir))
-        remote = await nativeproto.connect_info(i, MULTIENGINE, timeout)
-        return NativeFullSynchronousMultiEngineClient(remote)
-
-    return defer.ensureDeferred(go())
+    return nativeproto.connect_client(
+        NativeFullSynchronousMultiEngineClient, MULTIENGINE, cluster_dir, info, timeout
+    )

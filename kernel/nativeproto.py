@@ -1443,6 +1443,36 @@ def read_connection_info(cd: Any) -> dict[str, Any]:
     return info
 
 
+def connect_client(
+    client_class: Callable[[NativeRemote], Any],
+    service: str,
+    cluster_dir: Any = None,
+    info: dict[str, Any] | None = None,
+    timeout: float = 30.0,
+) -> defer.Deferred:
+    """Connect to a controller's client service and wrap it in a client half.
+
+    :param client_class: called with the service's :class:`NativeRemote`.
+    :param service: the service to open (the multiengine or task service).
+    :param cluster_dir: where the controller wrote ``native.json`` (None: the
+        default cluster directory).
+    :param info: the connection info itself, instead of ``cluster_dir``.
+    :param timeout: bound on connecting and the handshake, seconds.
+    :returns: Deferred firing ``client_class(remote)``.
+    :raises: (errback) :class:`~kernel.error.SecurityError` for a wrong key
+        or a connection file others can read;
+        :class:`~kernel.error.ConnectionError` if no controller answers.
+    """
+
+    async def go() -> Any:
+        from kernel.clusterdir import ClusterDir
+
+        i = info if info is not None else read_connection_info(ClusterDir(cluster_dir))
+        return client_class(await connect_info(i, service, timeout))
+
+    return defer.ensureDeferred(go())
+
+
 async def connect_info(info: dict[str, Any], service: str, timeout: float = 30.0) -> NativeRemote:
     """:func:`connect` with the content of ``native.json``.
 

@@ -27,7 +27,6 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from kernel import nativeproto
-from kernel.clusterdir import ClusterDir
 from kernel.error import ProtocolError
 from kernel.interfaces import IBlockingClientAdaptor, ITaskController
 from kernel.serialized import Serialized
@@ -114,9 +113,4 @@ def get_task_client(
         or a connection file others can read;
         :class:`~kernel.error.ConnectionError` if no controller answers.
     """
-
-    async def go() -> NativeTaskClient:
-        i = info if info is not None else nativeproto.read_connection_info(ClusterDir(cluster_dir))
-        return NativeTaskClient(await nativeproto.connect_info(i, TASK, timeout))
-
-    return defer.ensureDeferred(go())
+    return nativeproto.connect_client(NativeTaskClient, TASK, cluster_dir, info, timeout)
