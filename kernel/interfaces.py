@@ -402,6 +402,31 @@ class ITaskController(Interface):
         """Forget finished tasks (all of them when ``taskids`` is None). Fires None."""
 
 
+class ITaskSubmission(Interface):
+    """Submitting tasks without a round trip each: a client reserves a block
+    of taskids, numbers its tasks itself and sends them in batches.
+
+    Implemented by the task controller and by every network client half.
+    """
+
+    def reserve_taskids(count):
+        """Grant a block of ``count`` new taskids, used by no one else and never
+        handed out again (also after a controller restart on the same task
+        database). Fires ``[start, stop]``: the ids ``start .. stop - 1``.
+
+        :raises: (errback) ValueError for a count out of range.
+        """
+
+    def run_batch(specs):
+        """Submit ``[taskid, flags, payload]`` specs whose taskids come from
+        :meth:`reserve_taskids`, in order. A spec whose flags or payload the
+        controller rejects becomes that task's failure (its TaskResult says
+        why); a taskid sent again is accepted once and otherwise ignored.
+        Fires ``[[taskid, exception], ...]`` for the specs refused outright
+        (a taskid not granted for a new task); an empty list when all were taken.
+        """
+
+
 class ITaskDB(Interface):
     """Persistent records of every task a controller has seen.
 
