@@ -1,6 +1,7 @@
 """Engines over the native transport: registration and remote use.
 
-The engine side of the native adapter is the Foolscap adapter's, carried over
+The engine side of the native adapter is the Foolscap adapter's
+(:mod:`kernel.engineremote`, which imports no Foolscap), carried over
 :mod:`kernel.nativeproto` (the same pieces and envelopes; no second copy of
 their logic). Only the data methods differ: over Foolscap a
 :class:`~kernel.serialized.Serialized` travels as one joined blob
@@ -9,7 +10,7 @@ carries its frames as they are, so a pushed array crosses without being
 joined, and lands in the engine's namespace in the buffer it was received in.
 
 - Engine process: :class:`NativeEngineConnector` keeps the engine registered
-  (:class:`kernel.enginefc.EngineConnector`: register, ask for the previous id
+  (:class:`kernel.engineremote.EngineConnector`: register, ask for the previous id
   after a reconnection, exponential backoff, give up on a
   :class:`~kernel.error.SecurityError`), reaching the controller through a
   :class:`NativeControllerLocator` with the cluster key of ``native.json``.
@@ -37,11 +38,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import nativeproto
-from kernel.enginefc import (
+from kernel.engineremote import (
     EngineConnector,
     EngineFromReference,
-    FCEngineReferenceFromService,
-    FCEngineRegistrar,
+    EngineReferenceFromService,
+    EngineRegistrar,
 )
 from kernel.engineservice import QueuedEngine
 from kernel.error import ConnectionError
@@ -159,9 +160,9 @@ class _EngineSideQueue(QueuedEngine):
         self.engine.remove_output_observer(observer)
 
 
-class NativeEngineReferenceFromService(FCEngineReferenceFromService):
+class NativeEngineReferenceFromService(EngineReferenceFromService):
     """Expose an engine to a controller over the native transport (engine
-    process): :class:`kernel.enginefc.FCEngineReferenceFromService` with
+    process): :class:`kernel.engineremote.EngineReferenceFromService` with
     Serialized blobs passed as they arrive, and the commands the controller
     sends ahead waiting in a queue here (see :class:`PipelinedEngine`).
 
@@ -260,7 +261,7 @@ class PipelinedEngine(QueuedEngine):
 @implementer(IEngineBase, IEngineInterrupt, IEngineTasks)
 class NativeEngineFromReference(EngineFromReference):
     """An engine in another process, used over the native transport
-    (controller process): :class:`kernel.enginefc.EngineFromReference` with
+    (controller process): :class:`kernel.engineremote.EngineFromReference` with
     Serialized blobs sent and received as they are (never joined, never opened).
     """
 
@@ -287,10 +288,10 @@ class NativeEngineFromReference(EngineFromReference):
         )
 
 
-class NativeEngineRegistrar(FCEngineRegistrar):
+class NativeEngineRegistrar(EngineRegistrar):
     """The controller's registration desk for engines over the native transport.
 
-    :class:`kernel.enginefc.FCEngineRegistrar` (same arguments) registering
+    :class:`kernel.engineremote.EngineRegistrar` (same arguments) registering
     :class:`NativeEngineFromReference` engines behind a
     :class:`PipelinedEngine` (``max_in_flight`` = :data:`PIPELINE`) unless
     ``wrap`` says otherwise.
@@ -308,7 +309,7 @@ class NativeControllerLocator:
     """Finds a controller's engine registrar over the native transport.
 
     Plays the part of the Foolscap ``Tub`` for
-    :class:`~kernel.enginefc.EngineConnector`: :meth:`getReference` takes the
+    :class:`~kernel.engineremote.EngineConnector`: :meth:`getReference` takes the
     connection info (``native.json``'s content) where the Tub takes a FURL.
 
     :param timeout: bound on each connection and handshake, seconds.
@@ -343,7 +344,7 @@ class NativeEngineConnector(EngineConnector):
         before each attempt, so a rewritten ``native.json`` is picked up.
     :param engine: the engine service to expose.
     :param kwargs: the other arguments of
-        :class:`~kernel.enginefc.EngineConnector` (``on_fatal``, ``on_kill``,
+        :class:`~kernel.engineremote.EngineConnector` (``on_fatal``, ``on_kill``,
         ``initial_delay``, ``max_delay``, ``clock``).
     """
 

@@ -458,7 +458,6 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
     :raises usage.UsageError: the cluster directory is not private.
     """
     from kernel.controllerservice import ControllerService
-    from kernel.enginefc import FCEngineRegistrar
     from kernel.error import SecurityError
     from kernel.heartbeat import HeartMonitor
 
@@ -480,7 +479,7 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
     if options["adapter"] == "native":
         from kernel.enginenative import NativeEngineRegistrar as registrar_class
     else:
-        registrar_class = FCEngineRegistrar
+        from kernel.enginefc import FCEngineRegistrar as registrar_class
     registrar = registrar_class(controller, monitor, on_change=engine_list)
     monitor.setServiceParent(top)
 
@@ -553,9 +552,6 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
     """Build an engine process's service tree: an EngineService and an
     EngineConnector (Foolscap, with a Tub) or PBEngineConnector that keeps it
     registered with the controller."""
-    from foolscap.api import Tub
-
-    from kernel.enginefc import EngineConnector
     from kernel.engineservice import EngineService
 
     if options["furl-file"]:
@@ -596,6 +592,10 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
             lambda: pbutil.read_connection_info(cd), engine, **common
         )
     else:
+        from foolscap.api import Tub
+
+        from kernel.enginefc import EngineConnector
+
         tub = Tub()
         tub.setOption("logLocalFailures", False)
         tub.setServiceParent(top)
