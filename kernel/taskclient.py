@@ -135,11 +135,23 @@ class BlockingTaskClient(MapperMixin):
         """Submit ``task`` (a :class:`~kernel.task.MapTask` or
         :class:`~kernel.task.StringTask`) to the load-balanced queue.
 
+        The task is serialized here; over the network it is numbered and
+        queued at once (sent with others in one message), so ``run``
+        returns without waiting for the controller.
+
         :param block: wait for the task to finish and return its TaskResult.
         :returns: the int taskid (pass it to :meth:`get_task_result`), or the
             :class:`~kernel.task.TaskResult` when ``block``.
+        :raises kernel.error.SerializationError: the task cannot be serialized.
         """
-        taskid = self._block(self.task_controller.run, task)
+        batcher = getattr(self.task_controller, "batcher", None)
+        if batcher is None or reactorthread.in_reactor_thread():
+            taskid = self._block(self.task_controller.run, task)
+        else:
+            flags, payload = self.task_controller.check_task(task)
+            taskid = batcher.try_submit(flags, payload)
+            if taskid is None:  # no reserved taskid left: wait for a block
+                taskid = self._block(batcher.submit, flags, payload)
         if block:
             return self.get_task_result(taskid, block=True)
         return taskid

@@ -36,6 +36,7 @@ task's result lives only there.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 from collections.abc import Callable, Iterable
@@ -67,14 +68,17 @@ from kernel.error import (
     TaskError,
     engine_failure_info,
 )
-from kernel.interfaces import IMapper, ITaskController
+from kernel.interfaces import IMapper, ITaskController, ITaskSubmission
 from kernel.scheduler import LoadTable
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
 from kernel.taskdb.memory import DictDB
 from kernel.taskmapper import MapperMixin
 
-__all__ = ["TaskController", "normalize_flags", "DEFAULT_FLAGS"]
+__all__ = ["TaskController", "normalize_flags", "DEFAULT_FLAGS", "MAX_RESERVED_TASKIDS"]
+
+#: The most taskids one :meth:`TaskController.reserve_taskids` call grants.
+MAX_RESERVED_TASKIDS = 1_000_000
 
 #: The flags of a task spec and their defaults.
 DEFAULT_FLAGS: dict[str, Any] = {
@@ -207,7 +211,7 @@ _WAIT = "wait"
 _READY = "ready"
 
 
-@implementer(ITaskController, IMapper)
+@implementer(ITaskController, ITaskSubmission, IMapper)
 class TaskController(MapperMixin, service.Service):
     """The load-balanced task queue over a controller's engines.
 
@@ -230,7 +234,8 @@ class TaskController(MapperMixin, service.Service):
         (default: a new :class:`~kernel.taskdb.memory.DictDB`).
     :param clock: an ``IReactorTime`` for timeouts (default: the reactor).
     :param first_taskid: the first taskid to hand out (a controller restarted
-        on an existing task database starts past the ids it holds).
+        on an existing task database starts past the ids it holds and the
+        blocks it granted: its ``next_taskid()``).
     """
 
     name = "task_controller"
@@ -259,7 +264,10 @@ class TaskController(MapperMixin, service.Service):
         self._hwm = hwm
         self.pipeline = pipeline
         self._table = LoadTable(scheme, 0 if hwm is None else hwm)
-        self._taskids = itertools.count(first_taskid)
+        self._next_taskid = first_taskid
+        #: blocks of taskids granted to clients: start -> [first unused, stop]
+        self._grants: dict[int, list[int]] = {}
+        self._grant_starts: list[int] = []  # sorted
         self._serials = itertools.count()
         self._tasks: dict[int, _Task] = {}  # unfinished tasks
         self._done: dict[int, _Done] = {}  # finished, not yet cleared
@@ -331,18 +339,19 @@ class TaskController(MapperMixin, service.Service):
             payload that is not a :class:`~kernel.serialized.Serialized`.
         """
         if self._stopped:
-            return fail(
-                TaskError("this task controller has stopped: submit tasks to a running one")
-            )
+            return fail(self._stopped_error())
         try:
-            flags = normalize_flags(flags)
-            if not isinstance(payload, Serialized):
-                raise TypeError(
-                    f"a task payload must be a Serialized, got {type(payload).__name__}"
-                )
+            flags = _check_spec(flags, payload)
         except (TypeError, ValueError):
             return fail()
-        taskid = next(self._taskids)
+        taskid = self._next_taskid
+        self._next_taskid += 1
+        self._accept(taskid, flags, payload)
+        self._kick()
+        return succeed(taskid)
+
+    def _accept(self, taskid: int, flags: dict[str, Any], payload: Serialized) -> None:
+        """Take on a checked spec under ``taskid`` (the caller kicks the scheduler)."""
         state = _Task(taskid, flags, payload, self.clock.seconds())
         self._tasks[taskid] = state
         self._db_write(
@@ -360,8 +369,123 @@ class TaskController(MapperMixin, service.Service):
         if flags["timeout"]:
             state.timer = self.clock.callLater(flags["timeout"], self._on_timeout, state)
         self._admit(state)
+
+    def _stopped_error(self) -> TaskError:
+        return TaskError("this task controller has stopped: submit tasks to a running one")
+
+    # -- ITaskSubmission -------------------------------------------------------
+
+    def reserve_taskids(self, count: int) -> Deferred:
+        """Grant a block of ``count`` fresh taskids (see
+        :meth:`kernel.interfaces.ITaskSubmission.reserve_taskids`); fires
+        ``[start, stop]``.
+
+        The block is recorded in the task DB first (when it can record
+        reservations), so a controller restarted on it never reuses the ids.
+
+        :raises: (errback) ValueError unless 1 <= ``count`` <=
+            :data:`MAX_RESERVED_TASKIDS`; TaskError once stopped.
+        """
+        if self._stopped:
+            return fail(self._stopped_error())
+        if (
+            not isinstance(count, int)
+            or isinstance(count, bool)
+            or not 1 <= count <= MAX_RESERVED_TASKIDS
+        ):
+            return fail(
+                ValueError(
+                    f"reserve_taskids takes a count from 1 to {MAX_RESERVED_TASKIDS}, not {count!r}"
+                )
+            )
+        start = self._next_taskid
+        stop = self._next_taskid = start + count
+        self._grants[start] = [start, stop]
+        bisect.insort(self._grant_starts, start)
+        if getattr(self.db, "reserve_taskids_below", None) is None:
+            return succeed([start, stop])
+        d = self._db_call("reserve_taskids_below", stop)
+        d.addCallback(lambda _: [start, stop])
+        return d
+
+    def run_batch(self, specs: Iterable[Any]) -> Deferred:
+        """Submit ``[taskid, flags, payload]`` specs numbered from granted
+        blocks (see :meth:`kernel.interfaces.ITaskSubmission.run_batch`).
+
+        A spec with bad flags or payload becomes a failed task (its
+        TaskResult raises the ValueError/TypeError that names the problem);
+        a taskid already taken is ignored, so a batch sent again changes
+        nothing. Fires ``[[taskid, exception], ...]`` for specs refused
+        outright: a taskid that is not free in a granted block.
+
+        :raises: (errback) TypeError if ``specs`` is not a list of triples;
+            TaskError once stopped.
+        """
+        if self._stopped:
+            return fail(self._stopped_error())
+        if not isinstance(specs, (list, tuple)) or not all(
+            isinstance(spec, (list, tuple)) and len(spec) == 3 for spec in specs
+        ):
+            return fail(TypeError("run_batch takes a list of [taskid, flags, payload] specs"))
+        refused: list[list[Any]] = []
+        for taskid, flags, payload in specs:
+            verdict = self._claim_taskid(taskid)
+            if verdict is None:
+                continue  # sent before: already taken
+            if isinstance(verdict, Exception):
+                refused.append([taskid, verdict])
+                continue
+            try:
+                checked = _check_spec(flags, payload)
+            except (TypeError, ValueError) as e:
+                self._record_rejected(taskid, flags, e)
+                continue
+            self._accept(taskid, checked, payload)
         self._kick()
-        return succeed(taskid)
+        return succeed(refused)
+
+    def _claim_taskid(self, taskid: Any) -> bool | InvalidTaskID | None:
+        """May ``taskid`` start a new task? True (and it is taken now), None
+        if it was taken before (a resubmission), or the error refusing it."""
+        if isinstance(taskid, int) and not isinstance(taskid, bool):
+            if taskid in self._tasks or taskid in self._done:
+                return None
+            i = bisect.bisect_right(self._grant_starts, taskid) - 1
+            if i >= 0:
+                start = self._grant_starts[i]
+                grant = self._grants[start]
+                if taskid < grant[1]:
+                    if taskid < grant[0]:
+                        return None  # taken (or skipped) earlier in this block
+                    grant[0] = taskid + 1
+                    if grant[0] == grant[1]:
+                        del self._grants[start]
+                        del self._grant_starts[i]
+                    return True
+        return InvalidTaskID(
+            f"task id {taskid!r} was not reserved for a new task on this controller "
+            "(not granted by reserve_taskids, or granted before the controller restarted): "
+            "submit the task again with run()"
+        )
+
+    def _record_rejected(self, taskid: int, flags: Any, error: Exception) -> None:
+        """Record ``taskid`` as failed at once: its spec was not acceptable."""
+        now = self.clock.seconds()
+        self._done[taskid] = _Done("failed", None)
+        description = flags.get("description") if isinstance(flags, dict) else None
+        self._db_write(
+            "add_record",
+            taskid,
+            {
+                "status": "failed",
+                "description": description if isinstance(description, str) else "",
+                "submitted": now,
+                "completed": now,
+                "attempts": 0,
+                "error": _describe(error, None).to_dict(),
+            },
+        )
+        self._finished_deps.append((taskid, False, None))
 
     def get_task_result(self, taskid: int, block: bool = False) -> Deferred:
         """Fire the :class:`~kernel.task.TaskResult` of ``taskid``, or None if
@@ -1047,6 +1171,18 @@ def _explain_outcomes(dep: Dependency, outcome: Callable[[int], bool | None]) ->
     if succeeded:
         parts.append(f"task(s) {succeeded} succeeded")
     return " and ".join(parts) or "its tasks can no longer finish as required"
+
+
+def _check_spec(flags: Any, payload: Any) -> dict[str, Any]:
+    """The normalized flags of an acceptable spec.
+
+    :raises TypeError: a payload that is not a Serialized, or flags not a dict.
+    :raises ValueError: bad flags (see :func:`normalize_flags`).
+    """
+    flags = normalize_flags(flags)
+    if not isinstance(payload, Serialized):
+        raise TypeError(f"a task payload must be a Serialized, got {type(payload).__name__}")
+    return flags
 
 
 def _flags_for_record(flags: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,11 @@ This module lets Foolscap clients talk to a
 
 A task crosses the wire as its ``(flags, payload)`` spec: plain-data
 scheduling flags and the opaque :class:`~kernel.serialized.Serialized` body,
-which only an engine opens. A :class:`~kernel.task.TaskResult` comes back as
+which only an engine opens. The client half numbers tasks itself from blocks
+of taskids the controller grants (``reserve_taskids``) and sends their specs
+in batches (``run_batch``, see :mod:`kernel.taskbatch`): ``run`` fires the
+taskid without a round trip, and every other call is made once the batches
+before it have been taken. A :class:`~kernel.task.TaskResult` comes back as
 plain fields plus its Serialized result blob (a Foolscap copyable, see
 :func:`register_task_result_copyable`); the client deserializes the result
 only when ``results`` is read.
@@ -31,11 +35,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kernel import fcutil
+from kernel.envelope import unpackage_failure
 from kernel.error import RemoteError
 from kernel.fcutil import Anything, Flag
-from kernel.interfaces import IBlockingClientAdaptor, ITaskController
+from kernel.interfaces import IBlockingClientAdaptor, ITaskController, ITaskSubmission
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
+from kernel.taskbatch import TaskBatcher
 from kernel.taskmapper import MapperMixin
 from kernel.wiretext import check_sendable
 
@@ -179,6 +185,15 @@ class IFCTaskController(RemoteInterface):
         """Run finished tasks again; fires the new taskids."""
         return Anything
 
+    def reserve_taskids(count=Anything):
+        """Grant a block of fresh taskids; fires ``[start, stop]``."""
+        return Anything
+
+    def run_batch(specs=Anything):
+        """Submit ``[taskid, flags, payload]`` specs; fires ``[[taskid,
+        failure dict], ...]`` for those refused outright."""
+        return Anything
+
     def get_client_name():
         return str
 
@@ -247,6 +262,15 @@ class FCTaskControllerFromTaskController(Referenceable):
     def remote_resubmit(self, taskids):
         return self._call("resubmit", taskids)
 
+    def remote_reserve_taskids(self, count):
+        return self._call("reserve_taskids", count)
+
+    def remote_run_batch(self, specs):
+        d = defer.maybeDeferred(self.taskController.run_batch, specs)
+        d.addCallback(lambda refused: [[tid, fcutil.package_failure(e)[1]] for tid, e in refused])
+        d.addCallbacks(self.packageSuccess, self.packageFailure)
+        return d
+
     def remote_get_client_name(self):
         return CLIENT_NAME
 
@@ -254,7 +278,7 @@ class FCTaskControllerFromTaskController(Referenceable):
 # -- client half ---------------------------------------------------------------
 
 
-@implementer(ITaskController, IBlockingClientAdaptor)
+@implementer(ITaskController, ITaskSubmission, IBlockingClientAdaptor)
 class FCTaskClient(MapperMixin):
     """Client class for Foolscap exposed TaskController.
 
@@ -263,12 +287,19 @@ class FCTaskClient(MapperMixin):
     returns a Deferred. It also implements IBlockingClientAdaptor so that
     clients can automatically get a blocking version of this class.
 
+    Tasks are numbered here from reserved blocks and sent in batches (see
+    :mod:`kernel.taskbatch`): :meth:`run` fires the taskid at once, and every
+    other method is called after the tasks submitted before it have reached
+    the controller.
+
     :param remote_reference: a RemoteReference to an :class:`IFCTaskController`
         (what ``task.furl`` names).
     """
 
     def __init__(self, remote_reference: Any):
         self.remote_reference = remote_reference
+        #: numbers tasks and sends them in batches
+        self.batcher = TaskBatcher(self.reserve_taskids, self.run_batch)
 
     def __repr__(self) -> str:
         return f"<FCTaskClient {self.remote_reference!r}>"
@@ -289,6 +320,13 @@ class FCTaskClient(MapperMixin):
         d.addCallback(self.unpackage)
         return d
 
+    def _ordered_call(self, method: str, *args: Any) -> defer.Deferred:
+        """:meth:`_call` once the tasks submitted so far have been taken."""
+        settled = self.batcher.settle()
+        if settled.called:
+            return self._call(method, *args)
+        return settled.addCallback(lambda _: self._call(method, *args))
+
     # -- ITaskController ---------------------------------------------------
 
     def run(self, task: Any) -> defer.Deferred:
@@ -297,14 +335,28 @@ class FCTaskClient(MapperMixin):
         :param task: an :class:`~kernel.interfaces.ITask` (e.g.
             :class:`~kernel.task.MapTask`, :class:`~kernel.task.StringTask`);
             it is serialized here.
-        :returns: Deferred firing the int taskid; pass it to
+        :returns: Deferred firing the int taskid (at once, unless a new
+            block of taskids must be reserved first); pass it to
             :meth:`get_task_result`.
+        :raises: (errback) what serializing the task raises, e.g.
+            :class:`~kernel.error.SerializationError`.
         """
         try:
-            flags, payload = task.to_spec()
+            flags, payload = self.check_task(task)
         except Exception:
             return defer.fail()
-        return self._call("run", (flags, payload))
+        return self.batcher.submit(flags, payload)
+
+    def check_task(self, task: Any) -> tuple[dict[str, Any], Serialized]:
+        """Serialize ``task`` into its ``(flags, payload)`` spec and check that it
+        can be sent (safe in any thread).
+
+        :raises kernel.error.SerializationError: the task cannot be serialized.
+        :raises ValueError: text in the flags that cannot be sent.
+        """
+        flags, payload = task.to_spec()
+        check_sendable(flags, "run")
+        return flags, payload
 
     def get_task_result(self, taskid: int, block: bool = False) -> defer.Deferred:
         """Get a task result by taskid.
@@ -312,34 +364,47 @@ class FCTaskClient(MapperMixin):
         :param block: wait until the task is done?
         :returns: Deferred firing the :class:`~kernel.task.TaskResult`, or
             None if the task is not done and ``block`` is false.
+        :raises: (errback) :class:`~kernel.error.InvalidTaskID` for an unknown
+            task; the error of a task that never reached the controller.
         """
-        return self._call("get_task_result", taskid, bool(block))
+
+        def ask(_: Any) -> defer.Deferred:
+            error = self.batcher.failure(taskid)
+            if error is not None:
+                return defer.fail(error)
+            return self._call("get_task_result", taskid, bool(block))
+
+        settled = self.batcher.settle()
+        if settled.called:
+            return ask(None)
+        return settled.addCallback(ask)
 
     def abort(self, taskid: int) -> defer.Deferred:
         """Abort a task by taskid. Fires None."""
-        return self._call("abort", taskid)
+        return self._ordered_call("abort", taskid)
 
     def barrier(self, taskids: Any) -> defer.Deferred:
         """Fire None once every task in the sequence ``taskids`` is done."""
         if not isinstance(taskids, int):
             taskids = list(taskids)
-        return self._call("barrier", taskids)
+        return self._ordered_call("barrier", taskids)
 
     def spin(self) -> defer.Deferred:
         """Touch the scheduler, to resume scheduling without submitting a task."""
-        return self._call("spin")
+        return self._ordered_call("spin")
 
     def queue_status(self, verbose: bool = False) -> defer.Deferred:
         """Fire a dict with the current state of the task queue: counts per
         status, or lists of taskids when ``verbose``."""
-        return self._call("queue_status", bool(verbose))
+        return self._ordered_call("queue_status", bool(verbose))
 
     def clear(self, taskids: Any = None) -> defer.Deferred:
         """Clear finished tasks (all of them when ``taskids`` is None) from the
         task controller; call it periodically when running many tasks."""
         if taskids is not None and not isinstance(taskids, int):
             taskids = list(taskids)
-        return self._call("clear", taskids)
+        self.batcher.forget([taskids] if isinstance(taskids, int) else taskids)
+        return self._ordered_call("clear", taskids)
 
     # -- the task database ----------------------------------------------------
 
@@ -349,13 +414,30 @@ class FCTaskClient(MapperMixin):
         limits the fields returned. Blob fields (payload, result) stay bytes."""
         if keys is not None and not isinstance(keys, str):
             keys = list(keys)
-        return self._call("db_query", query, keys)
+        return self._ordered_call("db_query", query, keys)
 
     def resubmit(self, taskids: Any) -> defer.Deferred:
         """Run finished tasks again as new tasks; fires the new taskids in order."""
         if not isinstance(taskids, int):
             taskids = list(taskids)
-        return self._call("resubmit", taskids)
+        return self._ordered_call("resubmit", taskids)
+
+    # -- ITaskSubmission --------------------------------------------------------
+
+    def reserve_taskids(self, count: int) -> defer.Deferred:
+        """Have the controller grant ``count`` fresh taskids; fires ``[start, stop]``
+        (:meth:`run` does this as needed)."""
+        return self._call("reserve_taskids", count)
+
+    def run_batch(self, specs: Any) -> defer.Deferred:
+        """Send ``[taskid, flags, payload]`` specs numbered from reserved blocks
+        in one call (:meth:`run` does this as needed); fires ``[[taskid,
+        exception], ...]`` for the specs refused outright."""
+
+        def opened(refused: Any) -> list[list[Any]]:
+            return [[tid, unpackage_failure(d)] for tid, d in refused]
+
+        return self._call("run_batch", [list(spec) for spec in specs]).addCallback(opened)
 
     # -- IBlockingClientAdaptor ------------------------------------------------
 

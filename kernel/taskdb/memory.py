@@ -30,6 +30,17 @@ class DictDB:
 
     def __init__(self) -> None:
         self._records: dict[int, dict[str, Any]] = {}
+        self._reserved = 0
+
+    def next_taskid(self) -> int:
+        """The first taskid that no record uses and no reservation covers."""
+        highest = max(self._records, default=-1)
+        return max(highest + 1, self._reserved)
+
+    def reserve_taskids_below(self, stop: int) -> defer.Deferred:
+        """Remember that every taskid below ``stop`` has been handed out. Fires None."""
+        self._reserved = max(self._reserved, int(stop))
+        return defer.succeed(None)
 
     def add_record(self, taskid: int, record: Mapping[str, Any]) -> defer.Deferred:
         """Store a new record (missing keys are None). Fires None.

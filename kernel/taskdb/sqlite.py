@@ -126,6 +126,10 @@ class SQLiteDB:
             self._conn.execute("PRAGMA synchronous=NORMAL")
         columns = ", ".join(f"{k} {t}" for k, t in _COLUMNS.items())
         self._conn.execute(f"CREATE TABLE IF NOT EXISTS {table} ({columns})")
+        # taskids granted to clients in blocks, not all of them used yet
+        self._conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {table}_reserved (id INTEGER PRIMARY KEY, below INTEGER)"
+        )
         self._writes = 0  # in the open transaction
         self._commit_call: Any = None
         self._shutdown_trigger: Any = None
@@ -187,7 +191,26 @@ class SQLiteDB:
         task ids here, so new tasks never overwrite the records of old ones.
         """
         (highest,) = self._db().execute(f"SELECT MAX(taskid) FROM {self.table}").fetchone()
-        return 0 if highest is None else highest + 1
+        (reserved,) = self._db().execute(
+            f"SELECT below FROM {self.table}_reserved WHERE id = 0"
+        ).fetchone() or (0,)
+        return max(0 if highest is None else highest + 1, reserved)
+
+    def reserve_taskids_below(self, stop: int) -> defer.Deferred:
+        """Remember that every taskid below ``stop`` has been handed out, so
+        :meth:`next_taskid` never answers less, even for ids no record uses.
+        Committed at once (a block of ids is granted only after this). Fires None.
+        """
+        try:
+            self._write().execute(
+                f"INSERT INTO {self.table}_reserved (id, below) VALUES (0, ?) "
+                "ON CONFLICT(id) DO UPDATE SET below = MAX(below, excluded.below)",
+                (int(stop),),
+            )
+            self.commit()
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
 
     # -- ITaskDB -------------------------------------------------------------
 
