@@ -234,6 +234,8 @@ class BlockingTaskClient(MapperMixin):
         """The TaskResults of several tasks (None for each not yet done when
         ``block`` is false)."""
         taskids = list(taskids)
+        if hasattr(self.task_controller, "get_task_results"):
+            return self._block(self.task_controller.get_task_results, taskids, block)
         return self._block(
             lambda: defer.ensureDeferred(
                 _gather_in_order(

@@ -504,6 +504,25 @@ class TaskController(MapperMixin, service.Service):
         d.addCallback(lambda _: self._read_result(taskid))
         return d
 
+    def get_task_results(self, taskids: Iterable[int], block: bool = False) -> Deferred:
+        """Fire the TaskResults of several tasks, in order (None for each one
+        not done, unless ``block``): :meth:`get_task_result` for many at once.
+
+        :raises: (errback) :class:`~kernel.error.InvalidTaskID` for an unknown
+            or cleared id (checked before waiting).
+        """
+        if isinstance(taskids, int):
+            taskids = [taskids]
+        taskids = list(taskids)
+        for tid in taskids:
+            if tid not in self._done and tid not in self._tasks:
+                return fail(self._invalid(tid))
+
+        async def collect() -> list[Any]:
+            return [await self.get_task_result(tid, block) for tid in taskids]
+
+        return ensureDeferred(collect())
+
     def abort(self, taskid: int) -> Deferred:
         """Abort a task (see :meth:`ITaskController.abort`). Fires None.
 

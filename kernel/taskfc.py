@@ -162,6 +162,10 @@ class IFCTaskController(RemoteInterface):
     def get_task_result(taskid=Anything, block=Flag):
         return Anything
 
+    def get_task_results(taskids=Anything, block=Flag):
+        """The TaskResults of several tasks, in order."""
+        return Anything
+
     def abort(taskid=Anything):
         return Anything
 
@@ -240,6 +244,9 @@ class FCTaskControllerFromTaskController(Referenceable):
 
     def remote_get_task_result(self, taskid, block=False):
         return self._call("get_task_result", taskid, block)
+
+    def remote_get_task_results(self, taskids, block=False):
+        return self._call("get_task_results", taskids, block)
 
     def remote_abort(self, taskid):
         return self._call("abort", taskid)
@@ -378,6 +385,40 @@ class FCTaskClient(MapperMixin):
         if settled.called:
             return ask(None)
         return settled.addCallback(ask)
+
+    #: Most taskids asked for in one ``get_task_results`` call.
+    results_per_call = 256
+
+    def get_task_results(self, taskids: Any, block: bool = False) -> defer.Deferred:
+        """The TaskResults of several tasks, in order (None for each one not
+        done unless ``block``), asked for in a few calls instead of one each.
+
+        :raises: (errback) after every call has answered, the first error in
+            order: :class:`~kernel.error.InvalidTaskID`, or the error of a task
+            that never reached the controller.
+        """
+        taskids = [taskids] if isinstance(taskids, int) else list(taskids)
+
+        async def collect() -> list[Any]:
+            await self.batcher.settle()
+            step = self.results_per_call
+            calls = [
+                self._call("get_task_results", taskids[i : i + step], bool(block))
+                for i in range(0, len(taskids), step)
+            ]
+            replies = await defer.DeferredList(calls, consumeErrors=True)
+            for tid in taskids:
+                error = self.batcher.failure(tid)
+                if error is not None:
+                    raise error
+            out: list[Any] = []
+            for ok, value in replies:
+                if not ok:
+                    value.raiseException()
+                out.extend(value)
+            return out
+
+        return defer.ensureDeferred(collect())
 
     def abort(self, taskid: int) -> defer.Deferred:
         """Abort a task by taskid. Fires None."""
