@@ -64,12 +64,29 @@ a wrong tag is a :class:`~kernel.error.SecurityError`: it is logged, the
 server tells the peer it was refused, and the connection is dropped before
 anything runs.
 
+Writing small frames at once
+----------------------------
+A frame of at most :data:`SMALL_FRAME` bytes is joined into one ``bytes``.
+On a plain TCP connection whose transport holds nothing, it goes straight to
+the socket with ``send``: no reactor turn waiting for the socket to be
+writable, which is most of a small message's cost on loopback. While the
+reactor thread handles what one read brought (:class:`_Cork`), small frames
+are held per connection and written together afterwards, so replies to
+calls that arrived together still leave in one ``send``. Anything the socket
+does not take goes through the transport, after which frames queue behind it.
+
+A thread other than the reactor's may send a *call* itself
+(:meth:`NativeProtocol.call_from_thread`, used by the blocking clients): when
+the connection is idle, it signs the frame and sends it under the
+connection's write lock (the lock every frame is signed and written under,
+so frames leave in sequence order whichever thread writes them), then waits
+for the reply, which the reactor thread receives as usual. Every frame is
+signed the same way whichever thread sends it.
+
 Writing without joining
 -----------------------
 Twisted's transports accept only ``bytes`` (``write``/``writeSequence``
-refuse memoryviews) and join what is queued in one reactor turn into one
-send. Small frames go out that way, so several messages written in one turn
-(replies, pipelined calls, heartbeats) leave in one ``send``. A large buffer
+refuse memoryviews). A large buffer
 that is not ``bytes`` (an array's memory, a received ``bytearray``) is never
 joined into one big copy: it is fed to the transport in slices of
 :data:`WRITE_SLICE` bytes by a pull producer, as the socket drains, so a
@@ -109,10 +126,12 @@ import collections
 import errno
 import hashlib
 import hmac
+import itertools
 import json
 import os
 import secrets
 import struct
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -174,6 +193,9 @@ LONG_TEXT = 64 * 1024
 WRITE_SLICE = 1024 * 1024
 #: Bytes handed to the transport when the socket is full (see :class:`_Outbox`).
 WAKE_PIECE = 64 * 1024
+#: A frame with at most this many bytes in all is joined into one ``bytes``
+#: and sent at once (see :class:`_Outbox`).
+SMALL_FRAME = 64 * 1024
 #: The connection file of a native controller (in its cluster directory).
 NATIVE_FILE = "native.json"
 
@@ -352,6 +374,18 @@ class Frame:
         self.buffers = buffers
         self.mac = mac
         self.hashes = hashes or []
+
+    def small(self) -> bytes | None:
+        """The whole frame as one ``bytes`` (hashing its buffers now) if it
+        has at most :data:`SMALL_FRAME` bytes, else None."""
+        if self.mac is None:
+            return self.head
+        size = len(self.head) + TAG_BYTES
+        for b in self.buffers:
+            size += len(b)
+        if size > SMALL_FRAME:
+            return None
+        return b"".join(self.segments())
 
     def segments(self) -> list[Any]:
         """Every byte of the frame, in order (hashing the buffers now)."""
@@ -739,6 +773,31 @@ def _run_notice(callback: Callable[[], Any]) -> None:
         log.err(None, "native transport: a written-reply callback failed")
 
 
+class _Cork:
+    """While the reactor thread handles the frames it read (``depth`` > 0),
+    small frames written to any connection are held in its outbox
+    (``dirty``) and each outbox's are written together afterwards."""
+
+    __slots__ = ("depth", "dirty")
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.dirty: list[_Outbox] = []
+
+    def __enter__(self) -> None:
+        self.depth += 1
+
+    def __exit__(self, *exc: Any) -> None:
+        self.depth -= 1
+        if not self.depth and self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for outbox in dirty:
+                outbox._flush_held()
+
+
+_cork = _Cork()
+
+
 @implementer(IPullProducer)
 class _Outbox:
     """Feeds a connection's frames to its transport, in order.
@@ -760,9 +819,17 @@ class _Outbox:
         self.queue: collections.deque = collections.deque()
         self.registered = False
         self.pumping = False
-        #: The TCP socket to send large buffers on directly (None: through
-        #: the transport only); see :func:`_receive_into_buffers`.
+        #: The TCP socket to send on directly (None: through the transport
+        #: only); see :func:`_receive_into_buffers`.
         self.sock: Any = None
+        #: Held by whoever signs or writes a frame: the reactor thread, or a
+        #: thread sending a call itself (:meth:`send_from_thread`). Re-entrant:
+        #: a written-reply callback may send.
+        self.lock = threading.RLock()
+        #: Small frames, in order, to write before anything else: held while
+        #: the reactor thread reads (see :class:`_Cork`), or what a thread
+        #: could not send at once.
+        self.held: list[bytes] = []
 
     def _send_direct(self, view: memoryview) -> int:
         try:
@@ -771,41 +838,127 @@ class _Outbox:
             # Full (or broken: the transport's own write notices that).
             return 0
 
+    def _idle(self) -> bool:
+        """May a frame go straight to the socket now? (Nothing is waiting
+        before it, here or in the transport.)"""
+        t = self.transport
+        return (
+            self.sock is not None
+            and not self.queue
+            and not self.held
+            and t.connected
+            and not t.disconnecting
+            and not t._tempDataLen
+            and t.offset == len(t.dataBuffer)
+        )
+
+    def _write_small(self, data: bytes) -> None:
+        # Reactor thread, lock held: straight to the socket when nothing waits
+        # (no reactor turn, no poll for writability), else through the transport.
+        if self._idle():
+            n = self._send_direct(data)
+            if n == len(data):
+                return
+            data = data[n:]
+        self.transport.write(data)
+
+    def _flush_held(self) -> None:
+        with self.lock:
+            if self.held:
+                data = b"".join(self.held)
+                self.held.clear()
+                self._write_small(data)
+                if self.queue:
+                    self._pump(drained=False)
+
     def send(self, frame: Frame) -> None:
-        """Write ``frame`` after everything sent before it."""
-        q = self.queue
-        if not q and frame.mac is None:
-            self.transport.write(frame.head)
-            return
-        q.append((frame.head, None))
-        for b, h in zip(frame.buffers, frame.hashes, strict=True):
-            if len(b):
-                q.append((b, h))
-            else:
-                h.finish()  # nothing to write, but its digest counts
-        if frame.mac is not None:
-            q.append((None, frame.mac))
-        self._pump(drained=False)
+        """Write ``frame`` after everything sent before it (reactor thread).
+
+        A small frame is written at once; while the reactor thread handles
+        what it read (:class:`_Cork`), small frames are held and written
+        together afterwards, so replies to calls read together leave in one
+        ``send``.
+        """
+        with self.lock:
+            q = self.queue
+            if not q:
+                data = frame.small()
+                if data is not None:
+                    if _cork.depth:
+                        if not self.held:
+                            _cork.dirty.append(self)
+                        self.held.append(data)
+                    elif self.held:
+                        self.held.append(data)
+                        self._flush_held()
+                    else:
+                        self._write_small(data)
+                    return
+            if self.held:
+                data = b"".join(self.held)
+                self.held.clear()
+                self.transport.write(data)
+            q.append((frame.head, None))
+            for b, h in zip(frame.buffers, frame.hashes, strict=True):
+                if len(b):
+                    q.append((b, h))
+                else:
+                    h.finish()  # nothing to write, but its digest counts
+            if frame.mac is not None:
+                q.append((None, frame.mac))
+            self._pump(drained=False)
+
+    def send_from_thread(self, sign: Callable[[], Frame | None], reactor: Any) -> bool:
+        """Sign and send a small frame from a thread other than the reactor's.
+
+        Only when nothing is waiting to be written before it (so it cannot
+        overtake anything): then ``sign()`` makes the frame (taking the
+        direction's next sequence number) and it goes straight to the socket;
+        what the socket does not take at once is left to the reactor thread.
+
+        :param sign: returns the frame, or None to send nothing after all.
+        :returns: False if nothing was signed (the caller should send through
+            the reactor thread instead).
+        """
+        with self.lock:
+            if not self._idle():
+                return False
+            frame = sign()
+            if frame is None:
+                return False
+            data = frame.small()
+            if data is None:
+                raise ProtocolError("send_from_thread takes small frames only")
+            n = self._send_direct(data)
+            if n == len(data):
+                return True
+            self.held.append(data[n:])
+        reactor.callFromThread(self._flush_held)
+        return True
 
     def notify(self, callback: Callable[[], Any]) -> None:
         """Call ``callback`` once everything sent so far has left its buffers'
         memory (at once if nothing is waiting), or when the queue is cleared."""
-        if not self.queue:
-            _run_notice(callback)
-        else:
-            self.queue.append((_NOTIFY, callback))
+        with self.lock:
+            if not self.queue:
+                _run_notice(callback)
+            else:
+                self.queue.append((_NOTIFY, callback))
 
     def clear(self) -> None:
         """Drop everything not yet written (the connection is gone); run the
         pending :meth:`notify` callbacks."""
-        q, self.queue = self.queue, collections.deque()
+        with self.lock:
+            q, self.queue = self.queue, collections.deque()
+            self.held.clear()
         for seg, callback in q:
             if seg is _NOTIFY:
                 _run_notice(callback)
 
     def resumeProducing(self) -> None:  # noqa: N802
         # The transport calls this once it has written everything it held.
-        self._pump(drained=True)
+        with self.lock:
+            self._pump(drained=True)
 
     def _pump(self, drained: bool) -> None:
         if self.pumping:
@@ -935,8 +1088,8 @@ class NativeProtocol(protocol.Protocol):
         self._export_ids: dict[int, int] = {}
         self._next_oid = 1
         self._remotes: dict[int, NativeRemote] = {}
-        self._calls: dict[int, defer.Deferred] = {}
-        self._next_call = 1
+        self._calls: dict[int, defer.Deferred | ThreadWaiter] = {}
+        self._call_ids = itertools.count(1)  # (next() is atomic: threads take ids too)
         self._disconnect_watchers: dict[int, tuple[Callable, tuple, dict]] = {}
         self._next_watcher = 1
         self.connected_ = False
@@ -962,8 +1115,11 @@ class NativeProtocol(protocol.Protocol):
                 data = self._read_hello(data)
                 if self._reader is None:
                     return
-            for header, buffers in self._reader.feed(data):
-                self._message(decode(header, buffers, self))
+            frames = self._reader.feed(data)
+            if frames:
+                with _cork:
+                    for header, buffers in frames:
+                        self._message(decode(header, buffers, self))
             if POOL.tracked_bytes:
                 from twisted.internet import reactor
 
@@ -1034,7 +1190,9 @@ class NativeProtocol(protocol.Protocol):
         self._fail_auth(
             ConnectionError(f"the connection closed before the handshake finished: {reason.value}")
         )
-        calls, self._calls = self._calls, {}
+        with self._outbox_lock():
+            # (a thread sending a call checks connected_ under this lock)
+            calls, self._calls = self._calls, {}
         for d in calls.values():
             d.errback(Failure(error.ConnectionLost(f"the connection was lost: {reason.value}")))
         watchers, self._disconnect_watchers = self._disconnect_watchers, {}
@@ -1167,8 +1325,7 @@ class NativeProtocol(protocol.Protocol):
             if not reply:
                 self._send(["o", oid, method, list(args), kwargs])
                 return None
-            call_id = self._next_call
-            self._next_call += 1
+            call_id = next(self._call_ids)
             d = defer.Deferred()
             self._calls[call_id] = d
             try:
@@ -1179,6 +1336,47 @@ class NativeProtocol(protocol.Protocol):
             return d
         except Exception:
             return defer.fail()
+
+    def call_from_thread(
+        self, oid: int, method: str, args: tuple, kwargs: dict, reactor: Any = None
+    ) -> ThreadWaiter | None:
+        """Send a call from a thread other than the reactor's, without waking
+        the reactor thread (which still receives the reply).
+
+        Only a small call carrying plain data (no references) on an idle
+        plain TCP connection goes this way; anything else returns None
+        before anything is sent, and the caller sends it through the reactor
+        thread instead (:meth:`call`).
+
+        :returns: a :class:`ThreadWaiter` for the reply, or None (not sent).
+        """
+        outbox, writer = self._outbox, self._writer
+        if outbox is None or writer is None or outbox.sock is None:
+            return None
+        call_id = next(self._call_ids)
+        try:
+            header, buffers = encode(["c", call_id, oid, method, list(args), kwargs], None)
+        except ProtocolError:
+            return None  # references travel through the reactor thread
+        if len(header) + sum(memoryview(b).nbytes for b in buffers) > SMALL_FRAME - 1024:
+            return None
+        waiter = ThreadWaiter()
+
+        def sign() -> Frame | None:
+            if not self.connected_ or not self._auth_done:
+                return None
+            frame = writer.frame(header, buffers)
+            self._calls[call_id] = waiter
+            return frame
+
+        if reactor is None:
+            from twisted.internet import reactor
+        if not outbox.send_from_thread(sign, reactor):
+            return None
+        return waiter
+
+    def _outbox_lock(self) -> Any:
+        return self._outbox.lock if self._outbox is not None else _NO_LOCK
 
     def watch_disconnect(self, cb: Callable, args: tuple, kwargs: dict) -> int:
         marker = self._next_watcher
@@ -1267,6 +1465,51 @@ def _remote_methods(target: Any) -> Any:
         return True
     names = frozenset(iface.names()) | frozenset(getattr(target, "native_remote_methods", ()))
     return (iface.__remote_name__, names)
+
+
+class ThreadWaiter:
+    """The reply to a call sent with :meth:`NativeProtocol.call_from_thread`:
+    the calling thread waits with :meth:`wait`; the reactor thread fires it
+    (the ``callback``/``errback`` of a Deferred, without the chain)."""
+
+    __slots__ = ("_done", "value", "failed")
+
+    def __init__(self) -> None:
+        self._done = threading.Lock()
+        self._done.acquire()
+        self.value: Any = None
+        self.failed = False
+
+    def callback(self, value: Any) -> None:
+        self.value = value
+        self._done.release()
+
+    def errback(self, failure: Failure) -> None:
+        self.value = failure
+        self.failed = True
+        self._done.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the reply (``timeout`` seconds at most; None: for ever).
+
+        :returns: whether it came; then :attr:`value` holds it, or the
+            Failure when :attr:`failed`.
+        """
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            return False
+        self._done.release()
+        return True
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+_NO_LOCK = _NoLock()
 
 
 class NativeRemote:
