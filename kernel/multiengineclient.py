@@ -459,11 +459,17 @@ class FullBlockingMultiEngineClient(InteractiveMultiEngineClient):
 
     :param smultiengine: an :class:`~kernel.interfaces.ISynchronousMultiEngine`
         (its methods return Deferreds and take ``block``); it is only ever
-        called in the reactor thread.
+        called in the reactor thread, except for an optional
+        ``call_blocking(method, args, kwargs)`` returning ``(sent, result)``,
+        tried first for blocking calls, from the calling thread (see
+        :meth:`kernel.multienginenative.NativeFullSynchronousMultiEngineClient.call_blocking`).
     """
 
     def __init__(self, smultiengine: Any):
         self.smultiengine = smultiengine
+        # A client half that can make a blocking call from the calling thread
+        # (see NativeFullSynchronousMultiEngineClient.call_blocking).
+        self._call_blocking = getattr(smultiengine, "call_blocking", None)
         self._targets: Any = "all"
         self._block = True
         self._with_context_result = None
@@ -532,6 +538,11 @@ class FullBlockingMultiEngineClient(InteractiveMultiEngineClient):
         :returns: the result (``wrap``-ped) when ``block``; else a
             :class:`PendingResult` with ``wrap`` as its first callback.
         """
+        if block and self._call_blocking is not None and wait_desc is None:
+            if not reactorthread.in_reactor_thread():
+                sent, result = self._call_blocking(method, args, kwargs or {})
+                if sent:
+                    return wrap(result) if wrap is not None else result
         f = getattr(self.smultiengine, method)
         if kwargs:
             f = functools.partial(f, **kwargs)

@@ -269,3 +269,139 @@ async def test_over_tls_engines_and_clients_work_and_only_the_pinned_controller_
             await multienginenative.get_multiengine_client(info=plain, timeout=1)
     finally:
         await loop.stop()
+
+
+# -- blocking calls sent from the caller's thread -----------------------------------
+
+
+async def _blocking_client_with_spy(loop, monkeypatch):
+    """A blocking client over a native client half whose session is open, and
+    the list of ``(method, sent from the thread)`` of its connection's
+    ``call_from_thread``."""
+    from kernel.multiengineclient import FullBlockingMultiEngineClient
+
+    mec = await loop.multiengine()
+    await mec.get_ids()  # opens the session
+    proto = mec.multiengine._session.proto
+    sent = []
+    original = proto.call_from_thread
+
+    def spy(*args, **kwargs):
+        waiter = original(*args, **kwargs)
+        sent.append((args[1], waiter is not None))
+        return waiter
+
+    monkeypatch.setattr(proto, "call_from_thread", spy)
+    return mec, FullBlockingMultiEngineClient(mec), sent
+
+
+def _in_thread(f, *args):
+    from twisted.internet import reactor, threads
+
+    return threads.deferToThread(f, *args).addTimeout(60, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocking_client_sends_small_calls_from_its_own_thread(loop, monkeypatch):
+    from kernel.multiengineclient import ResultList
+
+    _, client, sent = await _blocking_client_with_spy(loop, monkeypatch)
+
+    def work():
+        ids = client.get_ids()
+        executed = client.execute("x = 6 * 7", targets=ids[0])
+        client.push({"y": [1, 2]}, targets=ids)
+        return (
+            ids,
+            executed,
+            client.pull(["x", "y"], targets=ids[0]),
+            client.pull("y", targets=ids),
+            client.apply(pow, 2, 10, targets=ids),
+        )
+
+    ids, executed, pulled, pulled_one, applied = await _in_thread(work)
+    assert isinstance(executed, ResultList) and executed[0]["input"] == "x = 6 * 7"
+    assert executed[0]["id"] == ids[0]
+    assert pulled == [[42, [1, 2]]]
+    assert pulled_one == [[1, 2], [1, 2]]
+    assert applied == [1024, 1024]
+    assert sent == [
+        ("execute", True),
+        ("push_serialized", True),
+        ("pull_serialized", True),
+        ("pull_serialized", True),
+        ("apply_serialized", True),
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_of_calls_sent_from_the_thread_are_those_of_the_usual_path(loop, monkeypatch):
+    from kernel.error import InvalidEngineID
+
+    mec, client, sent = await _blocking_client_with_spy(loop, monkeypatch)
+    with pytest.raises(CompositeError) as usual:
+        await mec.apply(divmod, 1, 0)
+
+    def work():
+        out = {}
+        for name, call in [
+            ("apply", lambda: client.apply(divmod, 1, 0)),
+            ("execute", lambda: client.execute("1 / 0")),
+            ("target", lambda: client.execute("pass", targets=99)),
+            ("pull", lambda: client.pull("nowhere")),
+        ]:
+            try:
+                call()
+            except Exception as e:
+                out[name] = e
+        return out
+
+    errors = await _in_thread(work)
+    assert str(errors["apply"]) == str(usual.value)
+    assert "method: apply" in str(errors["apply"])
+    with pytest.raises(ZeroDivisionError):
+        errors["apply"].raise_exception()
+    assert isinstance(errors["execute"], CompositeError)
+    with pytest.raises(ZeroDivisionError):
+        errors["execute"].raise_exception()
+    assert isinstance(errors["target"], InvalidEngineID)
+    assert isinstance(errors["pull"], CompositeError) and "method: pull" in str(errors["pull"])
+    assert [s for _, s in sent] == [True] * 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_large_or_keyword_calls_and_pending_results_go_through_the_reactor(loop, monkeypatch):
+    _, client, sent = await _blocking_client_with_spy(loop, monkeypatch)
+    big = b"z" * (2 * nativeproto.SMALL_FRAME)
+
+    def work():
+        client.push({"big": big})
+        back = client.pull("big")
+        by_keyword = client.apply(int, "ff", base=16)
+        pending = client.execute("w = 1", block=False)
+        return back, by_keyword, pending.get_result()
+
+    back, by_keyword, pending_result = await _in_thread(work)
+    assert back == [big, big]
+    assert by_keyword == [255, 255]
+    assert [r["input"] for r in pending_result] == ["w = 1", "w = 1"]
+    # the push was tried from the thread (too large: sent by the reactor, the
+    # blob serialized once); the small pull went from the thread
+    assert sent == [("push_serialized", False), ("pull_serialized", True)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blocking_call_on_a_lost_connection_is_a_connection_error(loop, monkeypatch):
+    mec, client, _ = await _blocking_client_with_spy(loop, monkeypatch)
+    mec.disconnect()
+    from twisted.internet import reactor, task
+
+    await task.deferLater(reactor, 0.05, lambda: None)
+
+    def work():
+        try:
+            client.execute("pass")
+        except ConnectionError as e:
+            return e
+
+    assert isinstance(await _in_thread(work), ConnectionError)
