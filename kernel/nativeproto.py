@@ -131,6 +131,7 @@ import json
 import os
 import secrets
 import struct
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -1456,6 +1457,10 @@ _allowed_methods: dict[type, Any] = {}
 
 
 def _remote_methods(target: Any) -> Any:
+    if "foolscap" not in sys.modules:
+        # No class can declare a Foolscap RemoteInterface without Foolscap
+        # loaded; a native-only process must not load it here either.
+        return True
     try:
         from foolscap.remoteinterface import getRemoteInterface
     except ImportError:  # pragma: no cover - foolscap is a dependency

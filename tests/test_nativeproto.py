@@ -475,8 +475,12 @@ def test_a_forwarded_buffer_changed_after_it_was_received_does_not_verify():
 def test_only_the_methods_of_a_targets_remote_interface_can_be_called():
     """A server half declaring a Foolscap RemoteInterface answers only the
     methods it lists (plus its ``native_remote_methods``)."""
+    from zope.interface import implementer
+
+    from kernel.enginefc import RIEngine
     from kernel.enginenative import NativeEngineReferenceFromService
 
+    @implementer(RIEngine)
     class Leaky(NativeEngineReferenceFromService):
         def remote_secret(self):  # pragma: no cover - must never be reachable
             raise AssertionError("called")
