@@ -264,7 +264,7 @@ class TaskController(MapperMixin, service.Service):
         self._hwm = hwm
         self.pipeline = pipeline
         self._table = LoadTable(scheme, 0 if hwm is None else hwm)
-        self._next_taskid = first_taskid
+        self._first_taskid = self._next_taskid = first_taskid
         #: blocks of taskids granted to clients: start -> [first unused, stop]
         self._grants: dict[int, list[int]] = {}
         self._grant_starts: list[int] = []  # sorted
@@ -446,7 +446,13 @@ class TaskController(MapperMixin, service.Service):
 
     def _claim_taskid(self, taskid: Any) -> bool | InvalidTaskID | None:
         """May ``taskid`` start a new task? True (and it is taken now), None
-        if it was taken before (a resubmission), or the error refusing it."""
+        if it was taken before (a resubmission), or the error refusing it.
+
+        Clients use each block's ids in increasing order, so a block only
+        keeps its first unused id: those below it were taken (or skipped).
+        An id this controller handed out that lies in no open block was
+        taken, even if its task has been cleared since.
+        """
         if isinstance(taskid, int) and not isinstance(taskid, bool):
             if taskid in self._tasks or taskid in self._done:
                 return None
@@ -462,6 +468,8 @@ class TaskController(MapperMixin, service.Service):
                         del self._grants[start]
                         del self._grant_starts[i]
                     return True
+            if self._first_taskid <= taskid < self._next_taskid:
+                return None
         return InvalidTaskID(
             f"task id {taskid!r} was not reserved for a new task on this controller "
             "(not granted by reserve_taskids, or granted before the controller restarted): "

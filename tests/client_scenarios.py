@@ -595,6 +595,42 @@ def scenario_task__dependencies_order_tasks(ctx: Context) -> None:
         assert f.read() == "first\nsecond\n"
 
 
+def scenario_task__runs_one_by_one_from_threads_get_unique_ids(ctx: Context) -> None:
+    import threading
+
+    from kernel.client import MapTask
+
+    batcher = getattr(ctx.tc.task_controller, "batcher", None)
+    if batcher is not None:
+        batcher.block_size = 16  # several blocks, reserved ahead while submitting
+    ids: dict[int, list[int]] = {0: [], 1: []}
+
+    def submit(k: int) -> None:
+        ids[k] = [ctx.tc.run(MapTask(abs, (-i,))) for i in range(150)]
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(len(v) == 150 and v == sorted(v) for v in ids.values()), ids
+    assert len(set(ids[0]) | set(ids[1])) == 300
+    for k in ids:
+        results = ctx.tc.get_task_results(ids[k], block=True)
+        assert [r.results for r in results] == list(range(150))
+
+
+def scenario_task__unserializable_task_raises_from_run(ctx: Context) -> None:
+    import threading
+
+    from kernel.client import MapTask
+    from kernel.error import SerializationError
+
+    lock = threading.Lock()
+    _raises(SerializationError, ctx.tc.run, MapTask(lambda: lock))
+    assert ctx.tc.run(MapTask(abs, (-3,)), block=True).results == 3
+
+
 # ---------------------------------------------------------------------------
 # Magics, in an IPython InteractiveShell
 # ---------------------------------------------------------------------------

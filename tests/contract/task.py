@@ -36,7 +36,7 @@ from kernel.error import (
     TaskAborted,
     TaskAlreadyCompleted,
 )
-from kernel.interfaces import ITaskController
+from kernel.interfaces import ITaskController, ITaskSubmission
 from kernel.task import MapTask, StringTask, TaskResult
 
 #: Upper bound on any single wait in these tests (seconds).
@@ -163,6 +163,7 @@ class TaskControllerContract:
 
     def test_provides_interface(self, cluster):
         assert verifyObject(ITaskController, cluster.task_controller)
+        assert verifyObject(ITaskSubmission, cluster.task_controller)
 
     @pytest_twisted.ensureDeferred
     async def test_map_task_result_and_metadata(self, cluster):
@@ -913,3 +914,112 @@ class TaskControllerContract:
             return x * x
 
         assert await square(range(7)) == [x * x for x in range(7)]
+
+    # -- submission in batches under reserved taskids ----------------------------
+
+    async def other_task_client(self, cluster):
+        """A second client of the same controller (the controller itself in process)."""
+        connect = getattr(cluster, "connect", None)
+        return cluster.task_controller if connect is None else await connect("task")
+
+    @pytest_twisted.ensureDeferred
+    async def test_taskids_are_unique_and_increase_per_client_across_clients(self, cluster):
+        tc = cluster.task_controller
+        other = await self.other_task_client(cluster)
+        first = [await tc.run(MapTask(abs, (-i,))) for i in range(20)]
+        theirs = [await other.run(MapTask(abs, (-i,))) for i in range(20)]
+        then = [await tc.run(MapTask(abs, (-i,))) for i in range(20, 40)]
+        mine = first + then
+        assert mine == sorted(mine) and theirs == sorted(theirs)
+        assert len(set(mine) | set(theirs)) == 60
+        results = await tc.get_task_results(mine, block=True).addTimeout(WAIT, reactor)
+        assert [r.results for r in results] == list(range(40))
+        results = await other.get_task_results(theirs, block=True).addTimeout(WAIT, reactor)
+        assert [r.results for r in results] == list(range(20))
+
+    @pytest_twisted.ensureDeferred
+    async def test_reserved_blocks_of_two_clients_do_not_overlap(self, cluster):
+        other = await self.other_task_client(cluster)
+        a0, a1 = await cluster.task_controller.reserve_taskids(50)
+        b0, b1 = await other.reserve_taskids(50)
+        assert a1 - a0 == 50 and b1 - b0 == 50
+        assert a1 <= b0 or b1 <= a0
+
+    @pytest_twisted.ensureDeferred
+    async def test_reserve_taskids_refuses_a_bad_count(self, cluster):
+        with pytest.raises(ValueError, match="from 1 to"):
+            await cluster.task_controller.reserve_taskids(0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_calls_right_after_run_see_the_task(self, cluster, tmp_path):
+        tc = cluster.task_controller
+        gate = str(tmp_path / "gate")
+        taskids = [await tc.run(MapTask(gated(gate, i))) for i in range(30)]
+        # the tasks may still sit in the client's batch: each call must see them
+        assert await tc.get_task_result(taskids[-1]) is None
+        status = await tc.queue_status(verbose=True)
+        assert set(taskids) <= set(status["pending"]) | set(status["running"])
+        last = await tc.run(MapTask(abs, (-7,)))
+        await tc.abort(last)
+        with pytest.raises(TaskAborted):
+            (await result(tc, last)).raise_exception()
+        open_gate(gate)
+        await tc.barrier(taskids).addTimeout(WAIT, reactor)
+        results = await tc.get_task_results(taskids)
+        assert [r.results for r in results] == list(range(30))
+
+    @pytest_twisted.ensureDeferred
+    async def test_get_task_results_in_order_and_unknown_ids_fail(self, cluster):
+        tc = cluster.task_controller
+        taskids = [await tc.run(MapTask(abs, (-i,))) for i in range(5)]
+        results = await tc.get_task_results(taskids, block=True).addTimeout(WAIT, reactor)
+        assert [r.taskid for r in results] == taskids
+        assert [r.results for r in results] == list(range(5))
+        with pytest.raises(InvalidTaskID):
+            await tc.get_task_results([taskids[0], 10**12], block=True)
+
+    @pytest_twisted.ensureDeferred
+    async def test_rejected_spec_in_a_batch_fails_only_its_own_task(self, cluster):
+        tc = cluster.task_controller
+        start, _ = await tc.reserve_taskids(3)
+        good_flags, payload = MapTask(abs, (-5,)).to_spec()
+        bad_flags = dict(good_flags, retries=-1)
+        refused = await tc.run_batch(
+            [
+                [start, good_flags, payload],
+                [start + 1, bad_flags, payload],
+                [start + 2, good_flags, payload],
+            ]
+        )
+        assert refused == []
+        first, bad, last = await tc.get_task_results(range(start, start + 3), block=True)
+        assert first.results == 5 and last.results == 5
+        assert bad.status == "failed"
+        with pytest.raises(ValueError, match="retries must be an int >= 0"):
+            bad.raise_exception()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_taskid_never_granted_is_refused(self, cluster):
+        tc = cluster.task_controller
+        flags, payload = MapTask(abs, (-1,)).to_spec()
+        refused = await tc.run_batch([[10**12, flags, payload]])
+        assert [tid for tid, _ in refused] == [10**12]
+        assert isinstance(refused[0][1], InvalidTaskID)
+        assert "run()" in str(refused[0][1])
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_batch_sent_again_runs_each_task_once(self, cluster, tmp_path):
+        tc = cluster.task_controller
+        log = str(tmp_path / "log")
+        start, _ = await tc.reserve_taskids(2)
+        specs = [[start + i, *MapTask(logger(log, f"task {i}")).to_spec()] for i in range(2)]
+        assert await tc.run_batch(specs) == []
+        assert await tc.run_batch(specs) == []  # resent while queued or running
+        await tc.barrier([start, start + 1]).addTimeout(WAIT, reactor)
+        assert await tc.run_batch(specs) == []  # resent once finished
+        await tc.spin()
+        status = await tc.queue_status(verbose=True)
+        assert start not in status["pending"] + status["running"]
+        assert sorted(read_lines(log)) == ["task 0", "task 1"]
+        results = await tc.get_task_results([start, start + 1])
+        assert [r.results for r in results] == ["task 0", "task 1"]
