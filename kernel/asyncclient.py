@@ -9,12 +9,15 @@ return Deferreds::
     tc = await get_task_client(cluster_dir="/tmp/my-cluster")
     taskid = await tc.run(MapTask(abs, args=(-1,)))
 
-Foolscap (``adapter='fc'``, the default) clients made by these factories
-share one client Tub (started on first use) unless given one. With
-``adapter='pb'`` they log in over Perspective Broker with the credentials in
-the cluster directory's ``pb.json`` (:mod:`kernel.multienginepb`,
-:mod:`kernel.taskpb`). The blocking clients of :mod:`kernel.client` are built
-on these.
+With no ``adapter`` the factories speak whatever the controller serves, by
+the connection files in its cluster directory (``native.json``: the native
+transport, the default on loopback; ``*.furl``: Foolscap; ``pb.json``: PB);
+a FURL or a ``.furl`` file means Foolscap. Foolscap (``adapter='fc'``)
+clients made by these factories share one client Tub (started on first use)
+unless given one. With ``adapter='pb'`` they log in over Perspective Broker
+with the credentials in the cluster directory's ``pb.json``
+(:mod:`kernel.multienginepb`, :mod:`kernel.taskpb`). The blocking clients
+of :mod:`kernel.client` are built on these.
 """
 
 from __future__ import annotations
@@ -112,10 +115,26 @@ def _unreachable(f: Failure, furl: str) -> Failure:
     )
 
 
-def _adapter(adapter: str) -> str:
-    if adapter not in ADAPTERS:
+def _adapter(adapter: str | None, furl_or_file: Any, cluster_dir: Any) -> str:
+    """The adapter to connect with: ``adapter`` if given (checked against
+    what the cluster directory's controller serves), ``fc`` for a FURL or a
+    connection file, else what the cluster directory's controller serves."""
+    if adapter is not None and adapter not in ADAPTERS:
         raise ValueError(f"unknown adapter {adapter!r}: use one of {', '.join(ADAPTERS)}")
-    return adapter
+    if furl_or_file is not None and not os.path.isdir(os.fspath(furl_or_file)):
+        return adapter or "fc"  # a FURL or a .furl file (other adapters refuse it)
+    cd = ClusterDir(cluster_dir if furl_or_file is None else furl_or_file)
+    if adapter is not None:
+        cd.check_adapter(adapter)
+        return adapter
+    served = cd.served_adapter()
+    if served is None:
+        raise ConnectionError(
+            f"no controller connection files in {cd.path}: is a controller running "
+            "with this cluster directory? Start one with "
+            f"`txkernel cluster start -n 4 --cluster-dir {cd.path}`."
+        )
+    return served
 
 
 def _pb_dir(furl_or_file: Any, cluster_dir: Any) -> Any:
@@ -152,7 +171,8 @@ async def _get_client(
 ) -> Any:
     """Connect to the controller's ``kind`` interface (``'multiengine'`` or
     ``'task'``) over ``adapter``."""
-    if _adapter(adapter) != "fc":
+    adapter = _adapter(adapter, furl_or_file, cluster_dir)
+    if adapter != "fc":
         # kernel.multienginepb, kernel.tasknative, ...: imported only when used.
         module = importlib.import_module(f"kernel.{kind}{adapter}")
         get = getattr(module, f"get_{kind}_client")
@@ -164,7 +184,7 @@ async def _get_client(
 def get_multiengine_client(
     furl_or_file: str | None = None,
     cluster_dir: str | os.PathLike | None = None,
-    adapter: str = "fc",
+    adapter: str | None = None,
     *,
     tub: Any = None,
     timeout: float = CONNECT_TIMEOUT,
@@ -174,9 +194,9 @@ def get_multiengine_client(
     :param furl_or_file: a FURL, a ``multiengine.furl`` file, or None.
     :param cluster_dir: where to find ``multiengine.furl`` when
         ``furl_or_file`` is None.
-    :param adapter: ``'fc'`` (Foolscap), ``'pb'`` (Perspective Broker) or
-        ``'native'`` (:mod:`kernel.nativeproto`; like PB, it connects through
-        a cluster directory).
+    :param adapter: None (what the controller serves, see above), ``'native'``
+        (:mod:`kernel.nativeproto`), ``'fc'`` (Foolscap) or ``'pb'``
+        (Perspective Broker); native and PB connect through a cluster directory.
     :param tub: the Foolscap Tub to connect from (default: :func:`client_tub`).
     :param timeout: seconds to wait for the controller.
     :returns: Deferred firing a
@@ -198,7 +218,7 @@ def get_multiengine_client(
 def get_task_client(
     furl_or_file: str | None = None,
     cluster_dir: str | os.PathLike | None = None,
-    adapter: str = "fc",
+    adapter: str | None = None,
     *,
     tub: Any = None,
     timeout: float = CONNECT_TIMEOUT,
@@ -207,8 +227,7 @@ def get_task_client(
 
     :param furl_or_file: a FURL, a ``task.furl`` file, or None.
     :param cluster_dir: where to find ``task.furl`` when ``furl_or_file`` is None.
-    :param adapter: ``'fc'`` (Foolscap), ``'pb'`` (Perspective Broker) or
-        ``'native'`` (through a cluster directory, like PB).
+    :param adapter: as for :func:`get_multiengine_client`.
     :param tub: the Foolscap Tub to connect from (default: :func:`client_tub`).
     :param timeout: seconds to wait for the controller.
     :returns: Deferred firing a :class:`~kernel.taskfc.FCTaskClient`.

@@ -2,7 +2,7 @@
 
 ::
 
-    txkernel cluster start -n 4 [--cluster-dir D] [--adapter fc|pb|native] [--daemon]
+    txkernel cluster start -n 4 [--cluster-dir D] [--adapter native|fc|pb] [--daemon]
     txkernel cluster stop [--cluster-dir D]
     txkernel cluster status [--cluster-dir D]
     txkernel run -n 4 script.py [args...]
@@ -132,7 +132,7 @@ def start_cluster(args: argparse.Namespace, cd: ClusterDir):
         cd.path,
         timeout=args.timeout,
         heartbeat=args.heartbeat,
-        controller_args=[f"--adapter={args.adapter}"],
+        controller_args=[f"--adapter={args.adapter}"] if args.adapter else [],
     )
     try:
         cluster.start(args.n)
@@ -197,12 +197,10 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def cluster_adapter(cd: ClusterDir) -> str:
-    """The adapter the running controller of ``cd`` serves: ``pb`` when it
-    wrote ``pb.json``, ``native`` when it wrote ``native.json``, else ``fc``."""
-    if os.path.exists(cd.file(clusterdir.PB_FILE)):
-        return "pb"
-    return "native" if os.path.exists(cd.file("native.json")) else "fc"
+def cluster_adapter(cd: ClusterDir) -> str | None:
+    """The adapter the running controller of ``cd`` serves (``native``,
+    ``fc`` or ``pb``, by the connection files it wrote), or None."""
+    return cd.served_adapter()
 
 
 def _queue_status(cd: ClusterDir, timeout: float) -> tuple[list | None, dict | None, str]:
@@ -331,7 +329,12 @@ def _add_cluster_dir(p: argparse.ArgumentParser) -> None:
 
 def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, required=True, help="number of engines")
-    p.add_argument("--adapter", choices=("fc", "pb", "native"), default="fc", help="transport")
+    p.add_argument(
+        "--adapter",
+        choices=("native", "fc", "pb"),
+        default=None,
+        help="transport (default: native, as the controller listens on loopback)",
+    )
     p.add_argument("--heartbeat", type=float, default=3.0, help="seconds between engine heartbeats")
     p.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the engines to register"

@@ -9,8 +9,10 @@
 
 With no arguments the clients find the cluster through the cluster directory
 (``$TXKERNEL_CLUSTER_DIR`` or ``~/.txkernel/default``, where
-``txkernel cluster start`` writes its connection files). Pass a connection
-file or a FURL, or another cluster directory, to connect elsewhere.
+``txkernel cluster start`` writes its connection files), and speak whatever
+transport the controller serves there (the native one on loopback, by
+default). Pass a connection file or a FURL, or another cluster directory, to
+connect elsewhere, and ``adapter=`` to insist on a transport.
 
 The network runs in Twisted's reactor, in a daemon thread started on the
 first call (importing this module starts nothing). Every client method is
@@ -101,14 +103,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _check_adapter(adapter: str) -> None:
-    if adapter not in ADAPTERS:
+def _check_adapter(adapter: str | None) -> None:
+    if adapter is not None and adapter not in ADAPTERS:
         raise ValueError(
             f"unknown adapter {adapter!r}: this installation supports {', '.join(ADAPTERS)}"
         )
 
 
-def _connect(kind: str, furl_or_file: Any, cluster_dir: Any, adapter: str) -> Any:
+def _connect(kind: str, furl_or_file: Any, cluster_dir: Any, adapter: str | None) -> Any:
     """Connect an asynchronous client in the reactor thread and return it."""
     _check_adapter(adapter)
     from kernel import asyncclient
@@ -120,7 +122,7 @@ def _connect(kind: str, furl_or_file: Any, cluster_dir: Any, adapter: str) -> An
 
 
 def get_multiengine_client(
-    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str = "fc"
+    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str | None = None
 ) -> FullBlockingMultiEngineClient:
     """A blocking multiengine client connected to a running controller.
 
@@ -128,10 +130,13 @@ def get_multiengine_client(
         ``multiengine.furl`` in the cluster directory.
     :param cluster_dir: the cluster directory (None: ``$TXKERNEL_CLUSTER_DIR``
         or ``~/.txkernel/default``).
-    :param adapter: the network adapter: ``'fc'`` (Foolscap), ``'native'`` or ``'pb'``
-        (Perspective Broker, which connects through ``cluster_dir``).
-    :raises kernel.error.ConnectionError: no cluster found, or the controller
-        cannot be reached.
+    :param adapter: the network adapter: None for the one the controller
+        serves (by its connection files; ``'fc'`` for a FURL), or ``'native'``,
+        ``'fc'`` (Foolscap) or ``'pb'`` (Perspective Broker); native and PB
+        connect through ``cluster_dir``.
+    :raises kernel.error.ConnectionError: no cluster found, the controller
+        cannot be reached, or it serves another adapter than the one asked
+        for (naming it and the fixes).
     """
     async_client = _connect("multiengine", furl_or_file, cluster_dir, adapter)
     if IBlockingClientAdaptor.providedBy(async_client):
@@ -140,7 +145,7 @@ def get_multiengine_client(
 
 
 def get_task_client(
-    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str = "fc"
+    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str | None = None
 ) -> BlockingTaskClient:
     """A blocking task client connected to a running controller (arguments as
     :func:`get_multiengine_client`; the default file is ``task.furl``)."""
@@ -151,14 +156,14 @@ def get_task_client(
 
 
 def MultiEngineClient(  # noqa: N802 - reads as a class, as in the seeds
-    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str = "fc"
+    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str | None = None
 ) -> FullBlockingMultiEngineClient:
     """``client.MultiEngineClient()``: :func:`get_multiengine_client`."""
     return get_multiengine_client(furl_or_file, cluster_dir, adapter)
 
 
 def TaskClient(  # noqa: N802 - reads as a class, as in the seeds
-    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str = "fc"
+    furl_or_file: str | None = None, cluster_dir: str | None = None, adapter: str | None = None
 ) -> BlockingTaskClient:
     """``client.TaskClient()``: :func:`get_task_client`."""
     return get_task_client(furl_or_file, cluster_dir, adapter)

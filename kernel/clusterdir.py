@@ -4,8 +4,11 @@ A cluster directory (default ``~/.txkernel/default``, or ``$TXKERNEL_CLUSTER_DIR
 or an explicit path) holds everything a running cluster shares through the
 file system:
 
-- connection files: ``engine.furl``, ``multiengine.furl``, ``task.furl`` (and
-  ``pb.json`` for the PB adapter) — capabilities, so they are private;
+- connection files: ``native.json`` (the native transport, the default on
+  loopback), or ``engine.furl``, ``multiengine.furl``, ``task.furl``
+  (Foolscap), or ``pb.json`` (PB) — capabilities, so they are private. Which
+  of them the directory holds tells engines and clients which adapter the
+  controller serves (:meth:`ClusterDir.served_adapter`);
 - the Foolscap Tub certificates (``*.pem``), so FURLs survive a controller
   restart, and the chosen ports (``ports.json``);
 - ``engines.json``, the controller's list of registered engines;
@@ -19,6 +22,7 @@ Reading a connection file that others could read or change raises
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import stat
@@ -35,8 +39,13 @@ ENGINE_FURL = "engine.furl"
 MULTIENGINE_FURL = "multiengine.furl"
 TASK_FURL = "task.furl"
 PB_FILE = "pb.json"
+NATIVE_FILE = "native.json"
 #: Every adapter's connection files.
 FC_FILES = (ENGINE_FURL, MULTIENGINE_FURL, TASK_FURL)
+#: The connection files that show a controller serves an adapter.
+ADAPTER_FILES = {"native": (NATIVE_FILE,), "fc": FC_FILES, "pb": (PB_FILE,)}
+#: How each adapter is named in messages.
+ADAPTER_NAMES = {"native": "the native transport", "fc": "Foolscap", "pb": "Perspective Broker"}
 PORTS_FILE = "ports.json"
 ENGINES_FILE = "engines.json"
 TASK_DB = "tasks.sqlite"
@@ -55,6 +64,30 @@ def default_cluster_dir() -> str:
     if env:
         return os.path.abspath(os.path.expanduser(env))
     return os.path.join(os.path.expanduser("~"), ".txkernel", "default")
+
+
+def is_loopback(interface: str) -> bool:
+    """Does listening on ``interface`` keep a controller on this machine?
+
+    :param interface: an IP address or ``localhost``; ``""`` and ``0.0.0.0``
+        (every interface) are not loopback.
+    """
+    if interface == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        return False
+
+
+def default_adapter(interface: str, tls: bool = False) -> str:
+    """The adapter a controller serves when none is named.
+
+    The native transport (the fastest) on loopback, or whenever TLS is asked
+    for (only it takes ``--tls``); Foolscap (TLS and unguessable FURLs) on
+    any other interface.
+    """
+    return "native" if tls or is_loopback(interface) else "fc"
 
 
 def _loose(mode: int) -> bool:
@@ -233,6 +266,45 @@ class ClusterDir:
                 f"running with this cluster directory? Start one with "
                 f"`txkernel cluster start -n 4 --cluster-dir {self.path}`."
             ) from None
+
+    # -- which adapter the controller serves ----------------------------------
+
+    def served_adapter(self) -> str | None:
+        """The adapter whose connection files the directory holds (``native``,
+        ``fc`` or ``pb``), or None if it holds none.
+
+        A starting controller removes the other adapters' files; should
+        several be present anyway, the most recently written wins.
+        """
+        newest, found = -1.0, None
+        for adapter, names in ADAPTER_FILES.items():
+            for name in names:
+                try:
+                    mtime = os.stat(self.file(name)).st_mtime
+                except OSError:
+                    continue
+                if mtime > newest:
+                    newest, found = mtime, adapter
+        return found
+
+    def check_adapter(self, adapter: str) -> None:
+        """Refuse to connect with ``adapter`` when the controller here serves another.
+
+        :raises ConnectionError: ``adapter``'s connection file is missing but
+            another adapter's is present, naming both and the two fixes.
+        """
+        served = self.served_adapter()
+        if served is None or served == adapter:
+            return
+        if any(os.path.exists(self.file(n)) for n in ADAPTER_FILES.get(adapter, ())):
+            return
+        raise ConnectionError(
+            f"the controller of {self.path} serves {ADAPTER_NAMES[served]} "
+            f"({ADAPTER_FILES[served][0]}), not {ADAPTER_NAMES.get(adapter, adapter)}: "
+            f"connect with adapter {served!r} (adapter={served!r} or --adapter {served}), "
+            "or give no adapter to use whatever it serves, or restart the controller "
+            f"with `--adapter {adapter}`."
+        )
 
     # -- ports and certificates ---------------------------------------------
 

@@ -5,15 +5,19 @@ referenced lazily by ``twisted/plugins/txkernel_plugins.py`` as
 ``kernel.tap.controller`` and ``kernel.tap.engine``.
 
 The controller process runs the core services (ControllerService, MultiEngine,
-TaskController), a heartbeat monitor and two Foolscap Tubs on loopback by
-default: one for engines (``engine.furl``) and one for clients
-(``multiengine.furl``, ``task.furl``). The Tubs' certificates and ports are
+TaskController), a heartbeat monitor and the listeners of one adapter. With no
+``--adapter`` it serves the native transport when it listens on loopback (the
+default interface), one port described by ``native.json``, and Foolscap on any
+other interface: two Tubs, one for engines (``engine.furl``) and one for
+clients (``multiengine.furl``, ``task.furl``), whose certificates and ports are
 kept in the cluster directory, so a restarted controller has the same FURLs
-and its engines find it again by themselves.
+and its engines find it again by themselves. The native transport off
+loopback needs ``--tls``.
 
-The engine process runs an :class:`~kernel.engineservice.EngineService` and an
-:class:`~kernel.enginefc.EngineConnector` that registers it with the
-controller named by ``engine.furl``.
+The engine process runs an :class:`~kernel.engineservice.EngineService` and a
+connector (:mod:`kernel.engineremote`) that keeps it registered with the
+controller, over the adapter whose connection files the cluster directory
+holds unless ``--adapter`` names one.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from kernel import clusterdir
 from kernel.clusterdir import ClusterDir
 
 #: The native transport's connection file (see :mod:`kernel.nativeproto`).
-NATIVE_FILE = "native.json"
+NATIVE_FILE = clusterdir.NATIVE_FILE
 
 #: Load-balancing schemes the task controller understands.
 SCHEMES = ("lru", "plainrandom", "twobin", "weighted", "leastload")
@@ -56,9 +60,11 @@ class ControllerOptions(usage.Options):
 
     synopsis = "[options]"
     longdesc = (
-        "Run a txkernel controller: engines register with it through the "
-        "engine.furl connection file and clients find it through "
-        "multiengine.furl and task.furl, all in the cluster directory."
+        "Run a txkernel controller: engines and clients find it through the "
+        "connection files it writes in the cluster directory (native.json for "
+        "the native transport, the default on loopback; engine.furl, "
+        "multiengine.furl and task.furl for Foolscap, the default on other "
+        "interfaces; pb.json for PB)."
     )
     optParameters = [
         [
@@ -85,9 +91,10 @@ class ControllerOptions(usage.Options):
         [
             "adapter",
             "a",
-            "fc",
-            "Transport: fc (Foolscap), pb (Perspective Broker) or native "
-            "(signed frames, see kernel.nativeproto).",
+            None,
+            "Transport: native (signed frames, see kernel.nativeproto), fc "
+            "(Foolscap) or pb (Perspective Broker) [default: native on a loopback "
+            "interface or with --tls, else fc].",
         ],
         ["heartbeat", None, 3.0, "Seconds between engine heartbeats.", _positive],
         ["max-missed", None, 3, "Heartbeats an engine may miss before it is declared dead.", int],
@@ -115,16 +122,18 @@ class ControllerOptions(usage.Options):
         [
             "tls",
             None,
-            "With --adapter native: TLS on the native port (certificate pinned in "
-            "native.json). Foolscap and PB always use TLS.",
+            "TLS on the native port (certificate pinned in native.json); needed "
+            "to serve the native transport off loopback. Foolscap and PB always "
+            "use TLS.",
         ],
     ]
 
     def postOptions(self) -> None:
+        if self["adapter"] is None:
+            self["adapter"] = clusterdir.default_adapter(self["interface"], bool(self["tls"]))
         if self["adapter"] not in ADAPTERS:
             raise usage.UsageError(
-                f"unknown adapter {self['adapter']!r}: use --adapter fc or --adapter pb "
-                "(or --adapter native)"
+                f"unknown adapter {self['adapter']!r}: use --adapter native, fc or pb"
             )
         if self["scheme"] not in SCHEMES:
             raise usage.UsageError(
@@ -144,6 +153,13 @@ class ControllerOptions(usage.Options):
             raise usage.UsageError(
                 "--tls is for --adapter native: Foolscap and PB always use TLS; drop --tls"
             )
+        if self["adapter"] == "native" and not self["tls"]:
+            if not clusterdir.is_loopback(self["interface"]):
+                raise usage.UsageError(
+                    f"the native transport on {self['interface'] or 'every interface'} "
+                    "would send your data unencrypted over the network: add --tls, or "
+                    "leave out --adapter to serve Foolscap there"
+                )
         ports = [p for p in (self["engine-port"], self["client-port"]) if p]
         if len(ports) == 2 and ports[0] == ports[1]:
             raise usage.UsageError("--engine-port and --client-port must differ")
@@ -159,7 +175,7 @@ class EngineOptions(usage.Options):
             "cluster-dir",
             "d",
             None,
-            "Cluster directory holding engine.furl [default: "
+            "Cluster directory holding the controller's connection files [default: "
             "$TXKERNEL_CLUSTER_DIR or ~/.txkernel/default].",
         ],
         ["furl-file", "f", None, "The controller's engine.furl (overrides --cluster-dir)."],
@@ -167,8 +183,9 @@ class EngineOptions(usage.Options):
             "adapter",
             "a",
             "auto",
-            "How to reach the controller: fc, pb, native, or auto (the "
-            "adapter whose connection file the cluster directory holds).",
+            "How to reach the controller: native, fc, pb, or auto (the "
+            "adapter whose connection files the cluster directory holds; "
+            "waits for them if there are none yet).",
         ],
         ["max-delay", None, 5.0, "Longest wait between reconnection attempts, seconds.", _positive],
     ]
@@ -193,8 +210,7 @@ class EngineOptions(usage.Options):
     def postOptions(self) -> None:
         if self["adapter"] not in ("auto", *ADAPTERS):
             raise usage.UsageError(
-                f"unknown adapter {self['adapter']!r}: use --adapter fc, pb or auto "
-                "(or --adapter native)"
+                f"unknown adapter {self['adapter']!r}: use --adapter auto, native, fc or pb"
             )
         if self["furl-file"] and self["adapter"] in ("pb", "native"):
             raise usage.UsageError("--furl-file is for Foolscap: drop it or use --adapter fc")
@@ -536,22 +552,116 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
 # ---------------------------------------------------------------------------
 
 
-def _engine_adapter(options: EngineOptions, cd: ClusterDir) -> str:
-    """The adapter an engine uses: as given, else ``pb`` when the cluster
-    directory holds only ``pb.json``, else ``fc``."""
-    if options["adapter"] != "auto" or options["furl-file"]:
-        return "fc" if options["furl-file"] else options["adapter"]
-    has_pb = os.path.exists(cd.file(clusterdir.PB_FILE))
-    has_fc = os.path.exists(cd.file(clusterdir.ENGINE_FURL))
-    if os.path.exists(cd.file(NATIVE_FILE)) and not has_fc and not has_pb:
-        return "native"
-    return "pb" if has_pb and not has_fc else "fc"
+def _engine_adapter(options: EngineOptions, cd: ClusterDir) -> str | None:
+    """The adapter an engine uses: as given (``fc`` with ``--furl-file``),
+    else the one whose connection files the cluster directory holds, else
+    None (no controller has written any yet)."""
+    if options["furl-file"]:
+        return "fc"
+    if options["adapter"] != "auto":
+        return options["adapter"]
+    return cd.served_adapter()
+
+
+def _make_connector(adapter: str, cd: ClusterDir, furl_name: str, engine: Any, **common: Any):
+    """The service that keeps ``engine`` registered over ``adapter``; for
+    Foolscap, with the Tub it connects from as its child."""
+    if adapter == "native":
+        from kernel import enginenative, nativeproto
+
+        def get_info() -> dict:
+            cd.check_adapter("native")
+            return nativeproto.read_connection_info(cd)
+
+        return enginenative.NativeEngineConnector(get_info, engine, **common)
+    if adapter == "pb":
+        from kernel import enginepb, pbutil
+
+        def get_pb_info() -> dict:
+            cd.check_adapter("pb")
+            return pbutil.read_connection_info(cd)
+
+        return enginepb.PBEngineConnector(get_pb_info, engine, **common)
+    from foolscap.api import Tub
+
+    from kernel.enginefc import EngineConnector
+
+    tub = Tub()
+    tub.setOption("logLocalFailures", False)
+
+    def get_furl() -> str:
+        cd.check_adapter("fc")
+        return cd.read_furl(furl_name)
+
+    connector = EngineConnector(tub, get_furl, engine, **common)
+    connector.tub_service = tub
+    return connector
+
+
+class AdapterWatch(service.MultiService):
+    """Waits for a controller's connection files, then starts the connector
+    for the adapter they name (an engine started before its controller, with
+    ``--adapter auto``).
+
+    Looks every :data:`WATCH_POLL` seconds for :data:`WATCH_WINDOW` seconds,
+    then every second.
+
+    :param cd: the cluster directory.
+    :param make_connector: ``make_connector(adapter)`` returns the connector service.
+    :param clock: an ``IReactorTime`` (default: the reactor).
+    """
+
+    def __init__(self, cd: ClusterDir, make_connector: Any, clock: Any = None):
+        super().__init__()
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.cd = cd
+        self.make_connector = make_connector
+        self.clock = clock
+        self.connector: Any = None
+        self._started_at = 0.0
+        self._call: Any = None
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._started_at = self.clock.seconds()
+        self._look()
+
+    def stopService(self) -> Any:  # noqa: N802
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        return super().stopService()
+
+    def _look(self) -> None:
+        self._call = None
+        if not self.running:
+            return
+        adapter = self.cd.served_adapter()
+        if adapter is None:
+            waited = self.clock.seconds() - self._started_at
+            self._call = self.clock.callLater(
+                WATCH_POLL if waited < WATCH_WINDOW else 1.0, self._look
+            )
+            return
+        log.msg(f"the controller serves {adapter}: connecting with it")
+        self.connector = self.make_connector(adapter)
+        tub = getattr(self.connector, "tub_service", None)
+        if tub is not None:
+            tub.setServiceParent(self)
+        self.connector.setServiceParent(self)
+
+
+#: How often an engine waiting for its controller's connection files looks, seconds.
+WATCH_POLL = 0.05
+#: For how long it looks that often, seconds.
+WATCH_WINDOW = 10.0
 
 
 def make_engine_service(options: EngineOptions) -> service.MultiService:
-    """Build an engine process's service tree: an EngineService and an
-    EngineConnector (Foolscap, with a Tub) or PBEngineConnector that keeps it
-    registered with the controller."""
+    """Build an engine process's service tree: an EngineService and the
+    connector that keeps it registered with the controller (see
+    :func:`_engine_adapter`; an :class:`AdapterWatch` until the controller's
+    connection files exist, when no adapter is given)."""
     from kernel.engineservice import EngineService
 
     if options["furl-file"]:
@@ -579,27 +689,15 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
     engine.properties.update(options["properties"])
     common = {"on_fatal": give_up, "on_kill": stop, "max_delay": options["max-delay"]}
     adapter = _engine_adapter(options, cd)
-    if adapter == "native":
-        from kernel import enginenative, nativeproto
-
-        connector = enginenative.NativeEngineConnector(
-            lambda: nativeproto.read_connection_info(cd), engine, **common
-        )
-    elif adapter == "pb":
-        from kernel import enginepb, pbutil
-
-        connector = enginepb.PBEngineConnector(
-            lambda: pbutil.read_connection_info(cd), engine, **common
+    if adapter is None:
+        connector = AdapterWatch(
+            cd, lambda adapter: _make_connector(adapter, cd, furl_name, engine, **common)
         )
     else:
-        from foolscap.api import Tub
-
-        from kernel.enginefc import EngineConnector
-
-        tub = Tub()
-        tub.setOption("logLocalFailures", False)
-        tub.setServiceParent(top)
-        connector = EngineConnector(tub, lambda: cd.read_furl(furl_name), engine, **common)
+        connector = _make_connector(adapter, cd, furl_name, engine, **common)
+        tub = getattr(connector, "tub_service", None)
+        if tub is not None:
+            tub.setServiceParent(top)
     connector.setServiceParent(top)
     if cd.exists() and not options["furl-file"]:
         PidFile(cd, f"engine-{os.getpid()}").setServiceParent(top)

@@ -116,6 +116,8 @@ class FoolscapHarness:
         # heartbeats; a long period keeps a large transfer (whose bytes hold up
         # the heartbeat on the same connection) from passing for a dead engine.
         cluster_kwargs.setdefault("heartbeat", 5.0)
+        # Foolscap is not the default on loopback: ask for it.
+        cluster_kwargs.setdefault("controller_args", ["--adapter=fc"])
         self.cluster = LocalCluster(**cluster_kwargs)
         self.tubs: list[Tub] = []
         self.multiengine = None

@@ -50,7 +50,7 @@ def test_a_connection_file_others_can_read_is_refused(cd):
 
 def test_unknown_adapter_is_refused():
     with pytest.raises(ValueError, match="unknown adapter"):
-        asyncclient._adapter("zmq")
+        asyncclient._adapter("zmq", None, None)
 
 
 @pytest_twisted.ensureDeferred
@@ -108,3 +108,21 @@ async def test_a_wrong_furl_raises_connection_error(loop):
     wrong = furl.rsplit("/", 1)[0] + "/not-the-swissnum"
     with pytest.raises(ConnectionError, match="cannot reach the controller"):
         await asyncclient.get_multiengine_client(wrong, tub=loop.client, timeout=10)
+
+
+def test_with_no_adapter_clients_speak_what_the_cluster_directory_serves(tmp_path):
+    cd = clusterdir.ClusterDir(tmp_path / "c").create()
+    with pytest.raises(ConnectionError, match="no controller connection files"):
+        asyncclient._adapter(None, None, cd.path)
+    cd.write_json(clusterdir.NATIVE_FILE, {"port": 1})
+    assert asyncclient._adapter(None, None, cd.path) == "native"
+    assert asyncclient._adapter(None, cd.path, None) == "native"  # a directory given
+    assert asyncclient._adapter(None, FURL, cd.path) == "fc"  # a FURL is Foolscap's
+
+
+def test_an_explicit_adapter_wins_but_a_mismatch_names_the_fix(tmp_path):
+    cd = clusterdir.ClusterDir(tmp_path / "c").create()
+    cd.write_json(clusterdir.NATIVE_FILE, {"port": 1})
+    assert asyncclient._adapter("native", None, cd.path) == "native"
+    with pytest.raises(ConnectionError, match="serves the native transport .* not Foolscap"):
+        asyncclient._adapter("fc", None, cd.path)

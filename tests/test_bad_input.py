@@ -44,7 +44,7 @@ PROMPT = 20
 @pytest.fixture(scope="module")
 def cluster():
     """A controller and two engine processes, over Foolscap."""
-    c = LocalCluster(heartbeat=0.5, max_missed=6)
+    c = LocalCluster(heartbeat=0.5, max_missed=6, controller_args=["--adapter=fc"])
     try:
         c.start(2)
         yield c

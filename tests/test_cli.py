@@ -177,4 +177,4 @@ def test_controller_and_engine_commands_run_the_twistd_plugins(name):
 def test_engine_command_passes_option_errors_through():
     out = txkernel("engine", "--adapter=zmq")
     assert out.returncode != 0
-    assert "use --adapter fc, pb or auto" in out.stdout + out.stderr
+    assert "use --adapter auto, native, fc or pb" in out.stdout + out.stderr

@@ -154,7 +154,19 @@ def test_local_cluster_needs_at_least_one_engine():
 
 @pytest.fixture(scope="module")
 def running_cluster():
+    """A cluster started with the defaults: it serves the native transport."""
     cluster = LocalCluster()
+    try:
+        cluster.start(n_engines=2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def fc_cluster():
+    """A cluster serving Foolscap (FURL connection files)."""
+    cluster = LocalCluster(controller_args=["--adapter=fc"])
     try:
         cluster.start(n_engines=2)
         yield cluster
@@ -165,7 +177,9 @@ def running_cluster():
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_clients_find_the_cluster_with_no_arguments(running_cluster):
-    """MultiEngineClient() and TaskClient() use $TXKERNEL_CLUSTER_DIR."""
+    """MultiEngineClient() and TaskClient() use $TXKERNEL_CLUSTER_DIR, and
+    speak the transport the controller serves (native, by default)."""
+    assert running_cluster.cluster_dir.served_adapter() == "native"
     out = ok(
         child(
             """
@@ -183,8 +197,8 @@ def test_clients_find_the_cluster_with_no_arguments(running_cluster):
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-def test_clients_connect_with_a_connection_file_or_a_furl(running_cluster):
-    cd = running_cluster.cluster_dir
+def test_clients_connect_with_a_connection_file_or_a_furl(fc_cluster):
+    cd = fc_cluster.cluster_dir
     me_file = cd.file("multiengine.furl")
     task_furl = cd.read_furl("task.furl")
     out = ok(

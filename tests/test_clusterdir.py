@@ -133,3 +133,79 @@ def test_pids_lists_pid_files(tmp_path):
     cd.write_file("engine-0.pid", "456")
     cd.write_file("broken.pid", "not a pid")
     assert cd.pids() == {"controller": 123, "engine-0": 456}
+
+
+@pytest.mark.parametrize(
+    "interface, loopback",
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("", False),
+        ("::", False),
+        ("192.168.1.5", False),
+        ("example.org", False),
+    ],
+)
+def test_is_loopback(interface, loopback):
+    assert clusterdir.is_loopback(interface) is loopback
+
+
+def test_default_adapter_is_native_on_loopback_or_with_tls_and_foolscap_elsewhere():
+    assert clusterdir.default_adapter("127.0.0.1") == "native"
+    assert clusterdir.default_adapter("0.0.0.0") == "fc"
+    assert clusterdir.default_adapter("0.0.0.0", tls=True) == "native"
+
+
+def _touch(cd, name, when):
+    cd.write_file(name, "x")
+    os.utime(cd.file(name), (when, when))
+
+
+def test_served_adapter_is_none_without_connection_files(tmp_path):
+    assert ClusterDir(tmp_path / "c").create().served_adapter() is None
+    assert ClusterDir(tmp_path / "missing").served_adapter() is None
+
+
+@pytest.mark.parametrize(
+    "name, adapter",
+    [
+        (clusterdir.NATIVE_FILE, "native"),
+        (clusterdir.ENGINE_FURL, "fc"),
+        (clusterdir.MULTIENGINE_FURL, "fc"),
+        (clusterdir.PB_FILE, "pb"),
+    ],
+)
+def test_served_adapter_follows_the_connection_file(tmp_path, name, adapter):
+    cd = ClusterDir(tmp_path / "c").create()
+    _touch(cd, name, 1000)
+    assert cd.served_adapter() == adapter
+
+
+def test_served_adapter_prefers_the_newest_connection_file(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    _touch(cd, clusterdir.ENGINE_FURL, 1000)
+    _touch(cd, clusterdir.NATIVE_FILE, 2000)
+    assert cd.served_adapter() == "native"
+    _touch(cd, clusterdir.TASK_FURL, 3000)
+    assert cd.served_adapter() == "fc"
+
+
+def test_check_adapter_accepts_the_served_adapter_or_an_empty_directory(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    cd.check_adapter("fc")  # nothing to contradict it (no controller yet)
+    _touch(cd, clusterdir.NATIVE_FILE, 1000)
+    cd.check_adapter("native")
+
+
+def test_check_adapter_names_the_mismatch_and_both_fixes(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    _touch(cd, clusterdir.NATIVE_FILE, 1000)
+    with pytest.raises(ConnectionError) as info:
+        cd.check_adapter("fc")
+    text = str(info.value)
+    assert "serves the native transport (native.json), not Foolscap" in text
+    assert "adapter='native'" in text and "--adapter native" in text
+    assert "restart the controller with `--adapter fc`" in text

@@ -23,7 +23,8 @@ TIMEOUT = 30
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = LocalCluster(heartbeat=0.5)
+    """A controller serving Foolscap (FURL capabilities) and one engine process."""
+    c = LocalCluster(heartbeat=0.5, controller_args=["--adapter=fc"])
     try:
         c.start(1)
         yield c

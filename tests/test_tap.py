@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from twisted.application import service
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.python import usage
@@ -25,7 +26,7 @@ def parse(options_class, *argv):
 def test_controller_defaults_listen_on_loopback():
     o = parse(tap.ControllerOptions)
     assert o["interface"] == "127.0.0.1"
-    assert o["adapter"] == "fc"
+    assert o["adapter"] == "native"  # the default on loopback
     assert o["heartbeat"] == 3.0
     assert o["scheme"] == "leastload"
     assert (o["hwm"], o["pipeline"]) == (None, 1)  # one task at a time per engine
@@ -49,7 +50,7 @@ def test_controller_options_parse_values():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--adapter=zmq"], "use --adapter fc or --adapter pb"),
+        (["--adapter=zmq"], "use --adapter native, fc or pb"),
         (["--scheme=fastest"], "choose one of lru"),
         (["--hwm=-1"], "--hwm must be 0"),
         (["--pipeline=0"], "--pipeline must be at least 1"),
@@ -172,9 +173,53 @@ def test_controller_service_refuses_loose_cluster_dir(tmp_path):
         tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={path}"))
 
 
+@pytest.mark.parametrize(
+    "argv, adapter",
+    [
+        ([], "native"),
+        (["--interface=127.0.0.2"], "native"),
+        (["--interface=localhost"], "native"),
+        (["--interface=::1"], "native"),
+        (["--interface=0.0.0.0"], "fc"),
+        (["--interface="], "fc"),
+        (["--interface=192.168.1.5"], "fc"),
+        (["--interface=0.0.0.0", "--tls"], "native"),
+        (["--interface=0.0.0.0", "--adapter=native", "--tls"], "native"),
+        (["--adapter=fc"], "fc"),
+        (["--adapter=pb"], "pb"),
+    ],
+)
+def test_controller_adapter_defaults_to_native_on_loopback_and_foolscap_elsewhere(argv, adapter):
+    assert parse(tap.ControllerOptions, *argv)["adapter"] == adapter
+
+
+@pytest.mark.parametrize("interface", ["0.0.0.0", "", "10.1.2.3"])
+def test_native_transport_off_loopback_needs_tls(interface):
+    with pytest.raises(usage.UsageError, match="unencrypted over the network: add --tls"):
+        parse(tap.ControllerOptions, f"--interface={interface}", "--adapter=native")
+
+
+def test_default_controller_service_tree_serves_the_native_transport_only(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    top = tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={cd.path}"))
+    from kernel.enginenative import NativeEngineRegistrar
+
+    assert isinstance(top.registrar, NativeEngineRegistrar)
+    top.startService()
+    try:
+        assert cd.served_adapter() == "native"
+        assert not any(
+            os.path.exists(cd.file(n)) for n in (*clusterdir.FC_FILES, clusterdir.PB_FILE)
+        )
+    finally:
+        top.stopService()
+
+
 def test_controller_service_tree_writes_engine_furl(tmp_path):
     cd = tmp_path / "c"
-    top = tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={cd}"))
+    top = tap.make_controller_service(
+        parse(tap.ControllerOptions, f"--cluster-dir={cd}", "--adapter=fc")
+    )
     assert top.cluster_dir.read_furl(clusterdir.ENGINE_FURL).startswith("pb://")
     assert oct(os.stat(cd / clusterdir.ENGINE_FURL).st_mode & 0o777) == "0o600"
     assert top.controller is not None
@@ -183,21 +228,26 @@ def test_controller_service_tree_writes_engine_furl(tmp_path):
 @pytest.mark.parametrize(
     "files, given, expected",
     [
-        ([], "auto", "fc"),
+        ([], "auto", None),  # no controller yet: the engine waits (AdapterWatch)
         ([clusterdir.ENGINE_FURL], "auto", "fc"),
         ([clusterdir.PB_FILE], "auto", "pb"),
         ([clusterdir.PB_FILE, clusterdir.ENGINE_FURL], "auto", "fc"),
+        ([clusterdir.ENGINE_FURL, clusterdir.PB_FILE], "auto", "pb"),
         ([clusterdir.PB_FILE], "fc", "fc"),
         ([], "pb", "pb"),
         (["native.json"], "auto", "native"),
         (["native.json", clusterdir.ENGINE_FURL], "auto", "fc"),
+        ([clusterdir.ENGINE_FURL, "native.json"], "auto", "native"),
         ([], "native", "native"),
     ],
 )
 def test_engine_adapter_follows_connection_files(tmp_path, files, given, expected):
+    """Given no adapter, an engine takes the one whose connection file is
+    newest (stale files of another adapter lose)."""
     cd = ClusterDir(tmp_path / "c").create()
-    for name in files:
+    for age, name in enumerate(files):
         cd.write_file(name, "x")
+        os.utime(cd.file(name), (1000 + age, 1000 + age))
     options = parse(tap.EngineOptions, f"--cluster-dir={cd.path}", f"--adapter={given}")
     assert tap._engine_adapter(options, cd) == expected
 
@@ -210,8 +260,12 @@ def test_engine_furl_file_is_foolscap_only(tmp_path):
 def test_controller_drops_the_other_adapters_connection_files(tmp_path):
     cd = ClusterDir(tmp_path / "c").create()
     cd.write_json(clusterdir.PB_FILE, {"stale": True})
-    tap.make_controller_service(parse(tap.ControllerOptions, f"--cluster-dir={cd.path}"))
+    cd.write_json(clusterdir.NATIVE_FILE, {"stale": True})
+    tap.make_controller_service(
+        parse(tap.ControllerOptions, f"--cluster-dir={cd.path}", "--adapter=fc")
+    )
     assert not os.path.exists(cd.file(clusterdir.PB_FILE))
+    assert not os.path.exists(cd.file(clusterdir.NATIVE_FILE))
     assert os.path.exists(cd.file(clusterdir.ENGINE_FURL))
 
 
@@ -247,7 +301,12 @@ def test_controller_start_fails_when_its_port_is_taken(tmp_path):
         s.listen()
         taken = s.getsockname()[1]
         top = tap.make_controller_service(
-            parse(tap.ControllerOptions, f"--cluster-dir={cd.path}", f"--engine-port={taken}")
+            parse(
+                tap.ControllerOptions,
+                f"--cluster-dir={cd.path}",
+                "--adapter=fc",
+                f"--engine-port={taken}",
+            )
         )
         with pytest.raises(RuntimeError, match="port is taken"):
             top.startService()
@@ -256,3 +315,41 @@ def test_controller_start_fails_when_its_port_is_taken(tmp_path):
     for child in list(top):
         if child.running and not isinstance(child, tap.ListeningCheck):
             child.stopService()
+
+
+def test_engine_without_connection_files_waits_for_them_then_uses_their_adapter(tmp_path):
+    from twisted.internet import task
+
+    cd = ClusterDir(tmp_path / "c").create()
+    clock = task.Clock()
+    made = []
+
+    def make_connector(adapter):
+        made.append(adapter)
+        return service.Service()
+
+    watch = tap.AdapterWatch(cd, make_connector, clock=clock)
+    watch.startService()
+    try:
+        clock.advance(tap.WATCH_POLL * 4)
+        assert made == [] and watch.connector is None
+        cd.write_json(clusterdir.NATIVE_FILE, {"port": 1})
+        clock.advance(tap.WATCH_POLL)
+        assert made == ["native"]
+        assert watch.connector.running
+        clock.advance(tap.WATCH_POLL * 4)
+        assert made == ["native"]  # chosen once
+    finally:
+        watch.stopService()
+    assert not watch.connector.running
+
+
+def test_engine_service_waits_for_a_controller_when_the_directory_is_empty(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    top = tap.make_engine_service(parse(tap.EngineOptions, f"--cluster-dir={cd.path}"))
+    assert isinstance(top.connector, tap.AdapterWatch)
+    cd.write_json(clusterdir.NATIVE_FILE, {"port": 1})
+    top = tap.make_engine_service(parse(tap.EngineOptions, f"--cluster-dir={cd.path}"))
+    from kernel.enginenative import NativeEngineConnector
+
+    assert isinstance(top.connector, NativeEngineConnector)

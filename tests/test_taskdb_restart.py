@@ -1,5 +1,6 @@
 """A controller restarted on its cluster directory keeps the task records it
-wrote and never hands out their task ids again."""
+wrote and never hands out their task ids again, nor those of the blocks it
+granted to clients."""
 
 import pytest
 import pytest_twisted
@@ -35,17 +36,19 @@ async def run_one(cluster, value):
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_restarted_controller_keeps_old_records_and_new_ids(tmp_path):
-    cluster = LocalCluster(str(tmp_path / "cluster"))
+    cluster = LocalCluster(str(tmp_path / "cluster"), controller_args=["--adapter=fc"])
     try:
         await cluster.start_async(1)
-        _, first_id, first = await run_one(cluster, -3)
+        first_tc, first_id, first = await run_one(cluster, -3)
         assert first == 3
+        # the client was granted a whole block of taskids and used only one
+        block_end = first_id + first_tc.batcher.block_size
         cluster.stop_controller()
         await cluster.start_controller_async()
         await cluster.wait_for_engines_async(1)
         tc, second_id, second = await run_one(cluster, -4)
         assert second == 4
-        assert second_id > first_id
+        assert second_id >= block_end  # no id of the granted block is handed out again
         records = await tc.db_query({"taskid": {"$in": [first_id, second_id]}}, keys=["status"])
         assert [(r["taskid"], r["status"]) for r in records] == [
             (first_id, "succeeded"),

@@ -203,6 +203,17 @@ def twist_argv(plugin: str, args: Sequence[str], log_path: str) -> list[str]:
     ]
 
 
+def _option(args: Sequence[str], name: str, short: str) -> str | None:
+    """The last value of option ``name`` (or ``short``) in ``args``, or None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        elif arg in (name, short) and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
 class LocalCluster:
     """A controller process and engine processes on this machine.
 
@@ -414,15 +425,22 @@ class LocalCluster:
         so their start-up overlaps the controller's. They are told the adapter,
         since ``native.json`` may not exist yet to detect it by.
         """
-        args = self.controller_args
-        native = "--adapter=native" in args or any(
-            a == "--adapter" and b == "native" for a, b in zip(args, args[1:], strict=False)
-        )
-        if not native:
+        if self.controller_adapter() != "native":
             return None
         if any(a.startswith("--adapter") for a in self.engine_args):
             return []
         return ["--adapter=native"]
+
+    def controller_adapter(self) -> str:
+        """The adapter the controller serves: its ``--adapter``, else the
+        default for its ``--interface`` (:func:`kernel.clusterdir.default_adapter`)."""
+        given = _option(self.controller_args, "--adapter", "-a")
+        if given is not None:
+            return given
+        interface = _option(self.controller_args, "--interface", "-i")
+        return clusterdir.default_adapter(
+            "127.0.0.1" if interface is None else interface, "--tls" in self.controller_args
+        )
 
     def start(self, n_engines: int = 2) -> dict[int, int]:
         """Start the controller and ``n_engines`` engines; wait until all are
