@@ -19,7 +19,10 @@ specs in batches (:meth:`~kernel.interfaces.ITaskSubmission.run_batch`):
   is acknowledged: the client makes its other calls after that, so they see
   every task submitted before them;
 - a spec the controller refused, or a batch lost with its connection, is
-  remembered (:meth:`TaskBatcher.failure`) as the task's error.
+  remembered (:meth:`TaskBatcher.failure`) as the task's error;
+- while a batch is unacknowledged, reactor shutdown (e.g. a script's
+  exit) waits for it, at most :attr:`TaskBatcher.shutdown_timeout` seconds,
+  so tasks ``run()`` returned ids for are not dropped on the way out.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class TaskBatcher:
     batch_size = 256
     #: Payload bytes after which a batch is closed.
     batch_bytes = 4 * 2**20
+    #: Longest wait at reactor shutdown for unacknowledged batches, seconds.
+    shutdown_timeout = 10.0
 
     def __init__(
         self,
@@ -82,6 +87,7 @@ class TaskBatcher:
         self._serials = itertools.count()
         self._unacked: dict[int, list[defer.Deferred]] = {}
         self._failures: dict[int, BaseException] = {}
+        self._shutdown_trigger: Any = None
 
     def __repr__(self) -> str:
         return f"<TaskBatcher {self._available} ids left, {len(self._queue)} queued>"
@@ -201,6 +207,9 @@ class TaskBatcher:
     def _send_batch(self, batch: list[list[Any]]) -> None:
         serial = next(self._serials)
         self._unacked[serial] = []
+        add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
+        if self._shutdown_trigger is None and add_trigger is not None:
+            self._shutdown_trigger = add_trigger("before", "shutdown", self._at_shutdown)
         d = defer.maybeDeferred(self._send, batch)
         d.addCallbacks(self._acked, self._lost, errbackArgs=(batch,))
         d.addErrback(log.err, "handling a task batch reply")
@@ -221,6 +230,15 @@ class TaskBatcher:
     def _settled(self, _: Any, serial: int) -> None:
         for waiter in self._unacked.pop(serial):
             waiter.callback(None)
+        if not self._unacked and self._shutdown_trigger is not None:
+            self._reactor.removeSystemEventTrigger(self._shutdown_trigger)
+            self._shutdown_trigger = None
+
+    def _at_shutdown(self) -> defer.Deferred:
+        self._shutdown_trigger = None  # the reactor drops its triggers as it runs them
+        d = self.settle()
+        d.addTimeout(self.shutdown_timeout, self._reactor)
+        return d.addErrback(lambda _: None)
 
     def settle(self) -> defer.Deferred:
         """Flush, then fire None once every batch sent so far has been

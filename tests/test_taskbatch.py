@@ -27,10 +27,19 @@ class ThreadClock(Clock):
     def __init__(self):
         super().__init__()
         self.from_threads = 0
+        self.triggers: dict = {}
 
     def callFromThread(self, f, *args):  # noqa: N802 - the reactor's name
         self.from_threads += 1
         self.callLater(0, f, *args)
+
+    def addSystemEventTrigger(self, phase, event, f):  # noqa: N802 - the reactor's name
+        handle = object()
+        self.triggers[handle] = (phase, event, f)
+        return handle
+
+    def removeSystemEventTrigger(self, handle):  # noqa: N802 - the reactor's name
+        del self.triggers[handle]
 
 
 class FakeController:
@@ -186,6 +195,38 @@ def test_settle_waits_for_every_batch_sent_before_it():
     assert not settled.called
     ctl.batches[1][1].callback([])
     assert settled.called
+
+
+def test_shutdown_waits_for_unacknowledged_batches_only_while_there_are_some():
+    batcher, ctl, clock = make()
+    batcher.submit(*spec())
+    ctl.grant()
+    assert clock.triggers == {}
+    clock.advance(0)  # sent, not yet acknowledged
+    ((phase, event, at_shutdown),) = clock.triggers.values()
+    assert (phase, event) == ("before", "shutdown")
+    clock.triggers.clear()  # the reactor runs (and drops) it
+    waiting = at_shutdown()
+    assert not waiting.called
+    ctl.ack_all()
+    assert waiting.called
+    batcher.try_submit(*spec())
+    clock.advance(0)
+    assert len(clock.triggers) == 1
+    ctl.ack_all()
+    assert clock.triggers == {}
+
+
+def test_shutdown_wait_for_a_batch_is_bounded():
+    batcher, ctl, clock = make()
+    batcher.submit(*spec())
+    ctl.grant()
+    clock.advance(0)
+    ((_, _, at_shutdown),) = clock.triggers.values()
+    clock.triggers.clear()
+    waiting = at_shutdown()
+    clock.advance(batcher.shutdown_timeout)
+    assert waiting.called and waiting.result is None
 
 
 def test_settle_with_nothing_sent_fires_at_once():
