@@ -186,6 +186,18 @@ async def _as(method: str, d: defer.Deferred) -> Any:
         raise
 
 
+def _one_result(result: Any) -> list:
+    return [result]
+
+
+def _one_failure(f: Failure, method: str, ids: list[int]) -> list:
+    return collect_exceptions([f], method, engine_ids=ids)
+
+
+def _all_results(results: list, method: str, ids: list[int]) -> list:
+    return collect_exceptions([r for _, r in results], method, engine_ids=ids)
+
+
 async def _per_engine(method: str, ids: list[int], calls: list[defer.Deferred]) -> list:
     results = await defer.DeferredList(calls, consumeErrors=True)
     return _merge_failures(method, ids, [r for _, r in results])
@@ -420,36 +432,52 @@ class MultiEngine(MultiEngineCallerMixin):
     async def _target_list(self, targets: Any) -> list[int]:
         return self.engine_ids(targets)
 
-    async def _each(self, method: str, ids: list[int], *args: Any) -> list:
+    def _each(self, method: str, ids: list[int], *args: Any) -> defer.Deferred:
         """Call the engine method ``method(*args)`` on each engine in ``ids``;
-        fire the results in order, or one CompositeError for every failure."""
+        fire the results in order, or one CompositeError for every failure.
+
+        (Plain Deferreds, no coroutine: this is the relay path of every
+        multiengine call, and one engine needs no DeferredList.)"""
         engines = self.controller.engines
+        if len(ids) == 1:
+            d = defer.maybeDeferred(getattr(engines[ids[0]], method), *args)
+            return d.addCallbacks(_one_result, _one_failure, errbackArgs=(method, ids))
         calls = [defer.maybeDeferred(getattr(engines[i], method), *args) for i in ids]
-        results = await defer.DeferredList(calls, consumeErrors=True)
-        return collect_exceptions([r for _, r in results], method, engine_ids=ids)
+        d = defer.DeferredList(calls, consumeErrors=True)
+        return d.addCallback(_all_results, method, ids)
+
+    def _each_target(self, method: str, targets: Any, *args: Any) -> defer.Deferred:
+        """:meth:`_each` over ``targets`` resolved now (a failure if they do
+        not resolve)."""
+        try:
+            ids = self.engine_ids(targets)
+        except Exception:
+            return defer.fail()
+        return self._each(method, ids, *args)
 
     # -- IEngineMultiplexer ------------------------------------------------
 
-    @_deferred
-    async def execute(self, lines: str, targets: Any = "all") -> list[dict]:
+    def execute(self, lines: str, targets: Any = "all") -> defer.Deferred:
         """Run ``lines`` on each target; fire the result dicts."""
         if not isinstance(lines, str):
-            raise TypeError(f"execute takes Python source as a str, not {type(lines).__name__}")
-        return await self._each("execute", self.engine_ids(targets), lines)
+            return defer.fail(
+                TypeError(f"execute takes Python source as a str, not {type(lines).__name__}")
+            )
+        return self._each_target("execute", targets, lines)
 
-    @_deferred
-    async def push_serialized(self, namespace: dict[str, Any], targets: Any = "all") -> list:
+    def push_serialized(self, namespace: dict[str, Any], targets: Any = "all") -> defer.Deferred:
         """Send ``name: Serialized`` pairs to each target, unopened."""
-        return await self._each("push_serialized", self.engine_ids(targets), namespace)
+        return self._each_target("push_serialized", targets, namespace)
 
-    @_deferred
-    async def pull_serialized(self, keys: str | list[str], targets: Any = "all") -> list:
+    def pull_serialized(self, keys: str | list[str], targets: Any = "all") -> defer.Deferred:
         """Fire one Serialized (or list of them) per target, unopened."""
-        _check_keys(keys)
-        return await self._each("pull_serialized", self.engine_ids(targets), keys)
+        try:
+            _check_keys(keys)
+        except TypeError:
+            return defer.fail()
+        return self._each_target("pull_serialized", targets, keys)
 
-    @_deferred
-    async def apply_serialized(self, payload: Serialized, targets: Any = "all") -> list[dict]:
+    def apply_serialized(self, payload: Serialized, targets: Any = "all") -> defer.Deferred:
         """Run the serialized task body ``payload`` on each target with the
         engine's ``run_task``, in its queue with the other commands.
 
@@ -459,11 +487,13 @@ class MultiEngine(MultiEngineCallerMixin):
         :raises TypeError: ``payload`` is not a Serialized blob.
         """
         if not isinstance(payload, Serialized):
-            raise TypeError(
-                f"apply_serialized takes a Serialized task body, not {type(payload).__name__}: "
-                "use apply(func, *args) to call a function"
+            return defer.fail(
+                TypeError(
+                    f"apply_serialized takes a Serialized task body, not "
+                    f"{type(payload).__name__}: use apply(func, *args) to call a function"
+                )
             )
-        return await self._each("run_task", self.engine_ids(targets), payload)
+        return self._each_target("run_task", targets, payload)
 
     @_deferred
     async def get_result(self, i: int | None = None, targets: Any = "all") -> list[dict]:
