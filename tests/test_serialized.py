@@ -91,3 +91,30 @@ def test_namespace_helpers_require_str_keys():
     assert serialized.deserialize_namespace(ns) == {"a": 1, "b": [2]}
     with pytest.raises(TypeError, match="str"):
         serialized.serialize_namespace({1: "x"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, True, 42, 2.5, 1j, "text", b"abc", bytearray(b"xy"), (1, "a"), [None, 2.0], {"k": 1}],
+)
+def test_small_plain_values_pickle_exactly_as_cloudpickle_writes_them(value):
+    """The standard pickler's fast path for small plain values writes the
+    very bytes cloudpickle would, so nothing differs for the reader."""
+    import io
+
+    import cloudpickle
+
+    assert serialized._is_plain(value)
+    stream = io.BytesIO()
+    cloudpickle.Pickler(stream, protocol=serialized.PROTOCOL).dump(value)
+    blob = serialized.serialize(value)
+    assert blob.data == stream.getvalue() and not blob.buffers
+    assert serialized.deserialize(blob) == value
+
+
+@pytest.mark.parametrize(
+    "value",
+    [lambda: 1, [lambda: 1], (1, [2]), list(range(17)), b"x" * (1 << 20), {"k": object}],
+)
+def test_anything_but_small_plain_values_is_left_to_cloudpickle(value):
+    assert not serialized._is_plain(value)
