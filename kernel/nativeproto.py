@@ -632,13 +632,19 @@ class _Encoder:
         if o is None or t is int or t is float or t is bool:
             return o
         if t is list:
-            return [self.enc(x) for x in o]
+            enc = self.enc
+            return [enc(x) for x in o]
         if t is dict:
-            if all(type(k) is str and not k.startswith("\0") for k in o):
-                return {k: self.enc(v) for k, v in o.items()}
-            return {_PAIRS: [[self.enc(k), self.enc(v)] for k, v in o.items()]}
+            enc = self.enc
+            out = {}
+            for k, v in o.items():
+                if type(k) is not str or k[:1] == "\0":
+                    return {_PAIRS: [[enc(k), enc(v)] for k, v in o.items()]}
+                out[k] = enc(v)
+            return out
         if t is tuple:
-            return {_TUPLE: [self.enc(x) for x in o]}
+            enc = self.enc
+            return {_TUPLE: [enc(x) for x in o]}
         if t is bytes:
             return {_BYTES: self.buffer(o)}
         if t is bytearray or t is memoryview:
@@ -667,7 +673,10 @@ class _Encoder:
 
 
 class _Decoder:
-    """Inverse of :class:`_Encoder` on the receiving side."""
+    """Inverse of :class:`_Encoder` on the receiving side: the JSON parser
+    calls :meth:`hook` on each object, innermost first, so a tagged value
+    is rebuilt from contents already rebuilt, and plain lists and values
+    are never walked in Python."""
 
     def __init__(self, proto: NativeProtocol | None, buffers: list[bytearray]):
         self.proto = proto
@@ -678,17 +687,12 @@ class _Decoder:
             raise ProtocolError(f"a value refers to a missing buffer {i!r}")
         return self.buffers[i]
 
-    def dec(self, o: Any) -> Any:
-        t = type(o)
-        if t is list:
-            return [self.dec(x) for x in o]
-        if t is not dict:
-            return o
+    def hook(self, o: dict) -> Any:
         if len(o) == 1:
             ((tag, v),) = o.items()
-            if tag.startswith("\0"):
+            if tag[:1] == "\0":
                 return self.tagged(tag, v)
-        return {k: self.dec(v) for k, v in o.items()}
+        return o
 
     def tagged(self, tag: str, v: Any) -> Any:
         if tag == _BYTES:
@@ -698,10 +702,10 @@ class _Decoder:
         if tag == _TEXT:
             return self.buf(v).decode("utf-8")
         if tag == _TUPLE and type(v) is list:
-            return tuple(self.dec(x) for x in v)
+            return tuple(v)
         if tag == _PAIRS and type(v) is list:
             try:
-                return {self.dec(k): self.dec(x) for k, x in v}
+                return {k: x for k, x in v}
             except (TypeError, ValueError):
                 raise ProtocolError("malformed dict on the wire") from None
         if tag == _SERIALIZED and type(v) is list and v:
@@ -709,11 +713,11 @@ class _Decoder:
             # The pickle stream as bytes; buffers stay the receiver's own
             # bytearrays (writable, no copy).
             return Serialized(bytes(frames[0]), frames[1:])
-        if tag == _COPY and type(v) is list and len(v) == 2:
+        if tag == _COPY and type(v) is list and len(v) == 2 and type(v[0]) is str:
             builder = _builders.get(v[0])
             if builder is None:
                 raise ProtocolError(f"unknown copyable type {v[0]!r} on the wire")
-            return builder(self.dec(v[1]))
+            return builder(v[1])
         if tag == _REMOTE and type(v) is int and self.proto is not None:
             return self.proto.remote(v)
         if tag == _LOCAL and type(v) is int and self.proto is not None:
@@ -721,10 +725,14 @@ class _Decoder:
         raise ProtocolError(f"malformed value on the wire (tag {tag!r})")
 
 
+#: One JSON encoder for every header (``json.dumps`` with arguments builds a new one each call).
+_JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=True).encode
+
+
 def encode(value: Any, proto: NativeProtocol | None = None) -> tuple[bytes, list[Any]]:
     """A message (any value the transport carries) as ``(header, buffers)``."""
     e = _Encoder(proto)
-    header = json.dumps(e.enc(value), separators=(",", ":"), allow_nan=True).encode("utf-8")
+    header = _JSON_ENCODE(e.enc(value)).encode("utf-8")
     return header, e.buffers
 
 
@@ -733,11 +741,13 @@ def decode(header: bytes, buffers: list[bytearray], proto: NativeProtocol | None
 
     :raises ProtocolError: the header is not well-formed.
     """
+    hook = _Decoder(proto, buffers).hook
     try:
-        value = json.loads(header)
-    except ValueError as e:
+        return json.JSONDecoder(object_hook=hook).decode(header.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"a frame's header is not JSON: {e}") from None
-    return _Decoder(proto, buffers).dec(value)
+    except RecursionError:
+        raise ProtocolError("a frame's header nests too deeply") from None
 
 
 # ---------------------------------------------------------------------------

@@ -294,3 +294,36 @@ async def test_a_lost_connection_fails_a_waiting_thread(connection):
 def test_a_connection_that_is_not_plain_tcp_sends_nothing_from_a_thread():
     proto = NativeProtocol(KEY, is_client=True)
     assert proto.call_from_thread(1, "echo", (1,), {}) is None
+
+
+# -- headers ------------------------------------------------------------------------
+
+
+def test_nested_tagged_values_are_rebuilt_inside_out():
+    """The decoder rebuilds tags from already-rebuilt contents: tuples in
+    tuples, tuple keys of non-str-keyed dicts, bytes inside tuples inside
+    lists, dicts whose single key looks like a tag."""
+    value = [
+        ((1, (2, (3,))), {(1, 2): [b"x", (b"y",)]}),
+        {"\0t": "not a tuple"},
+        {"a": {"b": {"c": ({"d": (None,)},)}}},
+    ]
+    header, buffers = nativeproto.encode(value)
+    assert nativeproto.decode(header, [bytearray(bytes(b)) for b in buffers]) == value
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"\\u0000p": [[[1], 2]]}',  # a list as a dict key
+        b'{"\\u0000p": [[1]]}',  # a pair of one
+        b'{"\\u0000t": 5}',  # a tuple that is not a list
+        b'{"\\u0000c": ["no such type", {}]}',
+        b'{"\\u0000q": 1}',  # no such tag
+        b"[1, 2",  # not JSON
+        b"\xff[]",  # not UTF-8
+    ],
+)
+def test_malformed_headers_are_protocol_errors(header):
+    with pytest.raises(ProtocolError):
+        nativeproto.decode(header, [])
