@@ -220,6 +220,15 @@ def _key_bytes(key: str | bytes) -> bytes:
         return key.encode("utf-8")
 
 
+def _hmac_sha256(key: bytes) -> Any:
+    """An HMAC-SHA256 under ``key``: OpenSSL's own object when the ``hmac``
+    module wraps one (its ``copy``/``update``/``digest`` are then C calls,
+    not Python methods around them)."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    inner = getattr(mac, "_hmac", None)
+    return inner if inner is not None else mac
+
+
 def session_keys(key: str | bytes, client_nonce: bytes, server_nonce: bytes) -> tuple[bytes, bytes]:
     """The two directions' signing keys of one connection.
 
@@ -244,7 +253,7 @@ class FrameWriter:
     """
 
     def __init__(self, key: bytes):
-        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._mac = _hmac_sha256(key)
         self.seq = 0
 
     def frame(self, header: bytes, buffers: list[Any]) -> Frame:
@@ -253,6 +262,15 @@ class FrameWriter:
 
         :raises ProtocolError: the frame exceeds a size limit.
         """
+        if not buffers and len(header) <= MAX_HEADER_BYTES:
+            # (the common case, in short: the same bytes as below)
+            head = _PREFIX.pack(MAGIC, len(header), 0)
+            mac = self._mac.copy()
+            mac.update(_SEQ.pack(self.seq))
+            self.seq += 1
+            mac.update(head)
+            mac.update(header)
+            return Frame(head + header + mac.digest(), [], None)
         known = [getattr(b, "sha256", None) for b in buffers]
         views = [memoryview(b).cast("B") if type(b) is not bytes else b for b in buffers]
         sizes = [len(v) for v in views]
@@ -425,7 +443,7 @@ class FrameReader:
     """
 
     def __init__(self, key: bytes, routing: bool = False, pool: BufferPool | None = None):
-        self._key_mac = hmac.new(key, digestmod=hashlib.sha256)
+        self._key_mac = _hmac_sha256(key)
         self._buffer_type = RoutedBuffer if routing else bytearray
         self.pool = pool
         self._sha: Any = None
@@ -450,6 +468,24 @@ class FrameReader:
         pos = 0
         end = len(view)
         while True:
+            if self._state == "prefix" and not self._pending and end - pos >= _PREFIX.size:
+                # A whole frame without buffers, in short (as _advance checks it).
+                magic, header_len, count = _PREFIX.unpack_from(view, pos)
+                stop = pos + _PREFIX.size + header_len + TAG_BYTES
+                if magic == MAGIC and not count and header_len <= MAX_HEADER_BYTES and stop <= end:
+                    header = bytes(view[pos + _PREFIX.size : stop - TAG_BYTES])
+                    mac = self._key_mac.copy()
+                    mac.update(_SEQ.pack(self.seq))
+                    self.seq += 1
+                    mac.update(view[pos : pos + _PREFIX.size])
+                    mac.update(header)
+                    if not hmac.compare_digest(mac.digest(), view[stop - TAG_BYTES : stop]):
+                        raise SecurityError(
+                            "a frame's tag does not verify: wrong cluster key or tampering"
+                        )
+                    out.append((header, []))
+                    pos = stop
+                    continue
             if self._state == "buffers":
                 buf = self._buffers[self._index]
                 take = min(len(buf) - self._filled, end - pos)

@@ -327,3 +327,34 @@ def test_nested_tagged_values_are_rebuilt_inside_out():
 def test_malformed_headers_are_protocol_errors(header):
     with pytest.raises(ProtocolError):
         nativeproto.decode(header, [])
+
+
+# -- frames -------------------------------------------------------------------------
+
+
+def test_frames_with_and_without_buffers_read_together_keep_their_order():
+    writer = FrameWriter(KEY)
+    wire = b"".join(
+        writer.frame(h, bs).small() for h, bs in [(b"[1]", []), (b"[2]", [b"b"]), (b"[3]", [])]
+    )
+    assert frames(wire) == [(b"[1]", []), (b"[2]", [b"b"]), (b"[3]", [])]
+    reader = FrameReader(KEY)
+    got = reader.feed(wire[:7]) + reader.feed(wire[7:])  # a frame split across reads
+    assert [h for h, _ in got] == [b"[1]", b"[2]", b"[3]"]
+
+
+@pytest.mark.parametrize("where", ["header", "tag", "sequence"])
+def test_a_whole_frame_without_buffers_is_checked_as_any_other(where):
+    from kernel.error import SecurityError
+
+    writer = FrameWriter(KEY)
+    first = writer.frame(b'["x"]', []).small()
+    second = writer.frame(b'["y"]', []).small()
+    if where == "header":
+        wire = first.replace(b'"x"', b'"z"')
+    elif where == "tag":
+        wire = first[:-1] + bytes([first[-1] ^ 1])
+    else:
+        wire = second  # out of sequence
+    with pytest.raises(SecurityError):
+        FrameReader(KEY).feed(wire)
