@@ -62,12 +62,17 @@ def pid_alive(pid: int) -> bool:
 
 def is_txkernel_process(pid: int) -> bool:
     """Does ``pid`` run a txkernel plugin? (Guards against a reused pid in a
-    stale pid file.) True when it cannot be told."""
+    stale pid file.) True when it cannot be told.
+
+    A controller or engine forked by ``txkernel cluster start`` (see
+    :mod:`kernel.spawn`) has the command line of the ``txkernel`` command
+    (or ``python -m kernel.cli``) that forked it."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"txkernel" in f.read()
+            cmdline = f.read()
     except OSError:
         return pid_alive(pid)
+    return b"txkernel" in cmdline or b"kernel.cli" in cmdline
 
 
 def cluster_processes(cd: ClusterDir) -> dict[str, int]:
@@ -128,11 +133,14 @@ def start_cluster(args: argparse.Namespace, cd: ClusterDir):
             f"a controller (pid {pid}) is already running in {cd.path}: use it, or stop it "
             f"with `txkernel cluster stop --cluster-dir {cd.path}`"
         )
+    from kernel import spawn
+
     cluster = LocalCluster(
         cd.path,
         timeout=args.timeout,
         heartbeat=args.heartbeat,
         controller_args=[f"--adapter={args.adapter}"] if args.adapter else [],
+        spawn="fork" if args.spawn == "fork" and spawn.available() else "exec",
     )
     try:
         cluster.start(args.n)
@@ -338,6 +346,13 @@ def _add_start_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float, default=3.0, help="seconds between engine heartbeats")
     p.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the engines to register"
+    )
+    p.add_argument(
+        "--spawn",
+        choices=("fork", "exec"),
+        default="fork",
+        help="start the controller and engines as forks of this command, which imports "
+        "their code once (fork, the default where possible), or as new interpreters (exec)",
     )
 
 

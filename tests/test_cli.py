@@ -178,3 +178,26 @@ def test_engine_command_passes_option_errors_through():
     out = txkernel("engine", "--adapter=zmq")
     assert out.returncode != 0
     assert "use --adapter auto, native, fc or pb" in out.stdout + out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spawn, marker", [("fork", b"kernel.cli"), ("exec", b"txkernel-engine")])
+def test_cluster_start_forks_its_processes_or_execs_new_interpreters(tmp_path, spawn, marker):
+    """--spawn fork (the default) runs the controller and engines in forks of
+    the command, --spawn exec in new interpreters; both start, are found by
+    their pid files and stop."""
+    d = str(tmp_path / "cluster")
+    args = ["cluster", "start", "-n", "1", "--cluster-dir", d, "--daemon"]
+    started = txkernel(*args, *([] if spawn == "fork" else ["--spawn=exec"]))
+    assert started.returncode == 0, started.stderr
+    procs = ClusterDir(d).pids()
+    try:
+        assert set(procs) == {"controller", *(n for n in procs if n.startswith("engine-"))}
+        engine_pid = next(pid for name, pid in procs.items() if name != "controller")
+        with open(f"/proc/{engine_pid}/cmdline", "rb") as f:
+            assert marker in f.read()
+        assert cli.is_txkernel_process(engine_pid)
+    finally:
+        stopped = txkernel("cluster", "stop", "--cluster-dir", d)
+    assert stopped.returncode == 0, stopped.stderr
+    assert_all_stopped(procs.values())

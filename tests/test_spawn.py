@@ -1,0 +1,66 @@
+"""kernel.spawn: forked children and their statuses, and the refusal to fork
+once the reactor is installed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kernel import spawn
+
+
+def _fork(body):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            body()
+        finally:
+            os._exit(3)
+    return spawn.ForkedChild(pid)
+
+
+def test_a_forked_child_reports_its_exit_status():
+    child = _fork(lambda: None)
+    assert child.wait(30) == 3
+    assert child.poll() == 3
+
+
+def test_waiting_for_a_running_child_times_out_and_it_can_still_be_reaped():
+    child = _fork(lambda: time.sleep(60))
+    try:
+        assert child.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(0.05)
+    finally:
+        os.kill(child.pid, 9)
+    assert child.wait(30) == -9
+
+
+def test_no_fork_once_the_reactor_is_installed(tmp_path):
+    import twisted.internet.reactor  # noqa: F401 - pytest-twisted's, installed
+
+    assert not spawn.available()
+    with pytest.raises(RuntimeError, match="reactor is installed"):
+        spawn.fork_twist("txkernel-engine", [], str(tmp_path / "log"))
+
+
+def test_preloading_leaves_the_reactor_uninstalled():
+    from kernel.testing.processes import subprocess_env
+
+    code = (
+        "import sys; from kernel import spawn; spawn.preload(); "
+        "print(spawn.available(), 'kernel.enginenative' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "True"]
