@@ -15,9 +15,12 @@ specs in batches (:meth:`~kernel.interfaces.ITaskSubmission.run_batch`):
   :attr:`TaskBatcher.batch_size` specs or :attr:`TaskBatcher.batch_bytes`
   payload bytes; the next block is reserved once half of the ids are used,
   so submitting never waits for the controller in steady state;
-- :meth:`TaskBatcher.settle` flushes and waits until every batch sent so far
-  is acknowledged: the client makes its other calls after that, so they see
-  every task submitted before them;
+- :meth:`TaskBatcher.settle` flushes, and waits until the batches sent so
+  far are acknowledged: the client makes its other calls after that, so they
+  see every task submitted before them. A small batch (under
+  :attr:`TaskBatcher.ordered_bytes`) need not be waited for: the transports
+  deliver calls on a connection in order, and the controller takes a batch
+  as soon as it arrives, so a call sent after it finds its tasks;
 - a spec the controller refused, or a batch lost with its connection, is
   remembered (:meth:`TaskBatcher.failure`) as the task's error;
 - while a batch is unacknowledged, reactor shutdown (e.g. a script's
@@ -60,6 +63,9 @@ class TaskBatcher:
     batch_size = 256
     #: Payload bytes after which a batch is closed.
     batch_bytes = 4 * 2**20
+    #: Payload bytes below which a batch reaches the controller before any
+    #: call sent after it (no transport splits so small a message).
+    ordered_bytes = 256 * 1024
     #: Longest wait at reactor shutdown for unacknowledged batches, seconds.
     shutdown_timeout = 10.0
 
@@ -86,6 +92,7 @@ class TaskBatcher:
         self._block_waiters: list[defer.Deferred] = []
         self._serials = itertools.count()
         self._unacked: dict[int, list[defer.Deferred]] = {}
+        self._large: set[int] = set()  # unacknowledged batches not known to arrive in order
         self._failures: dict[int, BaseException] = {}
         self._shutdown_trigger: Any = None
 
@@ -199,14 +206,16 @@ class TaskBatcher:
             batch.append(spec)
             size += getattr(spec[2], "nbytes", 0)
             if len(batch) >= self.batch_size or size >= self.batch_bytes:
-                self._send_batch(batch)
+                self._send_batch(batch, size)
                 batch, size = [], 0
         if batch:
-            self._send_batch(batch)
+            self._send_batch(batch, size)
 
-    def _send_batch(self, batch: list[list[Any]]) -> None:
+    def _send_batch(self, batch: list[list[Any]], size: int) -> None:
         serial = next(self._serials)
         self._unacked[serial] = []
+        if size >= self.ordered_bytes:
+            self._large.add(serial)
         add_trigger = getattr(self._reactor, "addSystemEventTrigger", None)
         if self._shutdown_trigger is None and add_trigger is not None:
             self._shutdown_trigger = add_trigger("before", "shutdown", self._at_shutdown)
@@ -228,6 +237,7 @@ class TaskBatcher:
             )
 
     def _settled(self, _: Any, serial: int) -> None:
+        self._large.discard(serial)
         for waiter in self._unacked.pop(serial):
             waiter.callback(None)
         if not self._unacked and self._shutdown_trigger is not None:
@@ -236,22 +246,29 @@ class TaskBatcher:
 
     def _at_shutdown(self) -> defer.Deferred:
         self._shutdown_trigger = None  # the reactor drops its triggers as it runs them
-        d = self.settle()
+        d = self.settle(acknowledged=True)
         d.addTimeout(self.shutdown_timeout, self._reactor)
         return d.addErrback(lambda _: None)
 
-    def settle(self) -> defer.Deferred:
-        """Flush, then fire None once every batch sent so far has been
-        acknowledged or lost (reactor thread)."""
+    def settle(self, acknowledged: bool = False) -> defer.Deferred:
+        """Flush, then fire None once a call sent next is sure to reach the
+        controller after every batch sent so far (reactor thread).
+
+        :param acknowledged: wait until every batch sent so far has been
+            acknowledged or lost (so :meth:`failure` knows its refusals),
+            not only the large ones.
+        """
         self.flush()
-        if not self._unacked:
+        pending = self._unacked if acknowledged else self._large
+        if not pending:
             return defer.succeed(None)
         waits = []
-        for waiters in self._unacked.values():
+        for serial in pending:
+            waiters = self._unacked[serial]
             waiter: defer.Deferred = defer.Deferred()
             waiters.append(waiter)
             waits.append(waiter)
-        return defer.DeferredList(waits).addCallback(lambda _: None)
+        return defer.DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     # -- failures --------------------------------------------------------------
 

@@ -183,13 +183,13 @@ def test_try_submit_from_another_thread_hands_the_flush_to_the_reactor():
     assert [taskids(b) for b, _ in ctl.batches] == [[100], [101, 102, 103, 104, 105]]
 
 
-def test_settle_waits_for_every_batch_sent_before_it():
+def test_settle_acknowledged_waits_for_every_batch_sent_before_it():
     batcher, ctl, clock = make(batch_size=2)
     batcher.submit(*spec())
     ctl.grant()
     batcher.try_submit(*spec())
     batcher.try_submit(*spec())
-    settled = batcher.settle()  # flushes now, without waiting for the turn
+    settled = batcher.settle(acknowledged=True)  # flushes now, without waiting for the turn
     assert len(ctl.batches) == 2 and not settled.called
     ctl.batches[0][1].callback([])
     assert not settled.called
@@ -227,6 +227,24 @@ def test_shutdown_wait_for_a_batch_is_bounded():
     waiting = at_shutdown()
     clock.advance(batcher.shutdown_timeout)
     assert waiting.called and waiting.result is None
+
+
+def test_settle_waits_only_for_batches_too_large_to_be_sure_of_their_order():
+    batcher, ctl, clock = make(batch_size=1)
+    batcher.ordered_bytes = 100
+    batcher.submit(*spec(10))
+    ctl.grant()
+    small = batcher.settle()
+    assert len(ctl.batches) == 1 and small.called  # flushed; in order with what follows
+    batcher.try_submit(*spec(200))
+    batcher.try_submit(*spec(10))
+    large = batcher.settle()
+    assert len(ctl.batches) == 3 and not large.called
+    ctl.batches[2][1].callback([])
+    ctl.batches[0][1].callback([])
+    assert not large.called
+    ctl.batches[1][1].callback([])
+    assert large.called
 
 
 def test_settle_with_nothing_sent_fires_at_once():
