@@ -576,15 +576,23 @@ class EngineService:
 class _Command:
     """One queued call: which method, its arguments and the caller's Deferred."""
 
-    __slots__ = ("name", "args", "kwargs", "description", "deferred", "done")
+    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done")
 
     def __init__(self, name: str, args: tuple, kwargs: dict):
         self.name = name
         self.args = args
         self.kwargs = kwargs
-        self.description = describe_command(name, args, kwargs)
+        self._description: str | None = None
         self.deferred: Deferred = Deferred()
         self.done = False
+
+    @property
+    def description(self) -> str:
+        """What :func:`describe_command` says of this call (made when first
+        asked for: most commands are never described)."""
+        if self._description is None:
+            self._description = describe_command(self.name, self.args, self.kwargs)
+        return self._description
 
 
 @implementer(IEngineBase, IEngineQueued, IEngineInterrupt, IEngineTasks)
