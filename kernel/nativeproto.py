@@ -1257,7 +1257,9 @@ class NativeProtocol(protocol.Protocol):
 
     def _send(self, message: Any) -> None:
         header, buffers = encode(message, self)
-        self._outbox.send(self._writer.frame(header, buffers))
+        outbox = self._outbox
+        with outbox.lock:  # signed and queued in one step: sequence order is wire order
+            outbox.send(self._writer.frame(header, buffers))
 
     def _message(self, msg: Any) -> None:
         if type(msg) is not list or not msg:

@@ -259,6 +259,41 @@ async def test_many_threads_and_the_reactor_call_at_once_and_every_reply_matches
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_thread_cannot_send_between_the_reactor_signing_a_frame_and_writing_it(
+    connection, monkeypatch
+):
+    """Frames leave in the order they are signed: a thread trying to send
+    while the reactor thread holds a signed frame waits for it to be written
+    (otherwise the peer would see sequence numbers out of order and drop
+    the connection)."""
+    remote, _ = connection
+    proto = remote.proto
+    original = proto._writer.frame
+    box = {}
+
+    def send_from_other_thread():
+        box["waiter"] = proto.call_from_thread(remote.oid, "echo", ("thread",), {})
+
+    def frame(header, buffers):
+        signed = original(header, buffers)
+        if "thread" not in box:
+            box["thread"] = threading.Thread(target=send_from_other_thread)
+            box["thread"].start()
+            box["thread"].join(0.3)  # it tries to send now, before this frame is written
+        return signed
+
+    monkeypatch.setattr(proto._writer, "frame", frame)
+    reply = remote.callRemote("echo", "reactor")
+    await in_thread(box["thread"].join, 20)
+    assert await reply == "reactor"
+    waiter = box["waiter"]
+    if waiter is not None:  # (None: it found the connection busy and sent nothing)
+        assert await in_thread(waiter.wait, 20)
+        assert waiter.value == "thread"
+    assert await remote.callRemote("echo", "still connected") == "still connected"
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_remote_call_fails_the_waiting_thread(connection):
     remote, _ = connection
     _, waiter = await in_thread(call_and_wait, remote, "no_such_method", ())
