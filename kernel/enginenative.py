@@ -43,6 +43,7 @@ from kernel.engineremote import (
     EngineFromReference,
     EngineReferenceFromService,
     EngineRegistrar,
+    _open,
 )
 from kernel.engineservice import QueuedEngine
 from kernel.error import ConnectionError
@@ -270,8 +271,19 @@ class NativeEngineFromReference(EngineFromReference):
         return self._call("push_serialized", dict(namespace))
 
     def pull_serialized(self, keys: str | list[str]) -> defer.Deferred:
-        """Fire a Serialized (``keys`` a str) or a list of them, unopened."""
-        return self._call("pull_serialized", keys if isinstance(keys, str) else list(keys))
+        """Fire a Serialized (``keys`` a str) or a list of them, unopened.
+
+        The reply is cut through: it fires once its header has verified, its
+        large buffers still arriving, and whoever passes it on over a native
+        connection forwards them as they come (see
+        :mod:`kernel.nativeproto`, "Cut-through forwarding").
+        """
+        keys = keys if isinstance(keys, str) else list(keys)
+        d = defer.maybeDeferred(self.reference.callRemoteStreamed, "pull_serialized", keys)
+        if self._streaming:
+            d.addBoth(self._after_output)
+        d.addCallbacks(_open, self._translate)
+        return d
 
     def clear_queue(self) -> defer.Deferred:
         """Drop the commands waiting on the engine (each fails with

@@ -50,7 +50,11 @@ from kernel.interfaces import (
     ISynchronousMultiEngine,
 )
 from kernel.multiengine import open_blob
-from kernel.multienginefc import FCFullSynchronousMultiEngineClient, make_client_referenceable
+from kernel.multienginefc import (
+    FCFullSynchronousMultiEngineClient,
+    FCSynchronousMultiEngineFromMultiEngine,
+    make_client_referenceable,
+)
 from kernel.serialized import serialize_namespace
 from kernel.task import MapTask
 from kernel.wiretext import check_sendable
@@ -64,6 +68,10 @@ __all__ = [
 
 #: The service name of the multiengine on a native controller.
 MULTIENGINE = "multiengine"
+
+# A push's blob only travels on to engines, unopened: a controller forwards
+# its large buffers as they arrive (kernel.nativeproto, "Cut-through forwarding").
+nativeproto.allow_cut_through(FCSynchronousMultiEngineFromMultiEngine, ("push_serialized",))
 
 
 @implementer(

@@ -103,6 +103,41 @@ On a plain TCP connection, the bytes of a frame's buffers are received with
 :func:`_receive_into_buffers`); everything else, and every byte on other
 transports (TLS, test transports), goes through ``dataReceived``.
 
+Cut-through forwarding
+----------------------
+A controller does not wait for a large frame to arrive in full before it
+forwards it. Once a frame's header has verified (its first tag) and the
+buffers before its first large one (:data:`CUT_THROUGH_BYTES` or more) are
+in, the reader offers the frame (:class:`Early`); if what the frame asks
+for only passes its large buffers on — a call whose target lists the method
+with :func:`allow_cut_through` (a multiengine push), or the reply to a call
+made with ``stream_reply`` (an engine's reply to a pull) — the controller
+acts on it at once. The buffers then share a stream: every frame that
+carries them on (to one engine, to each of several, or back to a client)
+starts right away, sends each received slice as it arrives (straight from
+the receive buffer, signing it on the way), and waits for the incoming
+frame's verdict before its own closing tag. If the incoming closing tag
+verifies, the outgoing frames close with their real tags; if it does not,
+or the sender disconnects first, the controller drops the sender, sends the
+rest of each outgoing frame as it is and closes it with the *abort tag*
+(:func:`_abort_tag`: keyed, distinct from any real tag). A receiver drops an
+aborted frame unread (:class:`Aborted`): an engine answers the call with an
+error and runs nothing, a client fails the call with
+:class:`~kernel.error.EngineError`. Nothing unauthenticated is acted on by
+an engine or a client; the controller itself acts only on verified headers.
+
+Memory stays bounded: the controller receives into one preallocated buffer
+per large buffer (as without cut-through), and stops reading the sender
+while a receiver that has started on the frame lags more than
+:data:`CUT_THROUGH_WINDOW` bytes behind (so it reads no faster than the
+slowest such receiver drains). A receiver that has not started on the frame
+yet (its connection is busy with earlier frames) does not hold the sender
+back: the frame waits for it in its buffer, and no two forwardings can wait
+on each other. Cut-through works the same over TLS (the buffers then go
+through the TLS transport in slices rather than straight to the socket).
+In the controller process, a blob pulled from an engine may still be
+arriving: code there that reads it waits with :func:`arrived`.
+
 TLS
 ---
 Frames are signed whatever carries them. A controller can also serve TLS
@@ -160,6 +195,12 @@ __all__ = [
     "session_keys",
     "generate_key",
     "register_copyable",
+    "CUT_THROUGH_BYTES",
+    "CUT_THROUGH_WINDOW",
+    "Early",
+    "Aborted",
+    "allow_cut_through",
+    "arrived",
     "NativeProtocol",
     "NativeRemote",
     "NativeServerFactory",
@@ -199,11 +240,19 @@ WAKE_PIECE = 64 * 1024
 SMALL_FRAME = 64 * 1024
 #: The connection file of a native controller (in its cluster directory).
 NATIVE_FILE = "native.json"
+#: A routing side (the controller) forwards a frame as it arrives, once the
+#: buffers before its first buffer of at least this many bytes are in (see
+#: "Cut-through forwarding" above).
+CUT_THROUGH_BYTES = 1 << 20
+#: Bytes a cut-through frame may be received ahead of the slowest peer it is
+#: being forwarded to before the controller stops reading its sender.
+CUT_THROUGH_WINDOW = 8 << 20
 
 _PREFIX = struct.Struct(">4sII")
 _SEQ = struct.Struct(">Q")
 _LABEL = b"txkernel-native-v1"
 _ONE_TIME_LABEL = b"txkernel-native-v1 one-time mac key"
+_ABORT_LABEL = b"txkernel-native-v1 frame aborted by its sender"
 
 
 def generate_key() -> str:
@@ -298,14 +347,45 @@ class FrameWriter:
         if sum(sizes) >= ONE_TIME_MAC_BYTES:
             one_time = _one_time_mac(mac)
             piece = _OneTimePiece(one_time)
-            return Frame(
-                head + header + first_tag,
-                views,
-                _OneTimeClosing(mac, one_time),
-                [piece] * len(views),
-            )
+            streams = _open_streams(buffers)
+            closing: Any = _OneTimeClosing(mac, one_time)
+            if streams is not None:
+                closing = _StreamClosing(closing, streams, _abort_tag(mac))
+            return Frame(head + header + first_tag, views, closing, [piece] * len(views), streams)
         hashes = [_BufferHash(mac, k) for k in known]
         return Frame(head + header + first_tag, views, mac, hashes)
+
+
+def _abort_tag(mac: Any) -> bytes:
+    """The closing tag that says "drop this frame": what a controller sends
+    when the frame it was forwarding as it arrived turned out not to verify
+    (or its sender went away). Keyed like every tag (only a holder of the
+    session key can make it) and different from any real closing tag."""
+    m = mac.copy()
+    m.update(_ABORT_LABEL)
+    return m.digest()
+
+
+def _open_streams(buffers: list[Any]) -> list | None:
+    """Per buffer, ``(stream, start)`` for a buffer still being received
+    (cut through), else None; None when no buffer is.
+
+    :raises ProtocolError: a buffer's frame failed to verify.
+    """
+    out = None
+    for i, b in enumerate(buffers):
+        if type(b) is RoutedBuffer and b.stream is not None:
+            st = b.stream
+            if st.state is _FAILED:
+                raise ProtocolError(
+                    "the data of this message did not arrive intact (its sender's frame "
+                    "failed to verify or its connection dropped): nothing was forwarded"
+                )
+            if st.state is _OPEN:
+                if out is None:
+                    out = [None] * len(buffers)
+                out[i] = (st, b.start)
+    return out
 
 
 def _one_time_mac(mac: Any) -> Any:
@@ -350,6 +430,212 @@ class _OneTimeClosing:
         return self.mac.digest()
 
 
+class _StreamClosing:
+    """The closing tag of a frame forwarding buffers that are still arriving
+    (see "Cut-through forwarding"): written once every such buffer's own
+    frame has verified; the abort tag instead if one of them did not.
+
+    :param closing: the frame's own closing (a :class:`_OneTimeClosing`).
+    :param streams: per buffer, ``(stream, start)`` or None.
+    :param abort: the frame's abort tag (:func:`_abort_tag`).
+    """
+
+    __slots__ = ("closing", "streams", "abort")
+
+    def __init__(self, closing: Any, streams: list, abort: bytes):
+        self.closing = closing
+        self.streams = [s for s, _ in filter(None, streams)]
+        self.abort = abort
+
+    def open_stream(self) -> _Stream | None:
+        """A stream still arriving (its verdict is not in yet), else None."""
+        for st in self.streams:
+            if st.state is _OPEN:
+                return st
+        return None
+
+    def digest(self) -> bytes:
+        if any(st.state is _FAILED for st in self.streams):
+            return self.abort
+        return self.closing.digest()
+
+
+_OPEN, _OK, _FAILED = "open", "ok", "failed"
+
+
+class _Stream:
+    """The buffers of one frame a controller forwards while it receives them.
+
+    The reader reports each received piece (:meth:`advance`) and the
+    verdict of the frame's closing tag (:meth:`finish`); the outboxes
+    forwarding the buffers (each a :class:`_Growing` segment) send what has
+    arrived, park in :attr:`waiters` when they have caught up, and are woken
+    by the next piece. While a forwarding outbox that has started on the
+    frame lags more than :data:`CUT_THROUGH_WINDOW` bytes behind, the
+    sender's connection is not read (``pause``/``resume``): the controller
+    reads no faster than its slowest active receiver drains.
+
+    :param buffers: the frame's buffers.
+    """
+
+    __slots__ = (
+        "state",
+        "received",
+        "waiters",
+        "active",
+        "pause",
+        "resume",
+        "paused",
+        "buffers",
+        "ended",
+    )
+
+    def __init__(self, buffers: list[Any]):
+        self.state = _OPEN
+        #: Bytes of the frame's buffers received so far (all of them, in order).
+        self.received = 0
+        self.waiters: set[_Outbox] = set()
+        #: Segments being sent now (at the head of their outbox).
+        self.active: set[_Growing] = set()
+        self.pause: Callable[[], Any] | None = None
+        self.resume: Callable[[], Any] | None = None
+        self.paused = False
+        self.buffers = buffers
+        #: Deferreds fired with the verdict (see :func:`arrived`).
+        self.ended: list[defer.Deferred] = []
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes arrived."""
+        self.received += n
+        self._wake()
+        if (
+            self.pause is not None
+            and not self.paused
+            and self.active
+            and self.lag() > CUT_THROUGH_WINDOW
+        ):
+            self.paused = True
+            self.pause()
+
+    def lag(self) -> int:
+        """Bytes received beyond what the slowest active segment has sent."""
+        return self.received - min(g.start + g.offset for g in self.active)
+
+    def progressed(self) -> None:
+        """An active segment sent more (or left): read again if it caught up."""
+        if self.paused and (not self.active or self.lag() <= CUT_THROUGH_WINDOW // 2):
+            self._unpause()
+
+    def _unpause(self) -> None:
+        self.paused = False
+        if self.resume is not None:
+            try:
+                self.resume()
+            except Exception:  # pragma: no cover - a transport already gone
+                pass
+
+    def finish(self, ok: bool) -> None:
+        """The frame's closing tag verified (``ok``) or did not (or the sender
+        went away): release the closing tags waiting on it."""
+        if self.state is not _OPEN:
+            return
+        self.state = _OK if ok else _FAILED
+        if ok:
+            for b in self.buffers:
+                if type(b) is RoutedBuffer:
+                    b.stream = None
+        # (A failed frame's buffers keep pointing here, so they are never
+        # forwarded again; nothing here points back at them.)
+        self.buffers = ()
+        if self.paused:
+            self._unpause()
+        self._wake()
+        ended, self.ended = self.ended, []
+        for d in ended:
+            d.callback(ok)
+
+    def wait(self, outbox: _Outbox) -> None:
+        self.waiters.add(outbox)
+
+    def _wake(self) -> None:
+        if self.waiters:
+            waiters, self.waiters = self.waiters, set()
+            for outbox in waiters:
+                outbox.wake()
+
+
+def arrived(value: Any) -> defer.Deferred:
+    """Wait for the buffers of ``value`` that are still arriving.
+
+    In a controller, a :class:`~kernel.serialized.Serialized` pulled from a
+    native engine (:meth:`kernel.enginenative.NativeEngineFromReference.pull_serialized`)
+    is handed on as soon as the reply's header has verified, its large
+    buffers still arriving (cut through to the client that asked). Code in
+    the controller process that reads such a blob's bytes itself must wait
+    for them first.
+
+    :param value: a Serialized, or lists, tuples and dicts of them.
+    :returns: Deferred firing ``value`` once every buffer in it has arrived
+        and verified.
+    :raises: (errback) :class:`~kernel.error.EngineError` if one never will
+        (its sender disconnected, or its frame did not verify).
+    """
+    streams = set()
+
+    def walk(o: Any) -> None:
+        t = type(o)
+        if t is Serialized:
+            for b in o.buffers:
+                if type(b) is RoutedBuffer and b.stream is not None:
+                    streams.add(b.stream)
+        elif t in (list, tuple):
+            for x in o:
+                walk(x)
+        elif t is dict:
+            for x in o.values():
+                walk(x)
+
+    walk(value)
+
+    def verdicts(oks: list[bool]) -> Any:
+        if not all(oks):
+            from kernel.error import EngineError
+
+            raise EngineError(ABORTED_REPLY)
+        return value
+
+    waits = []
+    for st in streams:
+        if st.state is _OPEN:
+            d: defer.Deferred = defer.Deferred()
+            st.ended.append(d)
+            waits.append(d)
+        else:
+            waits.append(defer.succeed(st.state is _OK))
+    return defer.gatherResults(waits).addCallback(verdicts)
+
+
+class _Growing:
+    """An outbox segment forwarding a buffer that is still being received."""
+
+    __slots__ = ("view", "stream", "start", "offset")
+
+    def __init__(self, view: memoryview, stream: _Stream, start: int):
+        self.view = view
+        self.stream = stream
+        self.start = start  # where the buffer begins in its stream
+        self.offset = 0  # bytes of it sent
+
+    def available(self) -> int:
+        """Bytes received and not yet sent (all of the rest once the stream
+        has ended, verified or not: a failed frame is sent out in full and
+        closed with the abort tag)."""
+        n = len(self.view)
+        if self.stream.state is _OPEN:
+            n = min(n, self.stream.received - self.start)
+        return n - self.offset
+
+
 class _BufferHash:
     """The SHA-256 of one buffer, fed to its frame's HMAC when complete.
 
@@ -386,13 +672,22 @@ class Frame:
     to engines or clients) is not hashed again.
     """
 
-    __slots__ = ("head", "buffers", "mac", "hashes")
+    __slots__ = ("head", "buffers", "mac", "hashes", "streams")
 
-    def __init__(self, head: bytes, buffers: list[Any], mac: Any, hashes: list | None = None):
+    def __init__(
+        self,
+        head: bytes,
+        buffers: list[Any],
+        mac: Any,
+        hashes: list | None = None,
+        streams: list | None = None,
+    ):
         self.head = head
         self.buffers = buffers
         self.mac = mac
         self.hashes = hashes or []
+        #: None, or per buffer ``(stream, start)`` for one still arriving.
+        self.streams = streams
 
     def small(self) -> bytes | None:
         """The whole frame as one ``bytes`` (hashing its buffers now) if it
@@ -422,7 +717,14 @@ class RoutedBuffer(bytearray):
     routing peers (the controller) receive these; engines and clients get
     plain ``bytearray``\\ s."""
 
-    __slots__ = ("sha256",)
+    __slots__ = ("sha256", "stream", "start")
+
+    def __init__(self, size: int = 0):
+        super().__init__(size)
+        self.sha256: bytes | None = None
+        #: The :class:`_Stream` of a buffer still arriving (cut through), else None.
+        self.stream: _Stream | None = None
+        self.start = 0
 
 
 _EMPTY_SHA256 = hashlib.sha256().digest()
@@ -460,10 +762,17 @@ class FrameReader:
         self._filled = 0  # bytes of it received
         self._mac: Any = None
         self._one_time: Any = None
+        #: Offer frames for cut-through (see :class:`Early`); a routing side's choice.
+        self.cut_through = False
+        self._stream: _Stream | None = None
+        self._cut = -1  # the buffer at which the current frame is offered early
+        self._early: Early | None = None
+        self._ready: list[Any] = []
 
-    def feed(self, data: bytes) -> list[tuple[bytes, list[bytearray]]]:
-        """Consume ``data``; return the frames it completed."""
-        out = []
+    def feed(self, data: bytes) -> list[Any]:
+        """Consume ``data``; return the frames it completed (``(header,
+        buffers)``), and, with :attr:`cut_through`, the frames it started
+        (:class:`Early`) and those whose sender aborted them (:class:`Aborted`)."""
         view = memoryview(data)
         pos = 0
         end = len(view)
@@ -483,7 +792,7 @@ class FrameReader:
                         raise SecurityError(
                             "a frame's tag does not verify: wrong cluster key or tampering"
                         )
-                    out.append((header, []))
+                    self._ready.append((header, []))
                     pos = stop
                     continue
             if self._state == "buffers":
@@ -494,13 +803,14 @@ class FrameReader:
                 self._sha.update(piece)
                 self._filled += take
                 pos += take
+                if self._stream is not None:
+                    self._stream.advance(take)
                 if self._filled < len(buf):
                     break
                 self._buffer_done()
                 continue
             if self._state == "done":
-                out.append((self._header, self._buffers))
-                self._reset()
+                self._complete()
                 continue
             take = min(self._need - len(self._pending), end - pos)
             self._pending += view[pos : pos + take]
@@ -509,7 +819,24 @@ class FrameReader:
                 break
             part, self._pending = bytes(self._pending), bytearray()
             self._advance(part)
+        return self._take()
+
+    def _take(self) -> list[Any]:
+        out, self._ready = self._ready, []
         return out
+
+    def _complete(self) -> None:
+        early, stream = self._early, self._stream
+        if stream is not None:
+            stream.finish(True)
+        if early is None or not early.dispatched:
+            self._ready.append((self._header, self._buffers))
+        self._reset()
+
+    def abandon(self) -> None:
+        """The connection is gone: a frame being cut through never completes."""
+        if self._stream is not None:
+            self._stream.finish(False)
 
     def room(self) -> memoryview | None:
         """Where the next bytes of the current buffer go, when a buffer is
@@ -519,13 +846,20 @@ class FrameReader:
             return None
         return memoryview(self._buffers[self._index])[self._filled :]
 
-    def received_into(self, n: int) -> None:
-        """Account for ``n`` bytes put in :meth:`room`."""
+    def received_into(self, n: int) -> list[Any]:
+        """Account for ``n`` bytes put in :meth:`room`.
+
+        :returns: what :meth:`feed` would (only :class:`Early` frames can
+            result).
+        """
         buf = self._buffers[self._index]
         self._sha.update(memoryview(buf)[self._filled : self._filled + n])
         self._filled += n
+        if self._stream is not None:
+            self._stream.advance(n)
         if self._filled == len(buf):
             self._buffer_done()
+        return self._take() if self._ready else []
 
     def _buffer_done(self) -> None:
         digest = self._sha.digest()
@@ -543,6 +877,9 @@ class FrameReader:
         self._need = _PREFIX.size
         self._buffers = []
         self._header = b""
+        self._stream = None
+        self._early = None
+        self._cut = -1
 
     def _advance(self, part: bytes) -> None:
         if self._state == "prefix":
@@ -589,16 +926,54 @@ class FrameReader:
                 self._buffers = [kind(n) for n in sizes]
             else:
                 self._buffers = [pool.take(kind, n) for n in sizes]
+            if kind is RoutedBuffer:
+                self._start_stream(sizes)
             self._index = 0
             self._filled = 0
             self._state = "buffers"
             self._next_buffer()
         elif self._state == "tail":
             if self._one_time is not None:
+                abort = _abort_tag(self._mac)
                 self._mac.update(self._one_time.finalize())
+                if hmac.compare_digest(abort, part):
+                    self._aborted()
+                    return
             if not hmac.compare_digest(self._mac.digest(), part):
+                if self._stream is not None:
+                    self._stream.finish(False)
                 raise SecurityError("a frame's tag does not verify: wrong cluster key or tampering")
             self._state = "done"
+
+    def _aborted(self) -> None:
+        # The sender (a controller) could not vouch for the buffers it was
+        # forwarding: drop them; the header (verified) says what was lost.
+        if self._stream is not None:
+            self._stream.finish(False)
+        early = self._early
+        self._ready.append(Aborted(self._header, early is not None and early.dispatched))
+        self._reset()
+
+    def _start_stream(self, sizes: tuple[int, ...]) -> None:
+        # A routing reader forwards a large buffer as it arrives: every buffer
+        # from the first large one on belongs to a stream; the frame is offered
+        # (Early) once the buffers before it are in.
+        bufs = self._buffers
+        for b in bufs:
+            b.stream = None
+        if not self.cut_through or self._one_time is None:
+            return
+        cut = next((i for i, n in enumerate(sizes) if n >= CUT_THROUGH_BYTES), -1)
+        if cut < 0:
+            return
+        stream = self._stream = _Stream(bufs)
+        start = 0
+        for i, (b, n) in enumerate(zip(bufs, sizes, strict=True)):
+            if i >= cut:
+                b.stream = stream
+                b.start = start
+            start += n
+        self._cut = cut
 
     def _next_buffer(self) -> None:
         # skip empty buffers; after the last one, the closing tag (if any)
@@ -614,12 +989,46 @@ class FrameReader:
                 self._sha = hashlib.sha256()
             else:
                 self._sha = _OneTimePiece(self._one_time)
+            if self._index >= self._cut >= 0 and self._early is None:
+                self._early = Early(self._header, self._buffers, self._stream)
+                self._ready.append(self._early)
             return
         if self._count:
             self._state = "tail"
             self._need = TAG_BYTES
         else:
             self._state = "done"
+
+
+class Early:
+    """A frame offered for cut-through: its header has verified and the
+    buffers before its first large one are in; the rest are still arriving
+    (their :class:`RoutedBuffer`\\ s share :attr:`stream`). The receiver
+    either acts on it now (sets :attr:`dispatched`: the reader then does not
+    deliver the frame again once it completes) or lets the reader deliver it
+    complete as usual.
+    """
+
+    __slots__ = ("header", "buffers", "stream", "dispatched")
+
+    def __init__(self, header: bytes, buffers: list[Any], stream: _Stream):
+        self.header = header
+        self.buffers = buffers
+        self.stream = stream
+        self.dispatched = False
+
+
+class Aborted:
+    """A frame its sender closed with the abort tag (its buffers were not
+    what it meant to send): nothing of it may be used; its verified
+    :attr:`header` says which call it was. :attr:`dispatched`: it had been
+    acted on early (see :class:`Early`)."""
+
+    __slots__ = ("header", "dispatched")
+
+    def __init__(self, header: bytes, dispatched: bool):
+        self.header = header
+        self.dispatched = dispatched
 
 
 # ---------------------------------------------------------------------------
@@ -708,6 +1117,10 @@ class _Encoder:
         )
 
 
+class _NotYet(Exception):
+    """A message read a buffer that is still arriving: deliver it complete."""
+
+
 class _Decoder:
     """Inverse of :class:`_Encoder` on the receiving side: the JSON parser
     calls :meth:`hook` on each object, innermost first, so a tagged value
@@ -723,6 +1136,13 @@ class _Decoder:
             raise ProtocolError(f"a value refers to a missing buffer {i!r}")
         return self.buffers[i]
 
+    def content(self, i: Any) -> bytearray:
+        """Buffer ``i``, to be read here: it must have arrived in full."""
+        b = self.buf(i)
+        if type(b) is RoutedBuffer and b.stream is not None:
+            raise _NotYet
+        return b
+
     def hook(self, o: dict) -> Any:
         if len(o) == 1:
             ((tag, v),) = o.items()
@@ -732,11 +1152,11 @@ class _Decoder:
 
     def tagged(self, tag: str, v: Any) -> Any:
         if tag == _BYTES:
-            return bytes(self.buf(v))
+            return bytes(self.content(v))
         if tag == _BYTEARRAY:
             return self.buf(v)
         if tag == _TEXT:
-            return self.buf(v).decode("utf-8")
+            return self.content(v).decode("utf-8")
         if tag == _TUPLE and type(v) is list:
             return tuple(v)
         if tag == _PAIRS and type(v) is list:
@@ -745,10 +1165,10 @@ class _Decoder:
             except (TypeError, ValueError):
                 raise ProtocolError("malformed dict on the wire") from None
         if tag == _SERIALIZED and type(v) is list and v:
-            frames = [self.buf(i) for i in v]
+            frames = [self.buf(i) for i in v[1:]]
             # The pickle stream as bytes; buffers stay the receiver's own
             # bytearrays (writable, no copy).
-            return Serialized(bytes(frames[0]), frames[1:])
+            return Serialized(bytes(self.content(v[0])), frames)
         if tag == _COPY and type(v) is list and len(v) == 2 and type(v[0]) is str:
             builder = _builders.get(v[0])
             if builder is None:
@@ -869,6 +1289,9 @@ class _Outbox:
         #: The TCP socket to send on directly (None: through the transport
         #: only); see :func:`_receive_into_buffers`.
         self.sock: Any = None
+        #: Without a socket: nothing was written to the transport since it
+        #: last said it had sent everything (see :meth:`_drained`).
+        self.drained = False
         #: Held by whoever signs or writes a frame: the reactor thread, or a
         #: thread sending a call itself (:meth:`send_from_thread`). Re-entrant:
         #: a written-reply callback may send.
@@ -885,6 +1308,10 @@ class _Outbox:
             # Full (or broken: the transport's own write notices that).
             return 0
 
+    def _transport_empty(self) -> bool:
+        t = self.transport
+        return not t._tempDataLen and t.offset == len(t.dataBuffer)
+
     def _idle(self) -> bool:
         """May a frame go straight to the socket now? (Nothing is waiting
         before it, here or in the transport.)"""
@@ -895,9 +1322,19 @@ class _Outbox:
             and not self.held
             and t.connected
             and not t.disconnecting
-            and not t._tempDataLen
-            and t.offset == len(t.dataBuffer)
+            and self._transport_empty()
         )
+
+    def _drained(self) -> bool:
+        """Has the transport sent everything written to it (so a large buffer
+        may go out now, after it)?"""
+        if self.sock is not None and hasattr(self.transport, "dataBuffer"):
+            return self._transport_empty()  # (Twisted's TCP transport: exact)
+        return self.drained
+
+    def _write(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.drained = False
 
     def _write_small(self, data: bytes) -> None:
         # Reactor thread, lock held: straight to the socket when nothing waits
@@ -907,7 +1344,7 @@ class _Outbox:
             if n == len(data):
                 return
             data = data[n:]
-        self.transport.write(data)
+        self._write(data)
 
     def _flush_held(self) -> None:
         with self.lock:
@@ -916,7 +1353,7 @@ class _Outbox:
                 self.held.clear()
                 self._write_small(data)
                 if self.queue:
-                    self._pump(drained=False)
+                    self._pump()
 
     def send(self, frame: Frame) -> None:
         """Write ``frame`` after everything sent before it (reactor thread).
@@ -944,16 +1381,21 @@ class _Outbox:
             if self.held:
                 data = b"".join(self.held)
                 self.held.clear()
-                self.transport.write(data)
+                self._write(data)
             q.append((frame.head, None))
-            for b, h in zip(frame.buffers, frame.hashes, strict=True):
-                if len(b):
+            streams = frame.streams
+            for i, (b, h) in enumerate(zip(frame.buffers, frame.hashes, strict=True)):
+                if streams is not None and streams[i] is not None:
+                    st, start = streams[i]
+                    view = b if type(b) is memoryview else memoryview(b)
+                    q.append((_Growing(view, st, start), h))
+                elif len(b):
                     q.append((b, h))
                 else:
                     h.finish()  # nothing to write, but its digest counts
             if frame.mac is not None:
                 q.append((None, frame.mac))
-            self._pump(drained=False)
+            self._pump()
 
     def send_from_thread(self, sign: Callable[[], Frame | None], reactor: Any) -> bool:
         """Sign and send a small frame from a thread other than the reactor's.
@@ -1001,79 +1443,127 @@ class _Outbox:
         for seg, callback in q:
             if seg is _NOTIFY:
                 _run_notice(callback)
+            elif type(seg) is _Growing:
+                seg.stream.active.discard(seg)
+                seg.stream.progressed()
+
+    def wake(self) -> None:
+        """More of a buffer being forwarded arrived (or its frame ended)."""
+        with self.lock:
+            self._pump()
 
     def resumeProducing(self) -> None:  # noqa: N802
-        # The transport calls this once it has written everything it held.
+        # The transport calls this once it has written everything it held,
+        # and (whatever it holds) when this registers as its producer: that
+        # happens inside _pump, and is ignored.
         with self.lock:
-            self._pump(drained=True)
+            if self.pumping:
+                return
+            self.drained = True
+            self._pump()
 
-    def _pump(self, drained: bool) -> None:
+    def _send_large(self, view: memoryview, mac: Any) -> int:
+        """Send what the transport and socket take now of a large buffer
+        (only while :meth:`_drained`); returns the bytes consumed. The
+        transport is left drained only if the socket took all of ``view``."""
+        if self.sock is not None:
+            # Straight from the buffer's memory while the socket takes it.
+            pos, end = 0, len(view)
+            while pos < end:
+                chunk = view[pos : pos + WRITE_SLICE]
+                try:
+                    sent = self.sock.send(chunk)
+                except OSError:
+                    sent = 0  # full (or broken: the transport's own write notices)
+                if sent and mac is not None:
+                    mac.update(chunk[:sent])
+                pos += sent
+                if sent < len(chunk):
+                    break
+            if pos == end:
+                return pos
+            # The socket is full: hand the transport a small piece, so that
+            # it calls back once the socket drains.
+            n = min(end - pos, WAKE_PIECE)
+        else:
+            pos, n = 0, min(len(view), WRITE_SLICE)
+        piece = bytes(view[pos : pos + n])
+        if mac is not None:
+            mac.update(piece)
+        self._write(piece)
+        return pos + n
+
+    def _pump(self) -> None:
         if self.pumping:
             return
         self.pumping = True
         try:
             q = self.queue
-            write = self.transport.write
             while q:
                 seg, mac = q[0]
                 # (seg, mac): a head (mac None), a piece of a buffer (mac its
-                # _BufferHash), or a closing tag (seg None, mac the frame's HMAC)
+                # _BufferHash), a buffer still arriving (a _Growing), or a
+                # closing tag (seg None, mac what yields it)
                 if seg is None:  # every buffer before it is hashed
+                    if type(mac) is _StreamClosing:
+                        st = mac.open_stream()
+                        if st is not None:  # its verdict is not in yet
+                            st.wait(self)
+                            break
                     q.popleft()
-                    write(mac.digest())
+                    self._write(mac.digest())
                     continue
                 if seg is _NOTIFY:  # everything before it left its memory
                     q.popleft()
                     _run_notice(mac)
                     continue
+                if type(seg) is _Growing:
+                    st = seg.stream
+                    st.active.add(seg)
+                    avail = seg.available()
+                    if avail <= 0:
+                        if seg.offset < len(seg.view):
+                            st.wait(self)  # caught up: wait for more
+                            break
+                        q.popleft()
+                        st.active.discard(seg)
+                        mac.finish()
+                        st.progressed()
+                        continue
+                    if not self._drained():
+                        break
+                    view = seg.view[seg.offset : seg.offset + avail]
+                    seg.offset += self._send_large(view, mac)
+                    st.progressed()
+                    if self._drained():
+                        continue
+                    break  # one large step per drain
                 if type(seg) is bytes and len(seg) <= WRITE_SLICE:
                     q.popleft()
                     if mac is not None:
                         mac.update(seg)
                         mac.finish()
-                    write(seg)
-                    drained = False
+                    self._write(seg)
                     continue
-                if not drained:
+                if not self._drained():
                     break  # wait until the transport's buffer is empty
                 if self.sock is None and type(seg) is bytes:
                     q.popleft()
                     if mac is not None:
                         mac.update(seg)
                         mac.finish()
-                    write(seg)
+                    self._write(seg)
                     break
                 view = seg if type(seg) is memoryview else memoryview(seg)
-                if self.sock is not None:
-                    # Straight from the buffer's memory while the socket takes it.
-                    sent = self._send_direct(view[:WRITE_SLICE])
-                    if sent:
-                        if mac is not None:
-                            mac.update(view[:sent])
-                        view = view[sent:]
-                        if not len(view):
-                            q.popleft()
-                            if mac is not None:
-                                mac.finish()
-                            continue
-                        q[0] = (view, mac)
-                        if sent == WRITE_SLICE:
-                            continue
-                    # The socket is full: hand the transport a small piece, so
-                    # that it calls back once the socket drains.
-                    n = min(len(view), WAKE_PIECE)
-                else:
-                    n = min(len(view), WRITE_SLICE)
-                piece = bytes(view[:n])
-                if mac is not None:
-                    mac.update(piece)
-                if n == len(view):
+                sent = self._send_large(view, mac)
+                if sent == len(view):
                     q.popleft()
                     if mac is not None:
                         mac.finish()
                 else:
-                    q[0] = (view[n:], mac)
-                write(piece)
+                    q[0] = (view[sent:], mac)
+                if self._drained():
+                    continue
                 break  # one large step per drain
             if q and not self.registered:
                 self.registered = True
@@ -1141,6 +1631,12 @@ class NativeProtocol(protocol.Protocol):
         self._next_watcher = 1
         self.connected_ = False
         self.lost_reason: Failure | None = None
+        #: Calls whose replies may be forwarded as they arrive.
+        self._stream_replies: set[int] = set()
+
+    #: A routing side forwards frames as they arrive (see "Cut-through
+    #: forwarding"); off, it receives each frame whole first.
+    cut_through = True
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -1162,20 +1658,88 @@ class NativeProtocol(protocol.Protocol):
                 data = self._read_hello(data)
                 if self._reader is None:
                     return
-            frames = self._reader.feed(data)
-            if frames:
-                with _cork:
-                    for header, buffers in frames:
-                        self._message(decode(header, buffers, self))
-            if POOL.tracked_bytes:
-                from twisted.internet import reactor
-
-                POOL.keep_trimmed(reactor)
+            self._frames(self._reader.feed(data))
         except SecurityError as e:
             self._refuse(e)
         except Exception as e:
             log.msg(f"native transport: dropping the connection from {self._peer()}: {e}")
             self._drop(e if isinstance(e, ProtocolError) else ProtocolError(str(e)))
+
+    def _frames_guarded(self, items: list[Any]) -> None:
+        """:meth:`_frames`, dropping the connection on a bad one (for a
+        transport's own read path)."""
+        try:
+            self._frames(items)
+        except SecurityError as e:
+            self._refuse(e)
+        except Exception as e:
+            log.msg(f"native transport: dropping the connection from {self._peer()}: {e}")
+            self._drop(e if isinstance(e, ProtocolError) else ProtocolError(str(e)))
+
+    def _frames(self, items: list[Any]) -> None:
+        if items:
+            with _cork:
+                for item in items:
+                    t = type(item)
+                    if t is Early:
+                        self._early(item)
+                    elif t is Aborted:
+                        self._aborted(item)
+                    else:
+                        self._message(decode(item[0], item[1], self))
+        if POOL.tracked_bytes:
+            from twisted.internet import reactor
+
+            POOL.keep_trimmed(reactor)
+
+    def _early(self, item: Early) -> None:
+        """Act on a frame still arriving, if what it asks for only forwards
+        its large buffers (see "Cut-through forwarding"); else leave it to be
+        delivered complete."""
+        if not self._auth_done:
+            return
+        try:
+            msg = decode(item.header, item.buffers, self)
+        except _NotYet:
+            return
+        if type(msg) is not list or not msg:
+            return
+        kind = msg[0]
+        if kind == "c" and len(msg) == 6:
+            target = self._exports.get(msg[2])
+            if msg[3] not in _cut_through_methods.get(type(target), ()):
+                return
+        elif kind == "r" and len(msg) == 3:
+            if msg[1] not in self._stream_replies:
+                return
+        else:
+            return
+        item.dispatched = True
+        transport = self.transport
+        item.stream.pause = transport.pauseProducing
+        item.stream.resume = transport.resumeProducing
+        self._message(msg)
+
+    def _aborted(self, item: Aborted) -> None:
+        """The peer (a controller) closed a frame with the abort tag: what it
+        forwarded did not arrive intact. Nothing of it is used; a call fails."""
+        if item.dispatched:  # (only a controller dispatches early; none sends it aborts)
+            raise ProtocolError("a frame this side was forwarding was aborted by its sender")
+        try:
+            msg = json.loads(item.header)
+            kind, call_id = msg[0], msg[1]
+        except (ValueError, TypeError, IndexError, KeyError):
+            raise ProtocolError("malformed header of an aborted frame") from None
+        log.msg(f"native transport: {self._peer()} aborted a message ({kind!r}) in transit")
+        if kind == "c":
+            self._send(["e", call_id, ABORTED_CALL])
+        elif kind in ("r", "e"):
+            d = self._calls.pop(call_id, None)
+            self._stream_replies.discard(call_id)
+            if d is not None:
+                from kernel.error import EngineError
+
+                d.errback(Failure(EngineError(ABORTED_REPLY)))
 
     def _read_hello(self, data: bytes) -> bytes:
         self._hello += data
@@ -1195,6 +1759,7 @@ class NativeProtocol(protocol.Protocol):
         c2s, s2c = session_keys(self.key, client_nonce, server_nonce)
         self._writer = FrameWriter(c2s if self.is_client else s2c)
         self._reader = FrameReader(s2c if self.is_client else c2s, routing=self.routing, pool=POOL)
+        self._reader.cut_through = self.routing and self.cut_through
         if self.is_client:
             self._send(["a"])  # proves the key
         return rest
@@ -1250,6 +1815,9 @@ class NativeProtocol(protocol.Protocol):
                 log.err(None, "a disconnect watcher failed")
         self._exports.clear()
         self._export_ids.clear()
+        self._stream_replies.clear()
+        if self._reader is not None:
+            self._reader.abandon()
         if self._outbox is not None:
             self._outbox.clear()
 
@@ -1285,10 +1853,14 @@ class NativeProtocol(protocol.Protocol):
             self._dispatch(0, oid, method, args, kwargs)
         elif kind == "r":
             d = self._calls.pop(msg[1], None)
+            if self._stream_replies:
+                self._stream_replies.discard(msg[1])
             if d is not None:
                 d.callback(msg[2])
         elif kind == "e":
             d = self._calls.pop(msg[1], None)
+            if self._stream_replies:
+                self._stream_replies.discard(msg[1])
             if d is not None:
                 d.errback(Failure(ProtocolError(f"the peer failed the call: {msg[2]}")))
         else:
@@ -1366,8 +1938,21 @@ class NativeProtocol(protocol.Protocol):
             raise ProtocolError(f"no object {oid!r} on this connection")
         return self._exports[oid]
 
-    def call(self, oid: int, method: str, args: tuple, kwargs: dict, reply: bool = True):
-        """Send a call; fire its (decoded) reply when ``reply``."""
+    def call(
+        self,
+        oid: int,
+        method: str,
+        args: tuple,
+        kwargs: dict,
+        reply: bool = True,
+        stream_reply: bool = False,
+    ):
+        """Send a call; fire its (decoded) reply when ``reply``.
+
+        :param stream_reply: a routing side may act on the reply before its
+            large buffers have arrived (only forwarding them: see "Cut-through
+            forwarding").
+        """
         if not self.connected_ or not self._auth_done:
             return defer.fail(error.ConnectionLost("the connection to the peer is closed"))
         try:
@@ -1377,10 +1962,13 @@ class NativeProtocol(protocol.Protocol):
             call_id = next(self._call_ids)
             d = defer.Deferred()
             self._calls[call_id] = d
+            if stream_reply:
+                self._stream_replies.add(call_id)
             try:
                 self._send(["c", call_id, oid, method, list(args), kwargs])
             except Exception:
                 self._calls.pop(call_id, None)
+                self._stream_replies.discard(call_id)
                 raise
             return d
         except Exception:
@@ -1475,7 +2063,9 @@ def _receive_into_buffers(proto: NativeProtocol) -> None:
             return main.CONNECTION_LOST
         if not n:
             return main.CONNECTION_DONE
-        reader.received_into(n)
+        items = reader.received_into(n)
+        if items:
+            proto._frames_guarded(items)
         return None
 
     transport.doRead = do_read
@@ -1565,6 +2155,36 @@ class _NoLock:
 _NO_LOCK = _NoLock()
 
 
+#: What an engine answers to a call the controller aborted in transit.
+ABORTED_CALL = (
+    "ProtocolError: the controller aborted this message in transit (the data it was "
+    "forwarding did not verify, or its sender disconnected): nothing of it was used"
+)
+#: The error of a call whose reply the controller aborted in transit.
+ABORTED_REPLY = (
+    "the reply was cut off in transit: the engine sending it disconnected (or its data "
+    "did not verify) while the controller was forwarding it; nothing of it was used. "
+    "Check the engine and ask again."
+)
+
+#: type -> names of its remote methods a routing side may call on a frame
+#: still arriving (see :func:`allow_cut_through`).
+_cut_through_methods: dict[type, frozenset[str]] = {}
+
+
+def allow_cut_through(cls: type, methods: Any) -> None:
+    """Let a controller call ``remote_<method>`` of ``cls`` instances, for
+    each of ``methods``, as soon as a call's header has verified, with its
+    large buffers still arriving.
+
+    Only for methods that do nothing with those buffers but send them on
+    over native connections (a push's blob to engines): the buffers are
+    forwarded as they arrive, and the frames carrying them close with a valid
+    tag only once the incoming frame's own closing tag has verified.
+    """
+    _cut_through_methods[cls] = frozenset(_cut_through_methods.get(cls, ())) | frozenset(methods)
+
+
 class NativeRemote:
     """An object on the other side of a native connection, with the Foolscap
     reference API the client halves use.
@@ -1589,6 +2209,11 @@ class NativeRemote:
             failed the call itself.
         """
         return self.proto.call(self.oid, method, args, kwargs)
+
+    def callRemoteStreamed(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:  # noqa: N802
+        """:meth:`callRemote`, letting a controller forward the reply's large
+        buffers as they arrive (see :meth:`NativeProtocol.call`)."""
+        return self.proto.call(self.oid, method, args, kwargs, stream_reply=True)
 
     def callRemoteOnly(self, method: str, *args: Any, **kwargs: Any) -> None:  # noqa: N802
         """Call without waiting for (or getting) a reply."""
