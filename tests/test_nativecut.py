@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 
 import pytest
-from twisted.internet import defer
+import pytest_twisted
+from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.test import iosim
 
 from kernel import nativeproto
-from kernel.error import EngineError, ProtocolError, SecurityError
+from kernel.error import CompositeError, EngineError, ProtocolError, SecurityError
 from kernel.nativeproto import FrameReader, FrameWriter, NativeProtocol
 from kernel.serialized import Serialized
 
@@ -390,3 +392,87 @@ def test_a_blob_whose_frame_failed_is_not_forwarded_again():
     c.ctrl.connectionLost(iosim.Failure(ConnectionError("gone")))
     with pytest.raises(ProtocolError, match="did not arrive intact"):
         FrameWriter(KEY).frame(b"[]", [buf])
+
+
+# -- real processes --------------------------------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def two_engines():
+    """A native controller process and two engine processes."""
+    from tests.harness_native import NativeHarness
+
+    harness = await NativeHarness.start(n_engines=2)
+    try:
+        yield harness
+    finally:
+        await harness.stop()
+
+
+def _digest_on(mec, name):
+    return f"import hashlib; h = hashlib.sha256(memoryview({name}).cast('B')).hexdigest()"
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_an_engine_killed_mid_push_fails_alone_and_the_other_engine_gets_it_all(two_engines):
+    """One of two engines stops reading in the middle of a 200 MB push and is
+    then killed: the push fails for that engine only, the other engine holds
+    the exact array, and the controller keeps serving the client."""
+    import hashlib
+
+    import numpy as np
+
+    mec = two_engines.multiengine
+    stopped, alive = sorted(await mec.get_ids())
+    data = np.random.default_rng(1).integers(0, 255, size=200 * MB, dtype=np.uint8)
+    two_engines.cluster.pause_engine(stopped)
+    push = mec.push({"big": data}, targets=[stopped, alive])
+    await deferLater(reactor, 0.5, lambda: None)
+    assert not push.called  # held up by the stopped engine
+    await two_engines.kill_engine(stopped)
+    with pytest.raises(CompositeError) as info:
+        await push.addTimeout(60, reactor)
+    assert [e.engine_id for e in info.value.elist] == [stopped]
+    await mec.execute(_digest_on(mec, "big"), targets=[alive])
+    assert await mec.pull("h", targets=[alive]) == [hashlib.sha256(data).hexdigest()]
+    assert await mec.get_ids() == [alive]
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_an_engine_killed_mid_reply_fails_the_pull_and_the_client_stays_connected(
+    two_engines,
+):
+    """The engine answering a 200 MB pull dies while the controller is
+    forwarding its reply: the client's pull fails with the reason, and the
+    same connection goes on working with the other engine."""
+    import numpy as np
+
+    mec = two_engines.multiengine
+    dying, alive = sorted(await mec.get_ids())
+    await mec.execute("import numpy; big = numpy.ones(200 * 2**20, numpy.uint8)", targets=[dying])
+    proto = mec.remote_reference.proto
+    reader = proto._reader
+    started = defer.Deferred()
+    received_into = reader.received_into
+
+    def spy(n):
+        # Stop reading once the reply's buffer is arriving: the controller is
+        # then mid-way through forwarding it.
+        if not started.called and reader._filled > MB:
+            proto.transport.pauseProducing()
+            started.callback(None)
+        return received_into(n)
+
+    reader.received_into = spy
+    pull = mec.pull("big", targets=[dying])
+    await started.addTimeout(60, reactor)
+    await two_engines.kill_engine(dying)
+    proto.transport.resumeProducing()
+    with pytest.raises(Exception, match="cut off in transit") as info:
+        await pull.addTimeout(60, reactor)
+    assert info.type in (EngineError, CompositeError)
+    await mec.push({"x": np.arange(10)}, targets=[alive])
+    (x,) = await mec.pull("x", targets=[alive])
+    np.testing.assert_array_equal(x, np.arange(10))
