@@ -85,6 +85,11 @@ class BlockDistribution:
         return out
 
 
+#: A joined array of at least this many bytes is written into a pooled
+#: buffer (see :func:`_join_arrays`).
+POOLED_JOIN_BYTES = 1 << 20
+
+
 def _join_arrays(partitions: list[Any]) -> Any:
     np = _numpy()
     ndim = max(np.ndim(p) for p in partitions)
@@ -95,7 +100,37 @@ def _join_arrays(partitions: list[Any]) -> Any:
         if a.ndim < ndim:
             a = np.expand_dims(a, 0)
         blocks.append(a)
-    return np.concatenate(blocks)
+    out = _pooled_result(np, blocks)
+    if out is None:
+        return np.concatenate(blocks)
+    return np.concatenate(blocks, out=out)
+
+
+def _pooled_result(np: Any, blocks: list[Any]) -> Any:
+    """An uninitialised array for the concatenation of ``blocks``, on a
+    buffer of :data:`kernel.bufferpool.POOL` (None when small, or when the
+    blocks do not line up: ``np.concatenate`` then allocates, or explains).
+
+    A large result is otherwise fresh memory, which costs more to fault in
+    and zero than to fill; a pooled buffer that the previous result left
+    (once nothing refers to it) is filled again instead. The caller owns the
+    array as any other: the pool only reuses the buffer once the array and
+    every view of it are gone.
+    """
+    from kernel.bufferpool import POOL
+
+    first = blocks[0]
+    if first.ndim == 0 or any(b.shape[1:] != first.shape[1:] for b in blocks):
+        return None
+    dtype = np.result_type(*blocks)
+    if dtype.hasobject:
+        return None
+    shape = (sum(len(b) for b in blocks), *first.shape[1:])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes < POOLED_JOIN_BYTES:
+        return None
+    buf = POOL.take(bytearray, nbytes)
+    return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
 def as_sliceable(seq: Any) -> Any:

@@ -95,3 +95,41 @@ def test_partition_then_join_round_trips():
     seq = list(range(17))
     for p in range(1, 20):
         assert kmap.join(kmap.partition(seq, p)) == seq
+
+
+def _memory_owner(array):
+    owner = array
+    while True:
+        nxt = getattr(owner, "base", None)
+        if nxt is None:
+            nxt = getattr(owner, "obj", None)  # a memoryview's exporter
+        if nxt is None:
+            return owner
+        owner = nxt
+
+
+def test_a_large_joined_array_fills_a_pooled_buffer_reused_only_once_released():
+    joined = kmap.join(kmap.partition(np.arange(300_000, dtype=np.float64), 3))
+    np.testing.assert_array_equal(joined, np.arange(300_000, dtype=np.float64))
+    assert joined.flags.writeable
+    assert type(_memory_owner(joined)) is bytearray  # a pool buffer, not fresh memory
+    held = joined.copy()
+    again = kmap.join(kmap.partition(np.zeros(300_000), 2))  # same size
+    np.testing.assert_array_equal(joined, held)  # a result still held is never refilled
+    assert _memory_owner(again) is not _memory_owner(joined)
+    pooled = {id(_memory_owner(joined)), id(_memory_owner(again))}  # (the pool keeps both)
+    del joined, again
+    third = kmap.join(kmap.partition(np.ones(300_000), 4))
+    assert id(_memory_owner(third)) in pooled  # filled again, not allocated
+    np.testing.assert_array_equal(third, np.ones(300_000))
+
+
+def test_large_blocks_that_do_not_line_up_are_refused_as_numpy_refuses_them():
+    with pytest.raises(ValueError):
+        kmap.join([np.zeros((200_000, 2)), np.zeros((200_000, 3))])
+
+
+def test_a_large_join_of_object_arrays_is_concatenated_as_usual():
+    blocks = [np.array([object()] * 200_000), np.array([None] * 200_000)]
+    joined = kmap.join(blocks)
+    assert joined.dtype == object and len(joined) == 400_000
