@@ -1497,6 +1497,7 @@ class _Outbox:
         if self.pumping:
             return
         self.pumping = True
+        parked = False  # waiting for a forwarded buffer, not for the transport
         try:
             q = self.queue
             while q:
@@ -1509,6 +1510,7 @@ class _Outbox:
                         st = mac.open_stream()
                         if st is not None:  # its verdict is not in yet
                             st.wait(self)
+                            parked = True
                             break
                     q.popleft()
                     self._write(mac.digest())
@@ -1524,6 +1526,7 @@ class _Outbox:
                     if avail <= 0:
                         if seg.offset < len(seg.view):
                             st.wait(self)  # caught up: wait for more
+                            parked = True
                             break
                         q.popleft()
                         st.active.discard(seg)
@@ -1531,6 +1534,16 @@ class _Outbox:
                         st.progressed()
                         continue
                     if not self._drained():
+                        break
+                    if (
+                        self.sock is None
+                        and st.state is _OPEN
+                        and avail < min(WRITE_SLICE, len(seg.view) - seg.offset)
+                    ):
+                        # Through a transport (TLS): a slice per drain, as
+                        # for any buffer, not each small piece as it comes.
+                        st.wait(self)
+                        parked = True
                         break
                     view = seg.view[seg.offset : seg.offset + avail]
                     seg.offset += self._send_large(view, mac)
@@ -1565,10 +1578,13 @@ class _Outbox:
                 if self._drained():
                     continue
                 break  # one large step per drain
-            if q and not self.registered:
-                self.registered = True
-                self.transport.registerProducer(self, False)
-            elif not q and self.registered:
+            # Registered while something waits for the transport to drain;
+            # not while parked (a TLS transport would poll it meanwhile).
+            if q and not parked:
+                if not self.registered:
+                    self.registered = True
+                    self.transport.registerProducer(self, False)
+            elif self.registered:
                 self.registered = False
                 self.transport.unregisterProducer()
         finally:
@@ -1715,9 +1731,7 @@ class NativeProtocol(protocol.Protocol):
         else:
             return
         item.dispatched = True
-        transport = self.transport
-        item.stream.pause = transport.pauseProducing
-        item.stream.resume = transport.resumeProducing
+        item.stream.pause, item.stream.resume = _reading_switch(self.transport)
         self._message(msg)
 
     def _aborted(self, item: Aborted) -> None:
@@ -2153,6 +2167,18 @@ class _NoLock:
 
 
 _NO_LOCK = _NoLock()
+
+
+def _reading_switch(transport: Any) -> tuple[Any, Any]:
+    """``(pause, resume)`` reading from ``transport``: its own producer
+    methods (TCP), else those of the connection under it (TLS), else
+    ``(None, None)``."""
+    for t in (transport, getattr(transport, "transport", None)):
+        pause = getattr(t, "pauseProducing", None)
+        resume = getattr(t, "resumeProducing", None)
+        if pause is not None and resume is not None:
+            return pause, resume
+    return None, None
 
 
 #: What an engine answers to a call the controller aborted in transit.
