@@ -32,7 +32,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from kernel.interfaces import ITaskDB
-from kernel.taskdb import BLOB_KEYS, RECORD_KEYS, check_query, match, new_record
+from kernel.taskdb import BLOB_KEYS, RECORD_KEYS, check_query, match
 
 _COLUMNS: dict[str, str] = {
     "taskid": "INTEGER PRIMARY KEY",
@@ -131,6 +131,7 @@ class SQLiteDB:
             f"CREATE TABLE IF NOT EXISTS {table}_reserved (id INTEGER PRIMARY KEY, below INTEGER)"
         )
         self._writes = 0  # in the open transaction
+        self._statements: dict[tuple, str] = {}  # (kind, keys) -> SQL
         self._commit_call: Any = None
         self._shutdown_trigger: Any = None
         if clock is None:
@@ -221,15 +222,20 @@ class SQLiteDB:
         :raises: (errback) KeyError for an unknown record key.
         """
         try:
-            fields = dict(record)
-            fields.pop("taskid", None)
-            full = new_record(taskid, **fields)
-            keys = list(_COLUMNS)
-            self._write().execute(
-                f"INSERT OR REPLACE INTO {self.table} ({', '.join(keys)}) "
-                f"VALUES ({', '.join('?' for _ in keys)})",
-                [_encode(k, full[k]) for k in keys],
-            )
+            fields = {k: v for k, v in record.items() if k != "taskid"}
+            unknown = fields.keys() - RECORD_KEYS.keys()
+            if unknown:
+                raise KeyError(f"not task record keys: {sorted(unknown)}")
+            # the columns left out are NULL: the row is replaced as a whole
+            keys = tuple(fields)
+            sql = self._statements.get(("insert", keys))
+            if sql is None:
+                columns = ("taskid", *keys)
+                sql = self._statements["insert", keys] = (
+                    f"INSERT OR REPLACE INTO {self.table} ({', '.join(columns)}) "
+                    f"VALUES ({', '.join('?' for _ in columns)})"
+                )
+            self._write().execute(sql, [taskid, *(_encode(k, v) for k, v in fields.items())])
             self._wrote()
         except Exception:
             return defer.fail()
@@ -241,7 +247,7 @@ class SQLiteDB:
         :raises: (errback) KeyError if there is no such record or a key is unknown.
         """
         try:
-            unknown = set(changes) - set(RECORD_KEYS)
+            unknown = changes.keys() - RECORD_KEYS.keys()
             if unknown:
                 raise KeyError(f"not task record keys: {sorted(unknown)}")
             changes = {k: v for k, v in changes.items() if k != "taskid"}
@@ -249,10 +255,15 @@ class SQLiteDB:
                 if self._fetch(taskid) is None:
                     raise KeyError(f"no task record with taskid {taskid!r}")
                 return defer.succeed(None)
-            assignments = ", ".join(f"{k} = ?" for k in changes)
+            keys = tuple(changes)
+            sql = self._statements.get(("update", keys))
+            if sql is None:
+                assignments = ", ".join(f"{k} = ?" for k in keys)
+                sql = self._statements["update", keys] = (
+                    f"UPDATE {self.table} SET {assignments} WHERE taskid = ?"
+                )
             cursor = self._write().execute(
-                f"UPDATE {self.table} SET {assignments} WHERE taskid = ?",
-                [*(_encode(k, v) for k, v in changes.items()), taskid],
+                sql, [*(_encode(k, v) for k, v in changes.items()), taskid]
             )
             self._wrote()
             if cursor.rowcount == 0:
