@@ -249,6 +249,8 @@ CUT_THROUGH_BYTES = 1 << 20
 CUT_THROUGH_WINDOW = 8 << 20
 
 _PREFIX = struct.Struct(">4sII")
+#: Most buffers of a frame read in one step (:meth:`FrameReader._whole_small_frame`).
+_SMALL_COUNT = 64
 _SEQ = struct.Struct(">Q")
 _LABEL = b"txkernel-native-v1"
 _ONE_TIME_LABEL = b"txkernel-native-v1 one-time mac key"
@@ -778,22 +780,10 @@ class FrameReader:
         end = len(view)
         while True:
             if self._state == "prefix" and not self._pending and end - pos >= _PREFIX.size:
-                # A whole frame without buffers, in short (as _advance checks it).
-                magic, header_len, count = _PREFIX.unpack_from(view, pos)
-                stop = pos + _PREFIX.size + header_len + TAG_BYTES
-                if magic == MAGIC and not count and header_len <= MAX_HEADER_BYTES and stop <= end:
-                    header = bytes(view[pos + _PREFIX.size : stop - TAG_BYTES])
-                    mac = self._key_mac.copy()
-                    mac.update(_SEQ.pack(self.seq))
-                    self.seq += 1
-                    mac.update(view[pos : pos + _PREFIX.size])
-                    mac.update(header)
-                    if not hmac.compare_digest(mac.digest(), view[stop - TAG_BYTES : stop]):
-                        raise SecurityError(
-                            "a frame's tag does not verify: wrong cluster key or tampering"
-                        )
-                    self._ready.append((header, []))
-                    pos = stop
+                got = self._whole_small_frame(view, pos, end)
+                if got is not None:
+                    frame, pos = got
+                    self._ready.append(frame)
                     continue
             if self._state == "buffers":
                 buf = self._buffers[self._index]
@@ -837,6 +827,50 @@ class FrameReader:
         """The connection is gone: a frame being cut through never completes."""
         if self._stream is not None:
             self._stream.finish(False)
+
+    def _whole_small_frame(self, view: memoryview, pos: int, end: int) -> Any:
+        """The frame at ``pos`` read and checked in one step, if all of it is
+        in ``view`` and its buffers are small (:data:`SMALL_FRAME` bytes in
+        all): ``((header, buffers), end of the frame)``; else None (the
+        state machine reads it). The same checks, in the same order."""
+        magic, header_len, count = _PREFIX.unpack_from(view, pos)
+        if magic != MAGIC or header_len > MAX_HEADER_BYTES or count > _SMALL_COUNT:
+            return None
+        header_start = pos + _PREFIX.size + 8 * count
+        tag_start = header_start + header_len
+        if tag_start + TAG_BYTES > end:
+            return None
+        sizes = struct.unpack_from(f">{count}Q", view, pos + _PREFIX.size) if count else ()
+        total = sum(sizes)
+        stop = tag_start + TAG_BYTES + total + (TAG_BYTES if count else 0)
+        if total > SMALL_FRAME or stop > end or total + header_len > MAX_FRAME_BYTES:
+            return None
+        header = bytes(view[header_start:tag_start])
+        mac = self._key_mac.copy()
+        mac.update(_SEQ.pack(self.seq))
+        self.seq += 1
+        mac.update(view[pos:header_start])
+        mac.update(header)
+        first = mac.copy().digest() if count else mac.digest()
+        if not hmac.compare_digest(first, view[tag_start : tag_start + TAG_BYTES]):
+            raise SecurityError("a frame's tag does not verify: wrong cluster key or tampering")
+        if not count:
+            return (header, []), stop
+        kind = self._buffer_type
+        buffers = []
+        at = tag_start + TAG_BYTES
+        for n in sizes:
+            piece = view[at : at + n]
+            digest = hashlib.sha256(piece).digest()
+            mac.update(digest)
+            buf = kind(piece)
+            if kind is RoutedBuffer:
+                buf.sha256 = digest
+            buffers.append(buf)
+            at += n
+        if not hmac.compare_digest(mac.digest(), view[at:stop]):
+            raise SecurityError("a frame's tag does not verify: wrong cluster key or tampering")
+        return (header, buffers), stop
 
     def room(self) -> memoryview | None:
         """Where the next bytes of the current buffer go, when a buffer is

@@ -393,3 +393,32 @@ def test_a_whole_frame_without_buffers_is_checked_as_any_other(where):
         wire = second  # out of sequence
     with pytest.raises(SecurityError):
         FrameReader(KEY).feed(wire)
+
+
+@pytest.mark.parametrize("where", ["buffer", "closing tag", "first tag"])
+def test_a_whole_small_frame_with_buffers_is_checked_as_any_other(where):
+    from kernel.error import SecurityError
+
+    wire = bytearray(FrameWriter(KEY).frame(b"[1]", [b"payload", b""]).small())
+    at = {"buffer": wire.index(b"payload"), "closing tag": len(wire) - 1}.get(where)
+    if at is None:  # the first tag ends where the buffers start
+        at = wire.index(b"payload") - 1
+    wire[at] ^= 1
+    with pytest.raises(SecurityError):
+        FrameReader(KEY).feed(bytes(wire))
+
+
+def test_a_controller_reading_a_whole_small_frame_keeps_each_buffers_digest():
+    import hashlib
+
+    wire = FrameWriter(KEY).frame(b"[1]", [b"abc", b""]).small()
+    ((header, buffers),) = FrameReader(KEY, routing=True).feed(wire)
+    assert [bytes(b) for b in buffers] == [b"abc", b""]
+    assert all(type(b) is nativeproto.RoutedBuffer and b.stream is None for b in buffers)
+    assert [b.sha256 for b in buffers] == [
+        hashlib.sha256(b"abc").digest(),
+        hashlib.sha256().digest(),
+    ]
+    # a frame forwarding them, signed with those digests, verifies on the next hop
+    forwarded = FrameWriter(b"k" * 32).frame(header, buffers).small()
+    assert frames(forwarded, key=b"k" * 32) == [(b"[1]", [b"abc", b""])]
