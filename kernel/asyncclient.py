@@ -1,8 +1,8 @@
-"""Asynchronous clients: the Foolscap client halves, for Twisted code.
+"""Asynchronous clients: the adapters' client halves, for Twisted code.
 
 Each factory finds the controller (a FURL, a connection file, or a cluster
-directory), connects over Foolscap, and fires the client half, whose methods
-return Deferreds::
+directory), connects over the transport it serves, and fires the client
+half, whose methods return Deferreds::
 
     mec = await get_multiengine_client()           # the default cluster directory
     await mec.execute("a = 5")
