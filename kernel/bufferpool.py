@@ -23,6 +23,7 @@ for :data:`IDLE_SECONDS`, and the pool never tracks more than
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +69,9 @@ class BufferPool:
         self._entries: list[list[Any]] = []
         self._bytes = 0
         self._timer: Any = None
+        # take/trim from any thread (a gather joins in a pooled buffer on
+        # whichever thread calls it): a free buffer is handed out once.
+        self._lock = threading.Lock()
 
     @property
     def tracked_bytes(self) -> int:
@@ -82,16 +86,18 @@ class BufferPool:
         """
         if size < MIN_BYTES:
             return kind(size)
-        now = self.clock()
-        for entry in self._entries:
-            if type(entry[0]) is kind and len(entry[0]) == size and _refs(entry) == _FREE:
-                entry[1] = now
-                return entry[0]
-        self.trim(now, need=size)
-        buf = kind(size)
-        if self._bytes + size <= self.limit:
-            self._entries.append([buf, now])
-            self._bytes += size
+        with self._lock:
+            now = self.clock()
+            for entry in self._entries:
+                if type(entry[0]) is kind and len(entry[0]) == size and _refs(entry) == _FREE:
+                    entry[1] = now
+                    return entry[0]
+            self._trim(now, size)
+        buf = kind(size)  # (allocated outside the lock: it may take a while)
+        with self._lock:
+            if self._bytes + size <= self.limit:
+                self._entries.append([buf, now])
+                self._bytes += size
         return buf
 
     def trim(self, now: float | None = None, need: int = 0) -> int:
@@ -100,8 +106,10 @@ class BufferPool:
 
         :returns: the bytes still tracked.
         """
-        if now is None:
-            now = self.clock()
+        with self._lock:
+            return self._trim(self.clock() if now is None else now, need)
+
+    def _trim(self, now: float, need: int) -> int:
         keep = []
         free = []
         for entry in sorted(self._entries, key=lambda e: e[1]):
@@ -133,7 +141,8 @@ class BufferPool:
 
     def has_free(self) -> bool:
         """Whether any tracked buffer is free now (a :meth:`trim` may release it)."""
-        return any(_refs(e) == _FREE for e in self._entries)
+        with self._lock:
+            return any(_refs(e) == _FREE for e in self._entries)
 
 
 #: The process's pool, shared by every native connection.

@@ -101,3 +101,27 @@ def test_keep_trimmed_releases_free_buffers_without_further_receives():
     clock.advance(11)
     assert pool.tracked_bytes == 0
     assert clock.getDelayedCalls() == []
+
+
+def test_threads_taking_at_once_never_get_the_same_free_buffer():
+    import threading
+
+    pool = BufferPool()
+    size = 2 * MIN_BYTES
+    free = [pool.take(bytearray, size) for _ in range(4)]
+    del free  # four free buffers of the same size
+    got: list = []
+    start = threading.Barrier(8)
+
+    def taker():
+        start.wait()
+        for _ in range(8):
+            got.append(pool.take(bytearray, size))
+
+    threads = [threading.Thread(target=taker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(got) == 64
+    assert len({id(b) for b in got}) == 64  # every buffer handed out is held: all distinct
