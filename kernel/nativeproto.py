@@ -127,16 +127,20 @@ error and runs nothing, a client fails the call with
 an engine or a client; the controller itself acts only on verified headers.
 
 Memory stays bounded: the controller receives into one preallocated buffer
-per large buffer (as without cut-through), and stops reading the sender
-while a receiver that has started on the frame lags more than
+per large buffer (as without cut-through), and stops reading a client that
+sends a push while a receiver that has started on the frame lags more than
 :data:`CUT_THROUGH_WINDOW` bytes behind (so it reads no faster than the
-slowest such receiver drains). A receiver that has not started on the frame
-yet (its connection is busy with earlier frames) does not hold the sender
-back: the frame waits for it in its buffer, and no two forwardings can wait
-on each other. Cut-through works the same over TLS (the buffers then go
-through the TLS transport in slices rather than straight to the socket).
-In the controller process, a blob pulled from an engine may still be
-arriving: code there that reads it waits with :func:`arrived`.
+slowest such receiver drains). An engine's reply is read on whatever the
+client does: a slow client must not hold up the engine's connection (and
+its heartbeats); the reply waits for the client in its buffer. A receiver
+that has not started on the frame yet (its connection is busy with earlier
+frames) does not hold the sender back: the frame waits for it in its
+buffer, and no two forwardings can wait on each other.
+
+Cut-through works the same over TLS (the buffers then go through the TLS
+transport in slices rather than straight to the socket). In the controller
+process, a blob pulled from an engine may still be arriving: code there
+that reads it waits with :func:`arrived`.
 
 TLS
 ---
@@ -1765,7 +1769,12 @@ class NativeProtocol(protocol.Protocol):
         else:
             return
         item.dispatched = True
-        item.stream.pause, item.stream.resume = _reading_switch(self.transport)
+        if kind == "c":
+            # A caller (a client) is held back while its receivers lag; an
+            # engine's reply is read on regardless (it arrives into its own
+            # buffer), so that a slow client never stalls the engine's
+            # connection and its heartbeats.
+            item.stream.pause, item.stream.resume = _reading_switch(self.transport)
         self._message(msg)
 
     def _aborted(self, item: Aborted) -> None:
