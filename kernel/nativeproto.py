@@ -380,8 +380,9 @@ def _open_streams(buffers: list[Any]) -> list | None:
     """
     out = None
     for i, b in enumerate(buffers):
-        if type(b) is RoutedBuffer and b.stream is not None:
-            st = b.stream
+        src = b.obj if type(b) is memoryview else b
+        if type(src) is RoutedBuffer and src.stream is not None:
+            st = src.stream
             if st.state is _FAILED:
                 raise ProtocolError(
                     "the data of this message did not arrive intact (its sender's frame "
@@ -390,7 +391,10 @@ def _open_streams(buffers: list[Any]) -> list | None:
             if st.state is _OPEN:
                 if out is None:
                     out = [None] * len(buffers)
-                out[i] = (st, b.start)
+                # (A view of part of the buffer, wherever it lies: none of it
+                # is sent before the bytes it could cover have arrived.)
+                n = memoryview(b).nbytes
+                out[i] = (st, src.start + len(src) - n)
     return out
 
 

@@ -398,6 +398,29 @@ def test_arrived_waits_for_a_forwarded_reply_and_fails_if_it_never_completes():
     assert result_of(waiting).check(EngineError)
 
 
+def test_a_view_of_a_buffer_still_arriving_is_sent_only_once_its_bytes_are_in():
+    c = Cluster()
+    engine_remote = c.relay.engines[0]
+    sent = []
+
+    def push(blob, n=1):  # forwards a slice of the blob, as a view
+        view = memoryview(blob.buffers[0])[1000:-1000]
+        sent.append(engine_remote.callRemote("store", Serialized(b"s", [view])))
+        return sent[-1]
+
+    c.relay.remote_push = push
+    payload = os.urandom(BIG)
+    c.remote.callRemote("push", Serialized(b"stream", [payload]))
+    data = c.client_bytes()
+    c.ctrl.dataReceived(data[: len(data) // 2])
+    c.flush_engines()
+    assert c.stores[0].stored == []
+    c.ctrl.dataReceived(data[len(data) // 2 :])
+    c.flush_engines()
+    (got,) = c.stores[0].stored
+    assert bytes(got.buffers[0]) == payload[1000:-1000]
+
+
 def test_a_blob_whose_frame_failed_is_not_forwarded_again():
     c = Cluster()
     c.remote.callRemote("push", Serialized(b"stream", [os.urandom(BIG)]))
