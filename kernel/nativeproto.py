@@ -729,8 +729,8 @@ class RoutedBuffer(bytearray):
 
     __slots__ = ("sha256", "stream", "start")
 
-    def __init__(self, size: int = 0):
-        super().__init__(size)
+    def __init__(self, source: Any = 0):
+        super().__init__(source)  # a size (zeros) or bytes to copy, as bytearray takes
         self.sha256: bytes | None = None
         #: The :class:`_Stream` of a buffer still arriving (cut through), else None.
         self.stream: _Stream | None = None
