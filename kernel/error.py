@@ -98,6 +98,11 @@ class TaskAborted(TaskError):
     """The task was aborted before it completed."""
 
 
+class TaskWithdrawn(TaskAborted):
+    """A task sent ahead to an engine was taken back before it started: it
+    never ran there."""
+
+
 class TaskAlreadyCompleted(TaskError):
     """An abort came after the task had finished."""
 

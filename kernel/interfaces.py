@@ -149,6 +149,37 @@ class IEngineTasks(Interface):
         """
 
 
+class IEngineTaskQueue(IEngineTasks):
+    """An engine that holds tasks sent ahead to it in a queue of their own.
+
+    Commands (everything but :meth:`run_task`) overtake the waiting tasks:
+    a command waits for at most the one task running when it came. A task
+    waits behind every command queued before it. A waiting task can be taken
+    back with :meth:`abort_task` and then never starts.
+    """
+
+    def run_task(payload, clear_before=False, clear_after=False, key=None):
+        """Queue a task (see :meth:`IEngineTasks.run_task`).
+
+        :param key: a str naming this task for :meth:`abort_task`, unique
+            among the tasks sent to this engine (None: cannot be aborted).
+        :raises: (errback) as :meth:`IEngineTasks.run_task`;
+            :class:`kernel.error.TaskWithdrawn` if :meth:`abort_task` took it
+            back before it started.
+        """
+
+    def abort_task(key):
+        """Take back the task ``key`` if it has not started, else interrupt
+        it if it is running. Decided at once, on the engine's side: a task
+        either never starts or is already running.
+
+        :returns: Deferred firing ``"withdrawn"`` (it will never run; its
+            :meth:`run_task` fails with :class:`kernel.error.TaskWithdrawn`),
+            ``"interrupted"`` (it was running and has been interrupted) or
+            ``"finished"`` (it is not here: done, or never sent).
+        """
+
+
 class IEngineQueued(Interface):
     """An engine with a FIFO of commands, one in flight at a time."""
 
