@@ -47,7 +47,7 @@ from kernel.engineremote import (
 )
 from kernel.engineservice import QueuedEngine
 from kernel.error import ConnectionError
-from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
+from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTaskQueue
 from kernel.serialized import Serialized
 
 __all__ = [
@@ -172,7 +172,7 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
     """
 
     #: Remote methods beyond the ``RIEngine`` schema.
-    native_remote_methods = ("clear_queue",)
+    native_remote_methods = ("clear_queue", "queue_status", "abort_task")
 
     def __init__(self, engine: Any, on_kill: Callable[[], Any] | None = None):
         super().__init__(_EngineSideQueue(engine), on_kill=on_kill)
@@ -180,6 +180,14 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
 
     def remote_clear_queue(self):
         return self._call("clear_queue")
+
+    def remote_queue_status(self):
+        return self._call("queue_status")
+
+    def remote_abort_task(self, key):
+        if not isinstance(key, str):
+            return self._call("abort_task", None)  # no such task
+        return self._call("abort_task", key)
 
     def _call(self, method: str, *args: Any, convert: Callable | None = None, **kwargs: Any):
         d = super()._call(method, *args, convert=convert, **kwargs)
@@ -211,7 +219,7 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
         d.addBoth(lender.reply)
         return d
 
-    def remote_run_task(self, payload, clear_before=False, clear_after=False):
+    def remote_run_task(self, payload, clear_before=False, clear_after=False, key=None):
         lender = _Lender(self.engine)
 
         def convert(result):
@@ -222,6 +230,7 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
             payload,
             clear_before=bool(clear_before),
             clear_after=bool(clear_after),
+            key=key if isinstance(key, str) else None,
             convert=convert,
         )
         d.addBoth(lender.reply)
@@ -230,26 +239,35 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
 
 class PipelinedEngine(QueuedEngine):
     """A controller-side :class:`~kernel.engineservice.QueuedEngine` that
-    sends up to ``max_in_flight`` commands ahead to a native engine.
+    sends up to ``max_in_flight`` commands and tasks ahead to a native engine.
 
-    The engine runs them one at a time, in order, so for the queue's
-    contract the first command in flight is the running one and the others
-    are waiting: :meth:`queue_status` lists them as queued, and
-    :meth:`clear_queue` drops them on the engine too (each fails with
+    The engine runs them one at a time from a queue of its own
+    (:class:`_EngineSideQueue`: commands in order, overtaking the tasks sent
+    ahead, which it can withdraw), so only the engine knows which one runs:
+    :meth:`queue_status` asks it, and :meth:`clear_queue` drops the waiting
+    commands on the engine too (each fails with
     :class:`~kernel.error.QueueCleared`).
     """
 
     def queue_status(self) -> defer.Deferred:
-        """Fire ``{'queue': [...], 'pending': description or None}`` (see above)."""
-        if self.is_lost:
+        """Fire ``{'queue': [...], 'pending': description or None}``: what
+        runs on the engine, then what waits there and here, in the order it
+        will run (commands, then tasks)."""
+        if self.is_lost or not self._in_flight:
             return super().queue_status()
-        waiting = self._in_flight[1:] + list(self._queue)
-        return defer.succeed(
-            {
-                "queue": [cmd.description for cmd in waiting],
-                "pending": self._in_flight[0].description if self._in_flight else None,
+        here = [cmd.description for cmd in self._queue]
+        here_tasks = [cmd.description for cmd in self._tasks]
+
+        def combine(status: dict) -> dict:
+            there = [str(q) for q in status.get("queue", [])]
+            tasks = [q for q in there if q.startswith("run_task(")]
+            commands = [q for q in there if not q.startswith("run_task(")]
+            return {
+                "queue": commands + here + tasks + here_tasks,
+                "pending": status.get("pending"),
             }
-        )
+
+        return self.engine.queue_status().addCallback(combine)
 
     def clear_queue(self) -> defer.Deferred:
         """Drop every command that has not started, here and on the engine."""
@@ -259,7 +277,7 @@ class PipelinedEngine(QueuedEngine):
         return d
 
 
-@implementer(IEngineBase, IEngineInterrupt, IEngineTasks)
+@implementer(IEngineBase, IEngineInterrupt, IEngineTaskQueue)
 class NativeEngineFromReference(EngineFromReference):
     """An engine in another process, used over the native transport
     (controller process): :class:`kernel.engineremote.EngineFromReference` with
@@ -290,14 +308,36 @@ class NativeEngineFromReference(EngineFromReference):
         :class:`~kernel.error.QueueCleared`)."""
         return self._call("clear_queue")
 
+    def queue_status(self) -> defer.Deferred:
+        """Fire the engine's own ``{'queue': [...], 'pending': ...}``."""
+        return self._call("queue_status")
+
     def run_task(
-        self, payload: Serialized, clear_before: bool = False, clear_after: bool = False
+        self,
+        payload: Serialized,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        key: str | None = None,
     ) -> defer.Deferred:
-        """Run a task body on the engine; fires its result dict with
-        ``result`` a Serialized (unopened)."""
+        """Queue a task body on the engine (behind its waiting commands);
+        fires its result dict with ``result`` a Serialized (unopened).
+
+        :param key: names the task for :meth:`abort_task`.
+        """
         return self._call(
-            "run_task", payload, clear_before=bool(clear_before), clear_after=bool(clear_after)
+            "run_task",
+            payload,
+            clear_before=bool(clear_before),
+            clear_after=bool(clear_after),
+            key=key,
         )
+
+    def abort_task(self, key: str) -> defer.Deferred:
+        """Withdraw the task ``key`` on the engine if it has not started, or
+        interrupt it if it runs; fires ``"withdrawn"``, ``"interrupted"`` or
+        ``"finished"`` (decided by the engine, see
+        :meth:`kernel.interfaces.IEngineTaskQueue.abort_task`)."""
+        return self._call("abort_task", key)
 
 
 class NativeEngineRegistrar(EngineRegistrar):

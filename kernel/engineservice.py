@@ -35,6 +35,7 @@ from kernel.error import (
     InvalidProperty,
     InvalidResultNumber,
     QueueCleared,
+    TaskWithdrawn,
     attach_engine_info,
 )
 from kernel.interfaces import (
@@ -44,6 +45,7 @@ from kernel.interfaces import (
     IEngineProperties,
     IEngineQueued,
     IEngineSerialized,
+    IEngineTaskQueue,
     IEngineTasks,
 )
 from kernel.wiretext import safe_text
@@ -576,15 +578,20 @@ class EngineService:
 class _Command:
     """One queued call: which method, its arguments and the caller's Deferred."""
 
-    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done")
+    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done", "key")
 
-    def __init__(self, name: str, args: tuple, kwargs: dict):
+    def __init__(self, name: str, args: tuple, kwargs: dict, key: str | None = None):
         self.name = name
         self.args = args
         self.kwargs = kwargs
         self._description: str | None = None
         self.deferred: Deferred = Deferred()
         self.done = False
+        self.key = key  # a task's key (see IEngineTaskQueue)
+
+    @property
+    def is_task(self) -> bool:
+        return self.name == "run_task"
 
     @property
     def description(self) -> str:
@@ -595,16 +602,32 @@ class _Command:
         return self._description
 
 
-@implementer(IEngineBase, IEngineQueued, IEngineInterrupt, IEngineTasks)
+#: What :meth:`QueuedEngine.abort_task` fires.
+WITHDRAWN = "withdrawn"
+INTERRUPTED = "interrupted"
+FINISHED = "finished"
+
+
+@implementer(IEngineBase, IEngineQueued, IEngineInterrupt, IEngineTaskQueue)
 class QueuedEngine:
-    """A FIFO of commands in front of an engine.
+    """A FIFO of commands in front of an engine, and a queue of tasks behind it.
 
     Commands from every caller wait in one queue and are sent to the wrapped
     engine in order, at most ``max_in_flight`` at a time (1 by default; more
     lets a network engine pipeline). A command that fails fails only itself.
-    :meth:`interrupt`, :meth:`queue_status`, :meth:`clear_queue` and the
-    property reads (:meth:`get_properties`, :meth:`has_properties`) act at
-    once; every other method is queued.
+    :meth:`interrupt`, :meth:`queue_status`, :meth:`clear_queue`,
+    :meth:`abort_task` and the property reads (:meth:`get_properties`,
+    :meth:`has_properties`) act at once; every other method is queued.
+
+    Tasks (:meth:`run_task`) wait in a second queue that commands overtake
+    (:class:`~kernel.interfaces.IEngineTaskQueue`): a task is sent only when
+    no command waits, so a command waits for at most the task running when
+    it came, never for the tasks the task controller has sent ahead. If the
+    wrapped engine keeps such a queue itself (it has ``abort_task``: the
+    engine side of a pipelining transport), tasks are sent on as slots allow
+    and it orders them; otherwise a task is sent only to an idle engine and
+    nothing else is sent while it runs, so :meth:`abort_task` knows without
+    asking that a task in flight is the one running.
 
     :ivar engine: the wrapped engine (any :class:`IEngineBase` provider).
     """
@@ -621,7 +644,9 @@ class QueuedEngine:
         self.engine = engine
         self.max_in_flight = max_in_flight
         self._queue: collections.deque[_Command] = collections.deque()
+        self._tasks: collections.deque[_Command] = collections.deque()
         self._in_flight: list[_Command] = []
+        self._engine_queues_tasks = callable(getattr(engine, "abort_task", None))
         self._pumping = False
         self._failure_observers: list[Callable[[Failure], Any]] = []
         self._lost_reason: str | None = None
@@ -668,6 +693,18 @@ class QueuedEngine:
         self._pump()
         return cmd.deferred
 
+    def _next(self) -> _Command | None:
+        """The next command or task to send now, or None."""
+        if len(self._in_flight) >= self.max_in_flight or self.is_lost:
+            return None
+        if not self._engine_queues_tasks and self._in_flight and self._in_flight[0].is_task:
+            return None  # a task runs alone on an engine that cannot withdraw it
+        if self._queue:
+            return self._queue.popleft()
+        if self._tasks and (self._engine_queues_tasks or not self._in_flight):
+            return self._tasks.popleft()
+        return None
+
     def _pump(self) -> None:
         # Re-entrant calls (a command that completes synchronously, a
         # callback that queues more work) just let the running loop continue.
@@ -675,10 +712,12 @@ class QueuedEngine:
             return
         self._pumping = True
         try:
-            while self._queue and len(self._in_flight) < self.max_in_flight and not self.is_lost:
-                cmd = self._queue.popleft()
+            while (cmd := self._next()) is not None:
                 self._in_flight.append(cmd)
-                d = maybeDeferred(getattr(self.engine, cmd.name), *cmd.args, **cmd.kwargs)
+                kwargs = cmd.kwargs
+                if cmd.is_task and self._engine_queues_tasks:
+                    kwargs = dict(kwargs, key=cmd.key)
+                d = maybeDeferred(getattr(self.engine, cmd.name), *cmd.args, **kwargs)
                 d.addBoth(self._finished, cmd)
         finally:
             self._pumping = False
@@ -699,7 +738,9 @@ class QueuedEngine:
 
     def clear_queue(self) -> Deferred:
         """Drop every waiting command; each fails with
-        :class:`~kernel.error.QueueCleared`. The running one is not touched."""
+        :class:`~kernel.error.QueueCleared`. The running one is not touched,
+        nor are waiting tasks (they belong to the task controller: abort them
+        there)."""
         dropped, self._queue = list(self._queue), collections.deque()
         for cmd in dropped:
             cmd.done = True
@@ -714,13 +755,15 @@ class QueuedEngine:
     def queue_status(self) -> Deferred:
         """Fire ``{'queue': [descriptions...], 'pending': description or None}``.
 
-        ``pending`` is the oldest command running on the engine.
+        ``pending`` is the oldest command running on the engine; ``queue``
+        lists what waits in the order it will run: commands, then tasks.
         """
         if self.is_lost:
             return fail(self._lost_error("queue_status()"))
         return succeed(
             {
-                "queue": [cmd.description for cmd in self._queue],
+                "queue": [cmd.description for cmd in self._queue]
+                + [cmd.description for cmd in self._tasks],
                 "pending": self._in_flight[0].description if self._in_flight else None,
             }
         )
@@ -744,8 +787,8 @@ class QueuedEngine:
         if self.is_lost:
             return
         self._lost_reason = reason
-        cmds = self._in_flight + list(self._queue)
-        self._in_flight, self._queue = [], collections.deque()
+        cmds = self._in_flight + list(self._queue) + list(self._tasks)
+        self._in_flight, self._queue, self._tasks = [], collections.deque(), collections.deque()
         for cmd in cmds:
             cmd.done = True
             cmd.deferred.errback(Failure(self._lost_error(cmd.description)))
@@ -840,9 +883,56 @@ class QueuedEngine:
         return self._enqueue("clear_properties")
 
     def run_task(
-        self, payload: serialized.Serialized, clear_before: bool = False, clear_after: bool = False
+        self,
+        payload: serialized.Serialized,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        key: str | None = None,
     ) -> Deferred:
-        """Queue :meth:`IEngineTasks.run_task`."""
-        return self._enqueue(
-            "run_task", payload, clear_before=clear_before, clear_after=clear_after
+        """Queue a task behind the waiting commands (see
+        :meth:`IEngineTaskQueue.run_task`).
+
+        :param key: names the task for :meth:`abort_task`.
+        """
+        cmd = _Command(
+            "run_task", (payload,), {"clear_before": clear_before, "clear_after": clear_after}, key
         )
+        if self.is_lost:
+            return fail(self._lost_error(cmd.description))
+        self._tasks.append(cmd)
+        self._pump()
+        return cmd.deferred
+
+    def abort_task(self, key: str) -> Deferred:
+        """Take back a waiting task, or interrupt it if it runs (see
+        :meth:`IEngineTaskQueue.abort_task`).
+
+        A task still here is withdrawn. One sent on to an engine that queues
+        tasks itself is aborted there (which decides); one sent to any other
+        engine is running (it runs alone), so it is interrupted.
+
+        :returns: Deferred firing ``"withdrawn"``, ``"interrupted"`` or
+            ``"finished"``.
+        """
+        if key is None:
+            return succeed(FINISHED)
+        if self.is_lost:
+            return fail(self._lost_error(f"abort_task({key!r})"))
+        for cmd in self._tasks:
+            if cmd.key == key:
+                self._tasks.remove(cmd)
+                cmd.done = True
+                cmd.deferred.errback(
+                    TaskWithdrawn(
+                        f"task {key} was taken back from engine {self.id} before it started"
+                    )
+                )
+                return succeed(WITHDRAWN)
+        for cmd in self._in_flight:
+            if cmd.key == key:
+                if self._engine_queues_tasks:
+                    return maybeDeferred(self.engine.abort_task, key)
+                return self.interrupt().addCallback(
+                    lambda interrupted: INTERRUPTED if interrupted else FINISHED
+                )
+        return succeed(FINISHED)

@@ -33,6 +33,10 @@ from twisted.python import log, usage
 from kernel import clusterdir
 from kernel.clusterdir import ClusterDir
 
+#: ``--pipeline``'s default: :data:`kernel.taskcontroller.DEFAULT_PIPELINE`
+#: (not imported here, to keep option parsing light; a test keeps them equal).
+DEFAULT_PIPELINE = 2
+
 #: The native transport's connection file (see :mod:`kernel.nativeproto`).
 NATIVE_FILE = clusterdir.NATIVE_FILE
 
@@ -103,17 +107,16 @@ class ControllerOptions(usage.Options):
             "hwm",
             None,
             None,
-            "Most tasks outstanding on one engine (0: no limit; default: as many as the "
-            "engine's transport pipelines, 1 for fc and pb).",
+            "Most tasks outstanding on one engine (0: no limit; default: the --pipeline depth).",
             int,
         ],
         [
             "pipeline",
             None,
-            1,
-            "Most tasks sent to one engine at once when its transport pipelines "
-            "(native): more is faster for many short tasks, but a multiengine command "
-            "may then wait behind that many tasks.",
+            DEFAULT_PIPELINE,
+            "Most tasks sent to one engine at once: they wait in the engine's task queue, "
+            "which multiengine commands overtake, so an engine starts its next task without "
+            "a round trip to the controller. 1: send the next only when one finishes.",
             int,
         ],
         ["task-db", None, "sqlite", "Task database: sqlite (in the cluster directory) or memory."],

@@ -19,16 +19,18 @@ The life of a task::
   with the chosen scheme, avoiding engines that rejected it
   (:class:`~kernel.error.UnmetDependency`) and preferring ones it has not
   failed on.
-- *assigned*: counted in the engine's load; the controller feeds each
-  engine's :class:`~kernel.engineservice.QueuedEngine` one task at a time by
-  default, so multiengine commands interleave with tasks instead of queueing
-  behind all of them, and a task not yet sent can still be moved or aborted
-  without ever starting. With ``pipeline=N`` an engine whose transport
-  pipelines (its ``max_in_flight`` > 1, e.g. native) is sent up to N at once,
-  so it never idles for a round trip between short tasks; the price is that a
-  multiengine command may wait behind N tasks, and an aborted task already
-  sent is interrupted when it starts rather than never run.
-- *sent*: in the engine's FIFO or running.
+- *assigned*: counted in the engine's load, not yet sent.
+- *sent*: each engine is sent up to ``pipeline`` tasks at once
+  (:data:`DEFAULT_PIPELINE` by default), so it never idles for a round trip
+  between short tasks. They wait in the engine's task queue
+  (:class:`~kernel.interfaces.IEngineTaskQueue`: over the native transport
+  on the engine itself, otherwise in its
+  :class:`~kernel.engineservice.QueuedEngine`), which multiengine commands
+  overtake: a command waits for at most the one task running when it came.
+  An aborted task that has not started there is withdrawn and never runs;
+  one that has started is interrupted. ``pipeline=1`` sends one task at a
+  time. An engine without a task queue (no ``abort_task``) is always sent
+  one at a time.
 
 Every change is written to the task DB (:mod:`kernel.taskdb`); a finished
 task's result lives only there.
@@ -75,10 +77,21 @@ from kernel.task import TaskResult
 from kernel.taskdb.memory import DictDB
 from kernel.taskmapper import MapperMixin
 
-__all__ = ["TaskController", "normalize_flags", "DEFAULT_FLAGS", "MAX_RESERVED_TASKIDS"]
+__all__ = [
+    "TaskController",
+    "normalize_flags",
+    "DEFAULT_FLAGS",
+    "DEFAULT_PIPELINE",
+    "MAX_RESERVED_TASKIDS",
+]
 
 #: The most taskids one :meth:`TaskController.reserve_taskids` call grants.
 MAX_RESERVED_TASKIDS = 1_000_000
+
+#: Tasks sent to one engine at once, by default: the running one and the
+#: next, so an engine starts its next task without waiting for a round
+#: trip to the controller (see the module docstring).
+DEFAULT_PIPELINE = 2
 
 #: The flags of a task spec and their defaults.
 DEFAULT_FLAGS: dict[str, Any] = {
@@ -188,6 +201,8 @@ class _Worker:
         self.sent: dict[_Task, int] = {}
         #: the most tasks sent to the engine at once
         self.depth = 1
+        #: whether the engine has a task queue (IEngineTaskQueue)
+        self.queues_tasks = False
         self.lost = False
 
     def __repr__(self) -> str:
@@ -222,14 +237,12 @@ class TaskController(MapperMixin, service.Service):
         callable ``scheme(loads) -> index``.
     :param hwm: the most tasks outstanding on one engine at a time (0: no
         limit). None, the default, allows each engine as many as it is sent at
-        once (see ``pipeline``; 1 unless pipelining): an engine gets its next
-        task when it finishes one, the best balance for tasks of unknown
-        length.
-    :param pipeline: the most tasks sent to one engine's command queue at a
-        time, for an engine that runs several commands at once (capped by its
-        ``max_in_flight``, e.g. 8 for a native engine); an engine without
-        ``max_in_flight`` is sent one at a time. 1, the default, keeps the
-        guarantees above (see the module docstring).
+        once (see ``pipeline``): an engine gets its next task when it finishes
+        one, the best balance for tasks of unknown length.
+    :param pipeline: the most tasks sent to one engine's task queue at a
+        time (default :data:`DEFAULT_PIPELINE`); 1 sends the next only when
+        one finishes. An engine without a task queue (no ``abort_task``) is
+        sent one at a time.
     :param db: the :class:`~kernel.interfaces.ITaskDB` to record tasks in
         (default: a new :class:`~kernel.taskdb.memory.DictDB`).
     :param clock: an ``IReactorTime`` for timeouts (default: the reactor).
@@ -252,7 +265,7 @@ class TaskController(MapperMixin, service.Service):
         db: Any = None,
         clock: Any = None,
         first_taskid: int = 0,
-        pipeline: int = 1,
+        pipeline: int = DEFAULT_PIPELINE,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -534,8 +547,9 @@ class TaskController(MapperMixin, service.Service):
     def abort(self, taskid: int) -> Deferred:
         """Abort a task (see :meth:`ITaskController.abort`). Fires None.
 
-        A task waiting in the controller is dropped; one running on an engine
-        is interrupted there. Its result is a :class:`~kernel.error.TaskAborted`
+        A task waiting in the controller is dropped; one waiting in an
+        engine's task queue is withdrawn there (it never starts); one running
+        is interrupted. Its result is a :class:`~kernel.error.TaskAborted`
         failure either way.
         """
         state = self._tasks.get(taskid)
@@ -554,13 +568,16 @@ class TaskController(MapperMixin, service.Service):
             worker = state.worker
             worker.assigned.remove(state)
             self._table.finish_job(worker.serial)
-        elif state.stage == "sent":
-            self._interrupt(state)
+        sent = state.stage == "sent"
         self._finish(
             state,
             "aborted",
             error=TaskAborted(f"task {taskid} was aborted before it completed"),
         )
+        if sent:
+            # after _finish: what the engine says of the attempt (perhaps at
+            # once) is then ignored
+            self._abort_sent(state)
         return succeed(None)
 
     def barrier(self, taskids: Iterable[int]) -> Deferred:
@@ -691,10 +708,8 @@ class TaskController(MapperMixin, service.Service):
         if old is not None:
             self._retire(old, "it was replaced by a new engine with the same id")
         worker = _Worker(next(self._serials), id, engine)
-        in_flight = getattr(engine, "max_in_flight", 1)
-        if not isinstance(in_flight, int) or in_flight < 1:
-            in_flight = 1
-        worker.depth = min(self.pipeline, in_flight)
+        worker.queues_tasks = callable(getattr(engine, "abort_task", None))
+        worker.depth = self.pipeline if worker.queues_tasks else 1
         if self._hwm:
             worker.depth = min(worker.depth, self._hwm)
         self._workers[worker.serial] = worker
@@ -930,12 +945,10 @@ class TaskController(MapperMixin, service.Service):
             changes["resubmitted"] = state.started
         self._db_write("update_record", state.taskid, changes)
         flags = state.flags
-        d = maybeDeferred(
-            worker.engine.run_task,
-            state.payload,
-            clear_before=flags["clear_before"],
-            clear_after=flags["clear_after"],
-        )
+        kwargs = {"clear_before": flags["clear_before"], "clear_after": flags["clear_after"]}
+        if worker.queues_tasks:
+            kwargs["key"] = _task_key(state.taskid, token)
+        d = maybeDeferred(worker.engine.run_task, state.payload, **kwargs)
         d.addCallbacks(
             self._on_result,
             self._on_failure,
@@ -997,10 +1010,26 @@ class TaskController(MapperMixin, service.Service):
         else:
             self._finish(state, "failed", error=info, worker=worker)
 
-    def _interrupt(self, state: _Task) -> None:
-        """Interrupt an aborted task on its engine as soon as it runs there.
+    def _abort_sent(self, state: _Task) -> None:
+        """Stop an aborted task that was sent to an engine: its task queue
+        withdraws it if it has not started (it never will), else interrupts
+        it. The outcome of the task's ``run_task`` is ignored either way."""
+        worker = state.worker
+        if worker.lost:
+            return  # the engine is gone, and the task with it
+        if not worker.queues_tasks:
+            self._interrupt(state)
+            return
+        d = maybeDeferred(worker.engine.abort_task, _task_key(state.taskid, state.attempt))
+        d.addErrback(
+            lambda f: log.msg(f"could not abort task {state.taskid} on its engine: {f.value}")
+        )
 
-        The engine's queue cannot withdraw a command, and interrupting hits
+    def _interrupt(self, state: _Task) -> None:
+        """Interrupt an aborted task on an engine without a task queue as
+        soon as it runs there.
+
+        Such an engine's queue cannot withdraw a command, and interrupting hits
         whatever runs, so the engine is asked every :attr:`abort_poll_interval`
         seconds until this task is the one running: it is the oldest task
         this controller has sent to the engine (so the oldest ``run_task``
@@ -1180,6 +1209,11 @@ class TaskController(MapperMixin, service.Service):
         self._db_call(method, *args).addErrback(
             log.err, f"task controller: task DB {method} failed"
         )
+
+
+def _task_key(taskid: int, attempt: int) -> str:
+    """The key naming one attempt of a task in its engine's task queue."""
+    return f"{taskid}.{attempt}"
 
 
 def _describe(f: Failure | BaseException, engine_id: int | None) -> RemoteError:

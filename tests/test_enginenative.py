@@ -13,7 +13,13 @@ from zope.interface.verify import verifyObject
 
 from kernel import enginenative, nativeproto
 from kernel.error import QueueCleared, RemoteError, SecurityError
-from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
+from kernel.interfaces import (
+    IEngineBase,
+    IEngineInterrupt,
+    IEngineQueued,
+    IEngineTaskQueue,
+    IEngineTasks,
+)
 from kernel.serialized import deserialize, serialize
 from tests.harness_native import NativeLoopback
 
@@ -42,7 +48,80 @@ async def test_engine_registers_and_the_controller_side_engine_has_the_engine_in
     verifyObject(IEngineBase, remote)
     verifyObject(IEngineInterrupt, remote)
     verifyObject(IEngineTasks, remote)
+    verifyObject(IEngineTaskQueue, remote)
     assert remote.id == engine_id == loop.engines[engine_id].id
+    queued, _ = _remote(loop, engine_id)
+    verifyObject(IEngineQueued, queued)
+    verifyObject(IEngineTaskQueue, queued)
+
+
+def _gate_code(gate) -> str:
+    return f"import os, time\nwhile not os.path.exists({str(gate)!r}): time.sleep(0.01)\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_tasks_go_ahead_to_the_engine_and_commands_overtake_them_there(loop, tmp_path):
+    from kernel.task import StringTask
+
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    gate = tmp_path / "gate"
+    _, first = StringTask(_gate_code(gate) + "order = ['task1']").to_spec()
+    _, second = StringTask("order.append('task2')").to_spec()
+    t1 = queued.run_task(first, key="1")
+    t2 = queued.run_task(second, key="2")
+    cmd = queued.execute("order.append('execute')")
+    assert len(queued._in_flight) == 3  # all on the engine, not here
+    status = await queued.queue_status()  # the engine's own view
+    assert status["pending"].startswith("run_task(")
+    assert [q.split("(")[0] for q in status["queue"]] == ["execute", "run_task"]
+    gate.write_text("")
+    await t1, await cmd, await t2
+    assert deserialize(await queued.pull_serialized("order")) == ["task1", "execute", "task2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_task_sent_ahead_is_withdrawn_on_the_engine_and_never_runs(loop, tmp_path):
+    from kernel.task import StringTask
+
+    (engine_id,) = loop.controller.engines
+    queued, remote = _remote(loop, engine_id)
+    gate = tmp_path / "gate"
+    _, first = StringTask(_gate_code(gate) + "first = 1").to_spec()
+    _, second = StringTask("second = 1").to_spec()
+    t1 = queued.run_task(first, key="1")
+    t2 = queued.run_task(second, key="2")
+    assert len(queued._in_flight) == 2  # the second is on the engine, not here
+    assert await queued.abort_task("2") == "withdrawn"
+    with pytest.raises(RemoteError) as info:
+        await t2
+    assert info.value.ename == "TaskWithdrawn"
+    assert await remote.abort_task("2") == "finished"  # nothing left to abort
+    gate.write_text("")
+    await t1
+    keys = await queued.keys()
+    assert "first" in keys and "second" not in keys
+
+
+@pytest_twisted.ensureDeferred
+async def test_abort_task_interrupts_the_task_running_on_the_engine(loop, tmp_path):
+    from kernel.task import StringTask
+
+    (engine_id,) = loop.controller.engines
+    queued, _ = _remote(loop, engine_id)
+    started = tmp_path / "started"
+    _, body = StringTask(
+        f"open({str(started)!r}, 'w').close()\n" + _gate_code(tmp_path / "never")
+    ).to_spec()
+    task = queued.run_task(body, key="1")
+    from kernel.testing.processes import wait_for_async
+
+    await wait_for_async(started.exists, 30, "the task to start")
+    assert await queued.abort_task("1") == "interrupted"
+    with pytest.raises(RemoteError) as info:
+        await task.addTimeout(30, reactor)
+    assert info.value.ename == "KeyboardInterrupt"
+    assert (await queued.execute("x = 1"))["input"] == "x = 1"  # the engine goes on
 
 
 @pytest_twisted.ensureDeferred

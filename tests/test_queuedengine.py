@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
@@ -15,7 +16,13 @@ from zope.interface.verify import verifyObject
 from kernel import error
 from kernel.engineservice import EngineService, QueuedEngine
 from kernel.error import EngineError, QueueCleared
-from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineQueued, IEngineTasks
+from kernel.interfaces import (
+    IEngineBase,
+    IEngineInterrupt,
+    IEngineQueued,
+    IEngineTaskQueue,
+    IEngineTasks,
+)
 from tests.contract.engine import WAIT
 
 
@@ -333,3 +340,180 @@ async def test_real_engine_queue_status_while_a_command_runs(real):
     ev.set()
     await running
     await waiting
+
+
+# -- the task queue (IEngineTaskQueue) --------------------------------------------
+
+
+class TaskFake(FakeEngine):
+    """A fake engine without a task queue of its own: it records keyword
+    arguments too."""
+
+    abort_task = None  # cannot withdraw a task
+
+    def __getattr__(self, name):
+        def method(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            d = Deferred()
+            self.deferreds.append(d)
+            return d
+
+        return method
+
+
+class QueueingTaskFake(TaskFake):
+    """A fake engine side with a task queue: ``abort_task`` is recorded and
+    answers ``"withdrawn"``."""
+
+    def abort_task(self, key):
+        self.calls.append(("abort_task", (key,), {}))
+        return succeed("withdrawn")
+
+
+def names(fake):
+    return [c[0] for c in fake.calls]
+
+
+@pytest.fixture
+def tfake():
+    return TaskFake()
+
+
+@pytest.fixture
+def tqueued(tfake):
+    q = QueuedEngine(tfake)
+    q.id = 3
+    return q
+
+
+def test_queued_engine_provides_the_task_queue_interface(tqueued):
+    assert verifyObject(IEngineTaskQueue, tqueued)
+
+
+def test_commands_overtake_waiting_tasks(tfake, tqueued):
+    res = Results()
+    res.track(tqueued.run_task("t1", key="1"), "t1")
+    res.track(tqueued.run_task("t2", key="2"), "t2")
+    res.track(tqueued.execute("cmd"), "cmd")
+    status = tqueued.queue_status().result
+    assert status["pending"].startswith("run_task(")
+    assert status["queue"][0] == "execute('cmd')" and status["queue"][1].startswith("run_task(")
+    tfake.deferreds[0].callback("r1")
+    assert names(tfake) == ["run_task", "execute"]  # the command went before t2
+    tfake.deferreds[1].callback("c")
+    assert names(tfake) == ["run_task", "execute", "run_task"]
+    tfake.deferreds[2].callback("r2")
+    assert res.order == ["t1", "cmd", "t2"]
+
+
+def test_a_task_waits_behind_the_commands_queued_before_it(tfake, tqueued):
+    res = Results()
+    res.track(tqueued.execute("a"), "a")
+    res.track(tqueued.execute("b"), "b")
+    res.track(tqueued.run_task("t", key="t"), "t")
+    for i in range(3):
+        tfake.deferreds[i].callback(i)
+    assert res.order == ["a", "b", "t"]
+
+
+def test_a_task_runs_alone_on_an_engine_that_cannot_withdraw_it(tfake):
+    queued = QueuedEngine(tfake, max_in_flight=4)
+    queued.run_task("t1", key="1")
+    queued.run_task("t2", key="2")
+    queued.execute("cmd")
+    assert names(tfake) == ["run_task"]  # neither the next task nor the command
+    tfake.deferreds[0].callback("r1")
+    assert names(tfake) == ["run_task", "execute"]  # commands may pipeline, tasks wait
+    queued.execute("cmd2")
+    assert names(tfake) == ["run_task", "execute", "execute"]
+    tfake.deferreds[1].callback(None)
+    tfake.deferreds[2].callback(None)
+    assert names(tfake) == ["run_task", "execute", "execute", "run_task"]
+    assert "key" not in tfake.calls[-1][2]  # such an engine takes no key
+
+
+def test_abort_task_withdraws_a_waiting_task(tfake, tqueued):
+    res = Results()
+    res.track(tqueued.run_task("t1", key="1"), "t1")
+    res.track(tqueued.run_task("t2", key="2"), "t2")
+    assert tqueued.abort_task("2").result == "withdrawn"
+    assert isinstance(res.fired["t2"], Failure)
+    assert res.fired["t2"].check(error.TaskWithdrawn)
+    assert tqueued.queue_status().result["queue"] == []
+    tfake.deferreds[0].callback("r1")
+    assert names(tfake) == ["run_task"]  # t2 never reached the engine
+    assert tfake.interrupted == 0
+
+
+def test_abort_task_interrupts_the_running_task(tfake, tqueued):
+    tqueued.run_task("t1", key="1")
+    assert tqueued.abort_task("1").result == "interrupted"
+    assert tfake.interrupted == 1
+
+
+def test_abort_task_of_an_unknown_or_finished_task_does_nothing(tfake, tqueued):
+    tqueued.run_task("t1", key="1")
+    tfake.deferreds[0].callback("r1")
+    tqueued.execute("cmd")
+    assert tqueued.abort_task("1").result == "finished"
+    assert tqueued.abort_task("never sent").result == "finished"
+    assert tfake.interrupted == 0
+
+
+def test_an_engine_with_a_task_queue_is_sent_tasks_ahead_with_their_keys():
+    fake = QueueingTaskFake()
+    queued = QueuedEngine(fake, max_in_flight=2)
+    queued.run_task("t1", key="1")
+    queued.run_task("t2", key="2")
+    queued.run_task("t3", key="3")
+    assert [c[2].get("key") for c in fake.calls] == ["1", "2"]
+    # in flight: the engine's queue decides; still here: withdrawn here
+    assert queued.abort_task("2").result == "withdrawn"
+    assert fake.calls[-1] == ("abort_task", ("2",), {})
+    n = len(fake.calls)
+    assert queued.abort_task("3").result == "withdrawn"
+    assert len(fake.calls) == n  # decided here, the engine never saw it
+
+
+def test_clear_queue_leaves_waiting_tasks(tfake, tqueued):
+    res = Results()
+    res.track(tqueued.run_task("t1", key="1"), "t1")
+    res.track(tqueued.execute("cmd"), "cmd")
+    res.track(tqueued.run_task("t2", key="2"), "t2")
+    tqueued.clear_queue()
+    assert res.fired["cmd"].check(QueueCleared)
+    assert "t2" not in res.fired
+    tfake.deferreds[0].callback("r1")
+    assert names(tfake) == ["run_task", "run_task"]
+
+
+def test_lost_fails_waiting_tasks_with_engine_error(tfake, tqueued):
+    res = Results()
+    res.track(tqueued.run_task("t1", key="1"), "t1")
+    res.track(tqueued.run_task("t2", key="2"), "t2")
+    tqueued.lost("gone")
+    for label in ("t1", "t2"):
+        assert res.fired[label].check(EngineError)
+    assert tqueued.abort_task("2").called  # fails at once, does not hang
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_withdrawn_task_never_runs_on_a_real_engine(tmp_path):
+    from kernel.task import StringTask
+    from tests.contract.task import gate_code, open_gate
+
+    engine = EngineService()
+    queued = QueuedEngine(engine)
+    gate = str(tmp_path / "gate")
+    _, first = StringTask(gate_code(gate) + "first = 1").to_spec()
+    _, second = StringTask("second = 1").to_spec()
+    d1 = queued.run_task(first, key="1")
+    d2 = queued.run_task(second, key="2")
+    assert await queued.abort_task("2") == "withdrawn"
+    open_gate(gate)
+    await d1.addTimeout(WAIT, reactor)
+    with pytest.raises(error.TaskWithdrawn):
+        await d2
+    keys = await queued.keys()
+    assert "first" in keys and "second" not in keys
+    await engine.kill()

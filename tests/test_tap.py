@@ -12,7 +12,7 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from zope.interface.verify import verifyObject
 
-from kernel import clusterdir, tap
+from kernel import clusterdir, tap, taskcontroller
 from kernel.clusterdir import ClusterDir
 from kernel.testing.processes import ROOT, subprocess_env
 
@@ -29,7 +29,13 @@ def test_controller_defaults_listen_on_loopback():
     assert o["adapter"] == "native"  # the default on loopback
     assert o["heartbeat"] == 3.0
     assert o["scheme"] == "leastload"
-    assert (o["hwm"], o["pipeline"]) == (None, 1)  # one task at a time per engine
+    assert o["hwm"] is None
+    # tasks sent ahead by default, as the task controller's own default
+    assert o["pipeline"] == tap.DEFAULT_PIPELINE == taskcontroller.DEFAULT_PIPELINE > 1
+
+
+def test_pipeline_one_is_still_available():
+    assert parse(tap.ControllerOptions, "--pipeline=1")["pipeline"] == 1
 
 
 def test_controller_options_parse_values():

@@ -21,20 +21,22 @@ from kernel.error import (
     ImpossibleDependency,
     InvalidTaskID,
     TaskAborted,
+    TaskWithdrawn,
     UnmetDependency,
 )
 from kernel.interfaces import IMapper, ITaskController
 from kernel.serialized import Serialized
-from kernel.taskcontroller import TaskController, normalize_flags
+from kernel.taskcontroller import DEFAULT_PIPELINE, TaskController, normalize_flags
 from kernel.taskdb.memory import DictDB
 
 
 class Call:
-    def __init__(self, engine, payload, clear_before, clear_after):
+    def __init__(self, engine, payload, clear_before, clear_after, key=None):
         self.engine = engine
         self.payload = payload
         self.clear_before = clear_before
         self.clear_after = clear_after
+        self.key = key
         self.deferred = Deferred()
 
     def succeed(self, value="ok", started=100.0, completed=101.0):
@@ -76,6 +78,28 @@ class FakeEngine:
     def queue_status(self):
         pending = "run_task(...)" if self.calls else None
         return succeed({"queue": list(self.queued), "pending": pending})
+
+
+class QueueingFakeEngine(FakeEngine):
+    """A fake engine with a task queue (``IEngineTaskQueue``): ``run_task``
+    takes a key, and ``abort_task`` answers what ``abort_answer`` says."""
+
+    def __init__(self):
+        super().__init__()
+        self.aborts: list[str] = []
+        self.abort_answer = "withdrawn"
+
+    def run_task(self, payload, clear_before=False, clear_after=False, key=None):
+        call = Call(self, payload, clear_before, clear_after, key)
+        self.calls.append(call)
+        return call.deferred
+
+    def abort_task(self, key):
+        self.aborts.append(key)
+        if self.abort_answer == "withdrawn":
+            (call,) = [c for c in self.calls if c.key == key]
+            call.fail(TaskWithdrawn(f"task {key} withdrawn"))
+        return succeed(self.abort_answer)
 
 
 def spec(value="v", **flags):
@@ -537,47 +561,59 @@ def test_abort_of_a_task_still_queued_on_the_engine_interrupts_it_once_it_starts
     assert outcome(tc, taskid).status == "aborted"
 
 
-def make_pipelined(max_in_flight=8, pipeline=4, **kwargs):
-    """Like make(1), with an engine that runs several commands at once."""
+def make_pipelined(pipeline=4, n_engines=1, **kwargs):
+    """A task controller and engines with a task queue."""
     controller = ControllerService()
     clock = Clock()
     tc = TaskController(controller, clock=clock, pipeline=pipeline, **kwargs)
-    engine = FakeEngine()
-    engine.max_in_flight = max_in_flight
-    controller.register_engine(engine)
-    return tc, engine, clock
+    engines = [QueueingFakeEngine() for _ in range(n_engines)]
+    for e in engines:
+        controller.register_engine(e)
+    return tc, engines, clock
 
 
-def test_an_engine_that_pipelines_is_sent_several_tasks_at_once():
-    tc, engine, _ = make_pipelined(max_in_flight=8)
+def test_an_engine_with_a_task_queue_is_sent_several_tasks_at_once():
+    tc, (engine,), _ = make_pipelined(pipeline=4)
     assert tc.hwm is None and tc.pipeline == 4
     ids = [submit(tc) for _ in range(6)]
-    assert len(engine.calls) == 4  # the pipeline depth, below the engine's 8
+    assert len(engine.calls) == 4  # the pipeline depth
+    assert len({c.key for c in engine.calls}) == 4  # each named for abort_task
     status = tc.queue_status(verbose=True).result
-    # the engine runs the oldest; the rest wait in its pipeline or here
+    # the engine runs the oldest; the rest wait in its task queue or here
     assert status["running"] == ids[:1] and status["pending"] == ids[1:]
     engine.calls[0].succeed()
     assert len(engine.calls) == 4  # the next one went out at once
     assert tc.queue_status().result["succeeded"] == 1
 
 
-def test_pipeline_depth_is_capped_by_the_engine_and_by_hwm():
-    tc, engine, _ = make_pipelined(max_in_flight=2)
-    [submit(tc) for _ in range(5)]
-    assert len(engine.calls) == 2
-    tc, engine, _ = make_pipelined(max_in_flight=8, hwm=1)
+def test_pipeline_depth_is_capped_by_hwm():
+    tc, (engine,), _ = make_pipelined(pipeline=4, hwm=1)
     [submit(tc) for _ in range(5)]
     assert len(engine.calls) == 1
 
 
-def test_by_default_a_pipelining_engine_is_sent_one_task_at_a_time():
-    controller, tc, engines, _ = make(0)
+def test_an_engine_without_a_task_queue_is_sent_one_task_at_a_time():
+    controller, tc, engines, _ = make(0, pipeline=4)
     engine = FakeEngine()
-    engine.max_in_flight = 8
     controller.register_engine(engine)
     [submit(tc) for _ in range(3)]
     assert len(engine.calls) == 1
-    assert (tc.pipeline, tc.hwm) == (1, None)
+
+
+def test_by_default_an_engine_with_a_task_queue_is_sent_several_tasks():
+    controller, tc, _, _ = make(0)
+    engine = QueueingFakeEngine()
+    controller.register_engine(engine)
+    [submit(tc) for _ in range(5)]
+    assert (tc.pipeline, tc.hwm) == (DEFAULT_PIPELINE, None)
+    assert DEFAULT_PIPELINE > 1
+    assert len(engine.calls) == DEFAULT_PIPELINE
+
+
+def test_pipeline_one_sends_one_task_at_a_time():
+    tc, (engine,), _ = make_pipelined(pipeline=1)
+    [submit(tc) for _ in range(3)]
+    assert len(engine.calls) == 1
 
 
 def test_bad_pipeline_is_refused():
@@ -585,49 +621,65 @@ def test_bad_pipeline_is_refused():
         make(1, pipeline=0)
 
 
-def test_abort_of_a_pipelined_task_waits_until_the_tasks_before_it_are_done():
-    tc, engine, clock = make_pipelined()
-    first, second = submit(tc), submit(tc)
+def test_abort_of_a_task_sent_ahead_withdraws_it_and_frees_its_slot():
+    tc, (engine,), clock = make_pipelined(pipeline=2)
+    first, second, third = submit(tc), submit(tc), submit(tc)
+    second_key = engine.calls[1].key
     tc.abort(second)
+    assert engine.aborts == [second_key]
+    assert engine.interrupts == 0 and clock.getDelayedCalls() == []  # no polling
     assert outcome(tc, second).status == "aborted"
-    clock.advance(5 * tc.abort_poll_interval)
-    assert engine.interrupts == 0  # the first task is the one running
+    # the withdrawn task's slot went to the third task
+    assert len(engine.calls) == 2 and engine.calls[1].key != second_key
     engine.calls[0].succeed("first")
-    clock.advance(tc.abort_poll_interval)
-    assert engine.interrupts == 1  # now the aborted one runs: interrupt it
-    engine.calls[0].fail(KeyboardInterrupt())
-    clock.advance(10 * tc.abort_poll_interval)
-    assert engine.interrupts == 1 and clock.getDelayedCalls() == []
+    engine.calls[0].succeed("third")
     assert outcome(tc, first).results == "first"
+    assert outcome(tc, third).results == "third"
     assert outcome(tc, second).status == "aborted"
 
 
-def test_abort_of_a_pipelined_task_waits_for_a_multiengine_command_ahead():
-    tc, engine, clock = make_pipelined()
-    taskid = submit(tc)
-    engine.queue_status = lambda: succeed({"queue": [], "pending": "execute('x = 1')"})
+def test_abort_of_a_started_task_leaves_the_interrupt_to_the_engine():
+    tc, (engine,), clock = make_pipelined(pipeline=2)
+    running = submit(tc)
+    engine.abort_answer = "interrupted"
+    tc.abort(running)
+    assert engine.aborts == [engine.calls[0].key]
+    assert engine.interrupts == 0 and clock.getDelayedCalls() == []
+    engine.calls[0].fail(KeyboardInterrupt())  # what the interrupt does
+    assert outcome(tc, running).status == "aborted"
+    follow = submit(tc)
+    engine.calls[0].succeed("next")
+    assert outcome(tc, follow).results == "next"
+
+
+def test_abort_keys_name_the_attempt():
+    tc, (engine,), _ = make_pipelined(pipeline=2)
+    taskid = submit(tc, retries=1)
+    first_key = engine.calls[0].key
+    engine.calls[0].fail(ValueError("try again"))
+    (call,) = engine.calls
+    assert call.key != first_key  # a retry is a new attempt, with its own key
     tc.abort(taskid)
-    clock.advance(5 * tc.abort_poll_interval)
-    assert engine.interrupts == 0
-    del engine.queue_status  # back to the class's: the task is the one running
-    clock.advance(tc.abort_poll_interval)
-    assert engine.interrupts == 1
+    assert engine.aborts == [call.key]
 
 
-def test_engine_lost_with_several_tasks_in_flight_retries_each():
+def test_engine_lost_with_several_tasks_in_flight_retries_each_once():
     controller = ControllerService()
-    tc = TaskController(controller, clock=Clock(), pipeline=4)
-    engines = [FakeEngine(), FakeEngine()]
+    tc = TaskController(controller, clock=Clock(), pipeline=2)
+    engines = [QueueingFakeEngine(), QueueingFakeEngine()]
     for e in engines:
-        e.max_in_flight = 8
         controller.register_engine(e)
-    ids = [submit(tc, retries=1) for _ in range(4)]
+    ids = [submit(tc, retries=1) for _ in range(6)]
     assert [len(e.calls) for e in engines] == [2, 2]
     controller.unregister_engine(0)
-    assert len(engines[1].calls) == 4  # two running there, two retried there
+    # the survivor gets its own two, then the lost engine's two and the rest
+    for _ in range(4):
+        assert len(engines[1].calls) == 2
+        engines[1].calls[0].succeed()
     for call in list(engines[1].calls):
         call.succeed()
     assert {outcome(tc, t).status for t in ids} == {"succeeded"}
+    assert all(outcome(tc, t).engine_id == 1 for t in ids)
 
 
 def test_abort_polling_stops_when_the_task_finishes_anyway():

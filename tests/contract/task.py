@@ -149,6 +149,14 @@ def logger(log: str, line: str):
     return write
 
 
+async def tasks_waiting_on_every_engine(multiengine) -> bool:
+    """Does every engine hold a task waiting behind the one it runs?"""
+    statuses = await multiengine.queue_status()
+    return all(
+        any(str(q).startswith("run_task(") for q in status["queue"]) for _, status in statuses
+    )
+
+
 def read_lines(path) -> list[str]:
     if not os.path.exists(path):
         return []
@@ -841,6 +849,127 @@ class TaskControllerContract:
             assert events.index("execute") <= 1, (engine, events)
         # and tasks kept flowing after it
         assert any(events[-1] == "task" for events in per_engine.values())
+
+    # -- tasks sent ahead to engines (pipelined dispatch) --------------------------
+
+    @pytest_twisted.ensureDeferred
+    async def test_tasks_are_pipelined_by_default(self, cluster, tmp_path):
+        """With every engine busy, each engine already holds its next task."""
+        tc = cluster.task_controller
+        gate = str(tmp_path / "gate")
+        n = cluster.n_engines
+        taskids = [await tc.run(StringTask(gate_code(gate))) for _ in range(3 * n)]
+        await until(
+            lambda: tasks_waiting_on_every_engine(cluster.multiengine),
+            "a second task on every engine",
+        )
+        assert (await tc.queue_status())["running"] == n
+        open_gate(gate)
+        await tc.barrier(taskids).addTimeout(WAIT, reactor)
+
+    @pytest_twisted.ensureDeferred
+    async def test_commands_overtake_tasks_sent_ahead(self, cluster, tmp_path):
+        """A multiengine command waits for the running task only, not for the
+        task already sent to the engine behind it."""
+        tc = cluster.task_controller
+        me = cluster.multiengine
+        gate = str(tmp_path / "gate")
+        log = str(tmp_path / "log")
+        n = cluster.n_engines
+        code = f"open({log!r}, 'a').write(f'{{id}} task\\n')\n" + gate_code(gate)
+        taskids = [await tc.run(StringTask(code)) for _ in range(2 * n)]
+
+        async def started():
+            return len(read_lines(log)) == n
+
+        await until(started, "a task to start on every engine")
+        await until(lambda: tasks_waiting_on_every_engine(me), "a second task on every engine")
+        d = me.execute(f"open({log!r}, 'a').write(f'{{id}} execute\\n')")
+
+        async def execute_first():
+            statuses = await me.queue_status()
+            return all(
+                [str(q).split("(")[0] for q in status["queue"]][:2] == ["execute", "run_task"]
+                for _, status in statuses
+            )
+
+        await until(execute_first, "the command to wait ahead of the queued task on every engine")
+        open_gate(gate)
+        await d
+        await tc.barrier(taskids).addTimeout(WAIT, reactor)
+        per_engine: dict[str, list[str]] = {}
+        for line in read_lines(log):
+            engine, what = line.split()
+            per_engine.setdefault(engine, []).append(what)
+        assert len(per_engine) == n
+        for engine, events in per_engine.items():
+            assert events == ["task", "execute", "task"], (engine, events)
+
+    @pytest_twisted.ensureDeferred
+    async def test_abort_of_a_task_sent_ahead_never_runs_it(self, cluster, tmp_path):
+        tc = cluster.task_controller
+        me = cluster.multiengine
+        gate = str(tmp_path / "gate")
+        log = str(tmp_path / "log")
+        n = cluster.n_engines
+        busy = [await tc.run(MapTask(gated(gate))) for _ in range(n)]
+        ahead = [await tc.run(MapTask(logger(log, f"ran {i}"))) for i in range(n)]
+        await until(lambda: tasks_waiting_on_every_engine(me), "a task sent ahead to every engine")
+        victim = ahead[-1]
+        assert victim in (await tc.queue_status(verbose=True))["pending"]
+        assert await tc.abort(victim) is None
+        tr = await result(tc, victim)
+        assert tr.status == "aborted"
+        with pytest.raises(TaskAborted):
+            tr.raise_exception()
+        open_gate(gate)
+        await tc.barrier(busy + ahead[:-1]).addTimeout(WAIT, reactor)
+
+        async def idle():
+            return all(
+                st["pending"] is None and not st["queue"] for _, st in await me.queue_status()
+            )
+
+        await until(idle, "every engine to be idle")
+        assert sorted(read_lines(log)) == sorted(f"ran {i}" for i in range(n - 1))
+        # the engine that held it runs tasks as before
+        more = [await tc.run(MapTask(lambda: 1)) for _ in range(2 * n)]
+        await tc.barrier(more).addTimeout(WAIT, reactor)
+
+    @pytest_twisted.ensureDeferred
+    async def test_engine_lost_with_tasks_sent_ahead_retries_each_once(self, cluster, tmp_path):
+        """Every task on a lost engine, running or sent ahead, runs again
+        elsewhere exactly once; none runs twice on the other engines."""
+        tc = cluster.task_controller
+        gate = str(tmp_path / "gate")
+        log = str(tmp_path / "log")
+        n = cluster.n_engines
+        taskids = []
+        for i in range(2 * n):
+            code = f"open({log!r}, 'a').write(f'{i} {{id}}\\n')\n" + gate_code(gate)
+            taskids.append(await tc.run(StringTask(code, retries=1)))
+
+        async def started():
+            return len(read_lines(log)) == n
+
+        await until(started, "a task to start on every engine")
+        await until(
+            lambda: tasks_waiting_on_every_engine(cluster.multiengine),
+            "a second task on every engine",
+        )
+        victim = int(read_lines(log)[0].split()[1])
+        await cluster.kill_engine(victim)
+        open_gate(gate)
+        await tc.barrier(taskids).addTimeout(WAIT, reactor)
+        for t in taskids:
+            tr = await tc.get_task_result(t)
+            assert tr.status == "succeeded" and tr.engine_id != victim
+        runs = [line.split() for line in read_lines(log)]
+        on_victim = [tag for tag, engine in runs if int(engine) == victim]
+        elsewhere = [tag for tag, engine in runs if int(engine) != victim]
+        assert len(on_victim) == 1  # only its running task had started there
+        assert sorted(elsewhere, key=int) == [str(i) for i in range(2 * n)]
+        await cluster.add_engine()
 
     # -- clearing the namespace --------------------------------------------------
 
