@@ -168,14 +168,17 @@ class IEngineTaskQueue(IEngineTasks):
             back before it started.
         """
 
-    def abort_task(key):
-        """Take back the task ``key`` if it has not started, else interrupt
-        it if it is running. Decided at once, on the engine's side: a task
-        either never starts or is already running.
+    def abort_task(key, interrupt=True):
+        """Take back the task ``key`` if it has not started, else (if
+        ``interrupt``) interrupt it if it is running. Decided at once, on the
+        engine's side: a task either never starts or is already running.
 
+        :param interrupt: False to only take the task back (the task
+            controller moving it to another engine).
         :returns: Deferred firing ``"withdrawn"`` (it will never run; its
             :meth:`run_task` fails with :class:`kernel.error.TaskWithdrawn`),
-            ``"interrupted"`` (it was running and has been interrupted) or
+            ``"interrupted"`` (it was running and has been interrupted),
+            ``"running"`` (it runs, and ``interrupt`` is false) or
             ``"finished"`` (it is not here: done, or never sent).
         """
 
