@@ -184,10 +184,10 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
     def remote_queue_status(self):
         return self._call("queue_status")
 
-    def remote_abort_task(self, key):
+    def remote_abort_task(self, key, interrupt=True):
         if not isinstance(key, str):
-            return self._call("abort_task", None)  # no such task
-        return self._call("abort_task", key)
+            key = None  # no such task
+        return self._call("abort_task", key, interrupt=bool(interrupt))
 
     def _call(self, method: str, *args: Any, convert: Callable | None = None, **kwargs: Any):
         d = super()._call(method, *args, convert=convert, **kwargs)
@@ -332,12 +332,12 @@ class NativeEngineFromReference(EngineFromReference):
             key=key,
         )
 
-    def abort_task(self, key: str) -> defer.Deferred:
+    def abort_task(self, key: str, interrupt: bool = True) -> defer.Deferred:
         """Withdraw the task ``key`` on the engine if it has not started, or
-        interrupt it if it runs; fires ``"withdrawn"``, ``"interrupted"`` or
-        ``"finished"`` (decided by the engine, see
-        :meth:`kernel.interfaces.IEngineTaskQueue.abort_task`)."""
-        return self._call("abort_task", key)
+        interrupt it if it runs (and ``interrupt``); fires ``"withdrawn"``,
+        ``"interrupted"``, ``"running"`` or ``"finished"`` (decided by the
+        engine, see :meth:`kernel.interfaces.IEngineTaskQueue.abort_task`)."""
+        return self._call("abort_task", key, interrupt=bool(interrupt))
 
 
 class NativeEngineRegistrar(EngineRegistrar):

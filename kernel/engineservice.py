@@ -605,6 +605,7 @@ class _Command:
 #: What :meth:`QueuedEngine.abort_task` fires.
 WITHDRAWN = "withdrawn"
 INTERRUPTED = "interrupted"
+RUNNING = "running"
 FINISHED = "finished"
 
 
@@ -903,16 +904,17 @@ class QueuedEngine:
         self._pump()
         return cmd.deferred
 
-    def abort_task(self, key: str) -> Deferred:
+    def abort_task(self, key: str, interrupt: bool = True) -> Deferred:
         """Take back a waiting task, or interrupt it if it runs (see
         :meth:`IEngineTaskQueue.abort_task`).
 
         A task still here is withdrawn. One sent on to an engine that queues
         tasks itself is aborted there (which decides); one sent to any other
-        engine is running (it runs alone), so it is interrupted.
+        engine is running (it runs alone), so it is interrupted if
+        ``interrupt``.
 
-        :returns: Deferred firing ``"withdrawn"``, ``"interrupted"`` or
-            ``"finished"``.
+        :returns: Deferred firing ``"withdrawn"``, ``"interrupted"``,
+            ``"running"`` or ``"finished"``.
         """
         if key is None:
             return succeed(FINISHED)
@@ -931,7 +933,9 @@ class QueuedEngine:
         for cmd in self._in_flight:
             if cmd.key == key:
                 if self._engine_queues_tasks:
-                    return maybeDeferred(self.engine.abort_task, key)
+                    return maybeDeferred(self.engine.abort_task, key, interrupt=interrupt)
+                if not interrupt:
+                    return succeed(RUNNING)
                 return self.interrupt().addCallback(
                     lambda interrupted: INTERRUPTED if interrupted else FINISHED
                 )

@@ -28,9 +28,12 @@ The life of a task::
   :class:`~kernel.engineservice.QueuedEngine`), which multiengine commands
   overtake: a command waits for at most the one task running when it came.
   An aborted task that has not started there is withdrawn and never runs;
-  one that has started is interrupted. ``pipeline=1`` sends one task at a
-  time. An engine without a task queue (no ``abort_task``) is always sent
-  one at a time.
+  one that has started is interrupted. When an engine runs out of tasks and
+  none is ready, a task waiting behind a busy engine's running one is
+  withdrawn there (if it has not started) and placed again, so a long task
+  does not hold back the one sent after it. ``pipeline=1`` sends one task
+  at a time. An engine without a task queue (no ``abort_task``) is always
+  sent one at a time.
 
 Every change is written to the task DB (:mod:`kernel.taskdb`); a finished
 task's result lives only there.
@@ -203,6 +206,8 @@ class _Worker:
         self.depth = 1
         #: whether the engine has a task queue (IEngineTaskQueue)
         self.queues_tasks = False
+        #: a task being taken back from the engine to run elsewhere
+        self.moving: _Task | None = None
         self.lost = False
 
     def __repr__(self) -> str:
@@ -290,6 +295,7 @@ class TaskController(MapperMixin, service.Service):
         self._by_id: dict[int, _Worker] = {}  # by engine id
         self._finished_deps: collections.deque[tuple[int, bool, int | None]] = collections.deque()
         self._to_feed: set[_Worker] = set()
+        self._idle: set[_Worker] = set()  # workers that ran out of tasks
         self._looping = False
         self._again = False
         self._db_tail: Deferred = succeed(None)
@@ -715,6 +721,7 @@ class TaskController(MapperMixin, service.Service):
         self._workers[worker.serial] = worker
         self._by_id[id] = worker
         self._table.add_engine(worker.serial, worker.depth if self._hwm is None else None)
+        self._idle.add(worker)  # it may take tasks waiting on busy engines
         self._kick()
 
     def _engine_unregistered(self, id: int) -> None:
@@ -734,6 +741,7 @@ class TaskController(MapperMixin, service.Service):
             del self._by_id[worker.engine_id]
         self._table.remove_engine(worker.serial)
         self._to_feed.discard(worker)
+        self._idle.discard(worker)
         for state in reversed(worker.assigned):
             self._make_ready(state, front=True)
         worker.assigned.clear()
@@ -763,6 +771,8 @@ class TaskController(MapperMixin, service.Service):
                 self._propagate()
                 self._place_ready()
                 self._feed_engines()
+                if self._idle and not self._ready:
+                    self._rebalance()
                 if not (self._again or self._finished_deps):
                     break
         finally:
@@ -964,6 +974,53 @@ class TaskController(MapperMixin, service.Service):
             if not worker.lost:
                 self._table.finish_job(worker.serial)
                 self._to_feed.add(worker)
+                if not worker.sent and not worker.assigned:
+                    self._idle.add(worker)
+
+    def _rebalance(self) -> None:
+        """With nothing ready to place: give each engine that ran out of
+        tasks one taken back from a busy engine, where it waits behind the
+        running one (the newest such task the idle engine may run).
+
+        The busy engine's task queue decides (without interrupting): a task
+        taken back fails there with ``TaskWithdrawn`` and is made ready
+        again (see :meth:`_on_failure`); one that has started stays.
+        """
+        while self._idle:
+            idle = self._idle.pop()
+            if idle.lost or idle.sent or idle.assigned:
+                continue
+            donors = [
+                w
+                for w in self._workers.values()
+                if len(w.sent) > 1 and w.moving is None and w.queues_tasks
+            ]
+            donors.sort(key=lambda w: len(w.sent), reverse=True)
+            for donor in donors:
+                waiting = list(donor.sent)[1:]  # the oldest is (about to be) running
+                for state in reversed(waiting):
+                    allowed = self._allowed_workers(state)
+                    if isinstance(allowed, Exception):
+                        continue
+                    if allowed is None or idle.serial in allowed:
+                        self._take_back(donor, state)
+                        break
+                else:
+                    continue
+                break
+
+    def _take_back(self, worker: _Worker, state: _Task) -> None:
+        """Ask ``worker``'s engine to withdraw ``state`` if it has not started."""
+        worker.moving = state
+        key = _task_key(state.taskid, state.attempt)
+
+        def done(outcome: Any) -> None:
+            if worker.moving is state:
+                worker.moving = None
+            if isinstance(outcome, Failure):
+                log.msg(f"could not take task {state.taskid} back from its engine: {outcome.value}")
+
+        maybeDeferred(worker.engine.abort_task, key, interrupt=False).addBoth(done)
 
     def _on_result(self, result: dict, state: _Task, worker: _Worker, token: int) -> None:
         self._release(worker, state, token)
@@ -977,7 +1034,11 @@ class TaskController(MapperMixin, service.Service):
             self._kick()
             return  # aborted, or already handled as an engine loss
         info = _describe(f, worker.engine_id)
-        if info.ename == "UnmetDependency":
+        if info.ename == "TaskWithdrawn":
+            # taken back (see _rebalance) before it started: place it again
+            state.attempts -= 1
+            self._make_ready(state, front=True)
+        elif info.ename == "UnmetDependency":
             state.blacklist.add(worker.serial)
             self._make_ready(state, front=True)
         elif info.ename in _NEVER_RETRIED:

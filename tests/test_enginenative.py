@@ -117,6 +117,7 @@ async def test_abort_task_interrupts_the_task_running_on_the_engine(loop, tmp_pa
     from kernel.testing.processes import wait_for_async
 
     await wait_for_async(started.exists, 30, "the task to start")
+    assert await queued.abort_task("1", interrupt=False) == "running"  # only taken back if waiting
     assert await queued.abort_task("1") == "interrupted"
     with pytest.raises(RemoteError) as info:
         await task.addTimeout(30, reactor)

@@ -365,8 +365,8 @@ class QueueingTaskFake(TaskFake):
     """A fake engine side with a task queue: ``abort_task`` is recorded and
     answers ``"withdrawn"``."""
 
-    def abort_task(self, key):
-        self.calls.append(("abort_task", (key,), {}))
+    def abort_task(self, key, interrupt=True):
+        self.calls.append(("abort_task", (key,), {"interrupt": interrupt}))
         return succeed("withdrawn")
 
 
@@ -451,6 +451,21 @@ def test_abort_task_interrupts_the_running_task(tfake, tqueued):
     assert tfake.interrupted == 1
 
 
+def test_abort_task_without_interrupt_leaves_the_running_task(tfake, tqueued):
+    res = Results()
+    res.track(tqueued.run_task("t1", key="1"), "t1")
+    assert tqueued.abort_task("1", interrupt=False).result == "running"
+    assert tfake.interrupted == 0 and "t1" not in res.fired
+
+
+def test_abort_task_without_interrupt_is_passed_on_to_an_engine_with_a_task_queue():
+    fake = QueueingTaskFake()
+    queued = QueuedEngine(fake, max_in_flight=2)
+    queued.run_task("t1", key="1")
+    queued.abort_task("1", interrupt=False)
+    assert fake.calls[-1] == ("abort_task", ("1",), {"interrupt": False})
+
+
 def test_abort_task_of_an_unknown_or_finished_task_does_nothing(tfake, tqueued):
     tqueued.run_task("t1", key="1")
     tfake.deferreds[0].callback("r1")
@@ -469,7 +484,7 @@ def test_an_engine_with_a_task_queue_is_sent_tasks_ahead_with_their_keys():
     assert [c[2].get("key") for c in fake.calls] == ["1", "2"]
     # in flight: the engine's queue decides; still here: withdrawn here
     assert queued.abort_task("2").result == "withdrawn"
-    assert fake.calls[-1] == ("abort_task", ("2",), {})
+    assert fake.calls[-1] == ("abort_task", ("2",), {"interrupt": True})
     n = len(fake.calls)
     assert queued.abort_task("3").result == "withdrawn"
     assert len(fake.calls) == n  # decided here, the engine never saw it

@@ -82,24 +82,28 @@ class FakeEngine:
 
 class QueueingFakeEngine(FakeEngine):
     """A fake engine with a task queue (``IEngineTaskQueue``): ``run_task``
-    takes a key, and ``abort_task`` answers what ``abort_answer`` says."""
+    takes a key; the oldest unfinished call is the running one, and
+    ``abort_task`` withdraws any other (as an engine's task queue does)."""
 
     def __init__(self):
         super().__init__()
         self.aborts: list[str] = []
-        self.abort_answer = "withdrawn"
+        self.withdrawals: list[str] = []  # abort_task(key, interrupt=False)
 
     def run_task(self, payload, clear_before=False, clear_after=False, key=None):
         call = Call(self, payload, clear_before, clear_after, key)
         self.calls.append(call)
         return call.deferred
 
-    def abort_task(self, key):
-        self.aborts.append(key)
-        if self.abort_answer == "withdrawn":
-            (call,) = [c for c in self.calls if c.key == key]
-            call.fail(TaskWithdrawn(f"task {key} withdrawn"))
-        return succeed(self.abort_answer)
+    def abort_task(self, key, interrupt=True):
+        (self.aborts if interrupt else self.withdrawals).append(key)
+        found = [c for c in self.calls if c.key == key]
+        if not found:
+            return succeed("finished")
+        if found[0] is self.calls[0]:
+            return succeed("interrupted" if interrupt else "running")
+        found[0].fail(TaskWithdrawn(f"task {key} withdrawn"))
+        return succeed("withdrawn")
 
 
 def spec(value="v", **flags):
@@ -641,7 +645,6 @@ def test_abort_of_a_task_sent_ahead_withdraws_it_and_frees_its_slot():
 def test_abort_of_a_started_task_leaves_the_interrupt_to_the_engine():
     tc, (engine,), clock = make_pipelined(pipeline=2)
     running = submit(tc)
-    engine.abort_answer = "interrupted"
     tc.abort(running)
     assert engine.aborts == [engine.calls[0].key]
     assert engine.interrupts == 0 and clock.getDelayedCalls() == []
@@ -661,6 +664,59 @@ def test_abort_keys_name_the_attempt():
     assert call.key != first_key  # a retry is a new attempt, with its own key
     tc.abort(taskid)
     assert engine.aborts == [call.key]
+
+
+def test_an_engine_that_runs_out_of_tasks_takes_one_waiting_on_a_busy_engine():
+    tc, (a, b), _ = make_pipelined(pipeline=2, n_engines=2)
+    ids = [submit(tc, f"t{i}") for i in range(4)]
+    assert len(a.calls) == len(b.calls) == 2
+    waiting_on_a = a.calls[1].key
+    b.calls[0].succeed()
+    b.calls[0].succeed()  # b is idle, a still runs its first and holds its second
+    assert a.withdrawals == [waiting_on_a] and a.aborts == []
+    assert len(a.calls) == 1 and len(b.calls) == 1  # moved to b
+    moved = b.calls[0]
+    assert moved.key != waiting_on_a  # a new attempt
+    moved.succeed("moved")
+    a.calls[0].succeed()
+    statuses = {outcome(tc, t).status for t in ids}
+    assert statuses == {"succeeded"}
+    moved_id = [t for t in ids if outcome(tc, t).results == "moved"][0]
+    record = tc.db.get_record(moved_id).result
+    assert record["engine_id"] == b.id and record["attempts"] == 1
+
+
+def test_a_task_that_started_is_not_taken_back():
+    tc, (a, b), _ = make_pipelined(pipeline=2, n_engines=2)
+    [submit(tc) for _ in range(4)]
+    second_on_a = a.calls[1]
+    a.calls.remove(a.calls[0])  # a finished its first, and its reply is on the way:
+    b.calls[0].succeed()  # the second runs there when b runs out of tasks
+    b.calls[0].succeed()
+    assert a.withdrawals == [second_on_a.key]
+    assert a.calls == [second_on_a] and b.calls == []  # it stays where it runs
+    assert a.interrupts == 0 and a.aborts == []
+
+
+def test_a_task_is_not_taken_back_to_an_engine_it_may_not_run_on():
+    tc, (a, b), _ = make_pipelined(pipeline=2, n_engines=2)
+    first = submit(tc)
+    a.calls[0].succeed()  # ran on a
+    [
+        submit(tc, follow=Dependency([first]).as_dict()) for _ in range(2)
+    ]  # both must run where it ran
+    assert len(a.calls) == 2 and b.calls == []
+    assert a.withdrawals == []
+
+
+def test_a_new_engine_takes_a_task_waiting_on_a_busy_one():
+    tc, (a,), _ = make_pipelined(pipeline=2)
+    [submit(tc) for _ in range(2)]
+    waiting = a.calls[1].key
+    b = QueueingFakeEngine()
+    tc.controller.register_engine(b)
+    assert a.withdrawals == [waiting]
+    assert len(a.calls) == 1 and len(b.calls) == 1
 
 
 def test_engine_lost_with_several_tasks_in_flight_retries_each_once():
