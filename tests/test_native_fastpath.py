@@ -422,3 +422,21 @@ def test_a_controller_reading_a_whole_small_frame_keeps_each_buffers_digest():
     # a frame forwarding them, signed with those digests, verifies on the next hop
     forwarded = FrameWriter(b"k" * 32).frame(header, buffers).small()
     assert frames(forwarded, key=b"k" * 32) == [(b"[1]", [b"abc", b""])]
+
+
+def test_a_small_frame_with_buffers_is_signed_to_the_same_bytes_as_any_frame(monkeypatch):
+    import hashlib
+
+    import numpy as np
+
+    routed = nativeproto.RoutedBuffer(b"routed")
+    routed.sha256 = hashlib.sha256(b"routed").digest()
+    buffers = [b"bytes", bytearray(b"array"), memoryview(np.arange(3.0)), routed, b""]
+    fast = FrameWriter(KEY).frame(b'["h"]', buffers)
+    assert fast.mac is None  # signed and joined at once
+    monkeypatch.setattr(nativeproto, "SMALL_FRAME", 0)  # the general path
+    general = FrameWriter(KEY).frame(b'["h"]', buffers)
+    assert general.mac is not None
+    assert fast.small() == b"".join(general.segments())
+    ((_, got),) = FrameReader(KEY).feed(fast.small())
+    assert [bytes(b) for b in got] == [bytes(memoryview(b).cast("B")) for b in buffers]
