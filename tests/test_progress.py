@@ -115,12 +115,18 @@ def test_wait_raises_what_the_call_raised():
 
 CHILD = textwrap.dedent(
     """
+    import time
     from kernel import client
+
+    def slow_abs(x):
+        time.sleep(0.3)  # (so the map is still running when the client waits)
+        return abs(x)
+
     with client.LocalCluster(2) as cluster:
         tc = cluster.task_client()
-        assert tc.map(abs, [-1, -2, -3]) == [1, 2, 3]
+        assert tc.map(slow_abs, [-1, -2, -3]) == [1, 2, 3]
         mec = cluster.multiengine_client()
-        assert mec.map(abs, [-4, -5]) == [4, 5]
+        assert mec.map(slow_abs, [-4, -5]) == [4, 5]
     print("ok")
     """
 )
