@@ -24,14 +24,22 @@ Every message is one frame::
 
     prefix   magic "TXN1", header length (u32), buffer count (u32)
     sizes    one u64 per buffer
+    origins  one per sealed buffer (see below): client nonce, server nonce,
+             direction, sequence number (u64), buffer index (u32)
     header   UTF-8 JSON: the message, plain data only
-    tag      HMAC-SHA256 of (sequence number, prefix, sizes, header)
+    tag      HMAC-SHA256 of (sequence number, prefix, sizes, origins, header)
     buffers  the raw bytes of each buffer, back to back
-    tag      HMAC-SHA256 of all the above and each buffer's SHA-256 (if there are
-             buffers); for a frame with :data:`ONE_TIME_MAC_BYTES` or more of
-             buffers, of all the above and one Poly1305 tag of every buffer's
-             bytes, keyed from the frame's running HMAC (so once per frame)
+    closing  (if there are buffers) each sealed buffer's end-to-end tag
+             (16 bytes), then the frame's HMAC-SHA256 of all the above and,
+             for a frame with under :data:`ONE_TIME_MAC_BYTES` of buffers,
+             each buffer's SHA-256; for a larger frame, one Poly1305 tag of
+             its small buffers' bytes (keyed from the frame's running HMAC,
+             so once per frame) and the end-to-end tags
 
+A buffer of :data:`E2E_BYTES` (1 MiB) or more is *sealed end to end*: its
+Poly1305 tag is made by the side that first sent it (its *origin*) and
+checked only by the side that finally uses it; a controller passing it on
+sends the same origin and tag with it and never reads it (see "Keys").
 Poly1305 (a one-time MAC, here about twice as fast as SHA-256) carries
 large frames; small ones keep the SHA-256 digests, which are cheaper to set up
 per frame and which a controller reuses when it forwards a small buffer.
@@ -63,6 +71,51 @@ holds the key; the server answers with a frame proving the same. A frame with
 a wrong tag is a :class:`~kernel.error.SecurityError`: it is logged, the
 server tells the peer it was refused, and the connection is dropped before
 anything runs.
+
+End-to-end seals. A sealed buffer's Poly1305 key is ``HMAC(cluster key,
+label, origin)``, where the origin names the frame that first carried it:
+that connection's two nonces, its direction, the frame's sequence number
+and the buffer's index. Why this is sound:
+
+- *A key seals one message.* Only the side writing a connection's
+  direction makes origins naming it, each (sequence number, index) once, and
+  the nonces make the connection new (each side picks its own at random).
+  A controller forwarding a buffer with its seal (to one engine or to
+  several) sends the same bytes under the same key: the same message, never
+  a second one, as Poly1305 requires. A controller sends on a seal only with
+  the whole buffer it arrived with, unchanged (a part of it, or anything it
+  makes, it seals itself under an origin of its own connection, after
+  checking the whole against its seal).
+- *Only key holders make tags.* The key comes from the cluster key through
+  HMAC, so a tag without the cluster key is a forgery, which Poly1305 makes
+  fail except with negligible probability, whatever the origin says.
+- *Seals are bound to the frame.* A frame's first tag covers its origins and
+  its closing tag the end-to-end tags, under the session key of this
+  connection and direction, with this frame's sequence number: someone on
+  either link without the key can change buffer bytes (which the final
+  receiver's Poly1305 catches) and nothing else (the session tags catch
+  that). A recorded frame replayed later on the same connection, or on
+  another one, fails its session tag; so an old (origin, tag, buffers)
+  triple reaches a receiver only inside a frame its authenticated peer
+  signed now, which is as much as that peer could vouch for by signing the
+  bytes itself. Receivers also check the origins a peer names: a peer's own
+  seal must name this very frame and buffer; an origin in the receiver's own
+  direction of this connection must name a frame it sent; an origin of
+  another connection is accepted only from a controller (a routing side
+  accepts only its peer's own seals for the frame at hand). A replayed or
+  made-up origin fails these checks (:class:`~kernel.error.SecurityError`)
+  or its tag.
+- *Nothing unchecked is used.* An engine or a client checks every sealed
+  buffer before the frame is delivered: one sealed by its peer that does not
+  match is a :class:`~kernel.error.SecurityError` (the link was tampered
+  with: dropped); one its peer only forwarded is dropped like an aborted
+  frame (:class:`Aborted`: the call fails, the connection goes on, since
+  the alteration may have happened before the forwarder had it). A
+  controller checks the buffers of every frame it acts on itself; it skips
+  the check only for a frame it acted on early (see "Cut-through
+  forwarding"), whose buffers it only forwards, and checks them (catching up
+  on what it skipped) as soon as anything in its process reads them:
+  :func:`arrived`, or a part of one being sent on.
 
 Writing small frames at once
 ----------------------------
@@ -117,7 +170,9 @@ carries them on (to one engine, to each of several, or back to a client)
 starts right away, sends each received slice as it arrives (straight from
 the receive buffer, signing it on the way), and waits for the incoming
 frame's verdict before its own closing tag. If the incoming closing tag
-verifies, the outgoing frames close with their real tags; if it does not,
+verifies, the outgoing frames close with their real tags (carrying on each
+sealed buffer's end-to-end tag: the controller does not check those bytes
+itself, the final receiver does; see "Keys"); if it does not,
 or the sender disconnects first, the controller drops the sender, sends the
 rest of each outgoing frame as it is and closes it with the *abort tag*
 (:func:`_abort_tag`: keyed, distinct from any real tag). A receiver drops an
@@ -197,6 +252,8 @@ __all__ = [
     "FrameWriter",
     "FrameReader",
     "session_keys",
+    "origin_prefix",
+    "E2E_BYTES",
     "generate_key",
     "register_copyable",
     "CUT_THROUGH_BYTES",
@@ -259,6 +316,19 @@ _SEQ = struct.Struct(">Q")
 _LABEL = b"txkernel-native-v1"
 _ONE_TIME_LABEL = b"txkernel-native-v1 one-time mac key"
 _ABORT_LABEL = b"txkernel-native-v1 frame aborted by its sender"
+_E2E_LABEL = b"txkernel-native-v1 end-to-end buffer key"
+#: A buffer of at least this many bytes carries an end-to-end seal (see
+#: "Frames"): the controller forwards it without reading it.
+E2E_BYTES = CUT_THROUGH_BYTES
+#: Bytes of an origin: two connection nonces, a direction, a sequence number
+#: and a buffer index.
+ORIGIN_BYTES = 2 * 32 + 1 + 8 + 4
+#: Bytes of an end-to-end (Poly1305) tag.
+E2E_TAG_BYTES = 16
+_ORIGIN_TAIL = struct.Struct(">QI")
+#: The origin prefix (nonces and direction) of a writer or reader made
+#: without one (outside a connection: tests and tools).
+_NO_ORIGIN = bytes(65)
 
 
 def generate_key() -> str:
@@ -305,10 +375,16 @@ class FrameWriter:
     """Signs frames for one direction of one connection.
 
     :param key: this direction's session key.
+    :param cluster_key: the cluster key, from which end-to-end buffer keys
+        are derived (default: ``key``, for a writer outside a connection).
+    :param origin: this direction's origin prefix: client nonce, server
+        nonce, direction (``c`` or ``s``); see :func:`origin_prefix`.
     """
 
-    def __init__(self, key: bytes):
+    def __init__(self, key: bytes, cluster_key: bytes | None = None, origin: bytes = _NO_ORIGIN):
         self._mac = _hmac_sha256(key)
+        self._e2e_base = _hmac_sha256(cluster_key if cluster_key is not None else key)
+        self.origin = origin
         self.seq = 0
 
     def frame(self, header: bytes, buffers: list[Any]) -> Frame:
@@ -343,25 +419,36 @@ class FrameWriter:
                 f"a message of {sum(sizes)} bytes in {len(views)} buffers exceeds the "
                 f"native transport's limits ({MAX_FRAME_BYTES} bytes, {MAX_BUFFERS} buffers)"
             )
+        seq = self.seq
+        seals = None
+        origins = b""
+        if sum(sizes) >= ONE_TIME_MAC_BYTES:
+            seals = self._seals(buffers, views, seq)
+            origins = b"".join(o for o, _ in filter(None, seals))
         head = b"".join(
-            (_PREFIX.pack(MAGIC, len(header), len(views)), struct.pack(f">{len(sizes)}Q", *sizes))
+            (
+                _PREFIX.pack(MAGIC, len(header), len(views)),
+                struct.pack(f">{len(sizes)}Q", *sizes),
+                origins,
+            )
         )
         mac = self._mac.copy()
-        mac.update(_SEQ.pack(self.seq))
+        mac.update(_SEQ.pack(seq))
         self.seq += 1
         mac.update(head)
         mac.update(header)
         if not views:
             return Frame(head + header + mac.digest(), [], None)
         first_tag = mac.copy().digest()
-        if sum(sizes) >= ONE_TIME_MAC_BYTES:
+        if seals is not None:
             one_time = _one_time_mac(mac)
             piece = _OneTimePiece(one_time)
+            pieces = [piece if s is None else s[1] for s in seals]
             streams = _open_streams(buffers)
-            closing: Any = _OneTimeClosing(mac, one_time)
+            closing: Any = _OneTimeClosing(mac, one_time, [s[1] for s in filter(None, seals)])
             if streams is not None:
                 closing = _StreamClosing(closing, streams, _abort_tag(mac))
-            return Frame(head + header + first_tag, views, closing, [piece] * len(views), streams)
+            return Frame(head + header + first_tag, views, closing, pieces, streams)
         hashes = [_BufferHash(mac, k) for k in known]
         return Frame(head + header + first_tag, views, mac, hashes)
 
@@ -387,6 +474,30 @@ class FrameWriter:
             known = getattr(b, "sha256", None)
             mac.update(known if known is not None else hashlib.sha256(v).digest())
         return Frame(b"".join((head, header, first_tag, *views, mac.digest())), [], None)
+
+    def _seals(self, buffers: list[Any], views: list[Any], seq: int) -> list:
+        """Per buffer, None (a small one: the frame's session MAC covers it)
+        or ``(origin, source)`` for one of :data:`E2E_BYTES` or more: a whole
+        sealed buffer this side received is passed on with its origin and
+        tag (``source`` the buffer: its bytes are not read); any other is
+        sealed here (``source`` a piece feeding a new Poly1305)."""
+        seals: list = []
+        for i, (b, v) in enumerate(zip(buffers, views, strict=True)):
+            if len(v) < E2E_BYTES:
+                seals.append(None)
+                continue
+            src = b.obj if type(b) is memoryview else b
+            if type(src) is RoutedBuffer and src.origin is not None:
+                if src is b or (len(v) == len(src) and v.contiguous):
+                    # (a view of all of it is the same bytes)
+                    seals.append((src.origin, _ForwardedSeal(src)))
+                    continue
+                # Part of a sealed buffer: this side vouches for the part
+                # only once the whole has verified against its own seal.
+                _verify_sealed(src)
+            origin = self.origin + _ORIGIN_TAIL.pack(seq, i)
+            seals.append((origin, _OneTimePiece(_e2e_poly(self._e2e_base, origin))))
+        return seals
 
 
 def _abort_tag(mac: Any) -> bytes:
@@ -425,14 +536,62 @@ def _open_streams(buffers: list[Any]) -> list | None:
     return out
 
 
-def _one_time_mac(mac: Any) -> Any:
-    """The Poly1305 of a large frame's buffers, keyed by the frame's running
-    HMAC (unique per frame: it covers the sequence number)."""
+def _poly1305(key: bytes) -> Any:
+    """A Poly1305 under ``key`` (every one this module makes comes from here)."""
     from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+    return Poly1305(key)
+
+
+def _one_time_mac(mac: Any) -> Any:
+    """The Poly1305 of a large frame's small buffers, keyed by the frame's
+    running HMAC (unique per frame: it covers the sequence number)."""
     key = mac.copy()
     key.update(_ONE_TIME_LABEL)
-    return Poly1305(key.digest())
+    return _poly1305(key.digest())
+
+
+def origin_prefix(client_nonce: bytes, server_nonce: bytes, direction: bytes) -> bytes:
+    """The first part of every origin a connection's direction names: its
+    two nonces and ``direction`` (``b"c"``: client to server, ``b"s"``)."""
+    return client_nonce + server_nonce + direction
+
+
+def _e2e_poly(base: Any, origin: bytes) -> Any:
+    """The Poly1305 sealing the buffer ``origin`` names: keyed by the
+    HMAC of the cluster key (``base``) over a label and the origin."""
+    key = base.copy()
+    key.update(_E2E_LABEL)
+    key.update(origin)
+    return _poly1305(key.digest())
+
+
+def _verify_sealed(buf: RoutedBuffer) -> None:
+    """Check a received sealed buffer this side has not verified yet (one it
+    only forwarded so far) against its seal, now that something reads it.
+
+    :raises ProtocolError: it does not match (or its frame never completed).
+    """
+    if buf.verified or buf.origin is None:
+        return
+    st = buf.stream
+    if st is not None and st.state is _OPEN:
+        st.lazy = False  # still arriving: its reader verifies it at the closing tag
+        return
+    check, buf.check = buf.check, None
+    if buf.tag is None or check is None:
+        raise ProtocolError(
+            "the data of this message did not arrive intact (its sender's frame "
+            "failed to verify or its connection dropped): nothing was forwarded"
+        )
+    check.catch_up(buf)
+    if not hmac.compare_digest(check.poly.finalize(), buf.tag):
+        buf.origin = None  # never forwarded or read again
+        raise ProtocolError(
+            "a buffer this controller received does not match its sender's "
+            "end-to-end tag (altered on the way): it is not used"
+        )
+    buf.verified = True
 
 
 class _OneTimePiece:
@@ -453,18 +612,53 @@ class _OneTimePiece:
         return None
 
 
+class _ForwardedSeal:
+    """A sealed buffer passed on as received: no bytes to MAC; its tag is
+    the one it arrived with."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self, buf: RoutedBuffer):
+        self.buf = buf
+
+    def update(self, piece: Any) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def tag(self) -> bytes | None:
+        return self.buf.tag
+
+
 class _OneTimeClosing:
-    """A large frame's closing tag: its HMAC over the buffers' Poly1305 tag."""
+    """A large frame's closing part: each sealed buffer's end-to-end tag,
+    then the frame's HMAC over the small buffers' Poly1305 tag and those
+    end-to-end tags.
 
-    __slots__ = ("mac", "one_time")
+    :param seals: per sealed buffer, an :class:`_OneTimePiece` (sealed
+        here) or a :class:`_ForwardedSeal`.
+    """
 
-    def __init__(self, mac: Any, one_time: Any):
+    __slots__ = ("mac", "one_time", "seals")
+
+    def __init__(self, mac: Any, one_time: Any, seals: list | None = None):
         self.mac = mac
         self.one_time = one_time
+        self.seals = seals or []
+
+    @property
+    def n_tags(self) -> int:
+        return len(self.seals)
 
     def digest(self) -> bytes:
+        tags = [s.mac.finalize() if type(s) is _OneTimePiece else s.tag() for s in self.seals]
+        if None in tags:  # (a forwarded buffer whose frame did not verify)
+            return bytes(E2E_TAG_BYTES * len(tags)) + _abort_tag(self.mac)
         self.mac.update(self.one_time.finalize())
-        return self.mac.digest()
+        tags_bytes = b"".join(tags)
+        self.mac.update(tags_bytes)
+        return tags_bytes + self.mac.digest()
 
 
 class _StreamClosing:
@@ -493,7 +687,7 @@ class _StreamClosing:
 
     def digest(self) -> bytes:
         if any(st.state is _FAILED for st in self.streams):
-            return self.abort
+            return bytes(E2E_TAG_BYTES * self.closing.n_tags) + self.abort
         return self.closing.digest()
 
 
@@ -525,10 +719,14 @@ class _Stream:
         "paused",
         "buffers",
         "ended",
+        "lazy",
     )
 
     def __init__(self, buffers: list[Any]):
         self.state = _OPEN
+        #: The frame is only forwarded (so far): its reader does not verify
+        #: its sealed buffers (see "Keys"); cleared by :func:`_verify_sealed`.
+        self.lazy = False
         #: Bytes of the frame's buffers received so far (all of them, in order).
         self.received = 0
         self.waiters: set[_Outbox] = set()
@@ -618,13 +816,18 @@ def arrived(value: Any) -> defer.Deferred:
         (its sender disconnected, or its frame did not verify).
     """
     streams = set()
+    sealed = []
 
     def walk(o: Any) -> None:
         t = type(o)
         if t is Serialized:
             for b in o.buffers:
-                if type(b) is RoutedBuffer and b.stream is not None:
-                    streams.add(b.stream)
+                if type(b) is RoutedBuffer:
+                    if b.stream is not None:
+                        streams.add(b.stream)
+                        b.stream.lazy = False  # read here: verify it as it arrives
+                    if b.origin is not None and not b.verified:
+                        sealed.append(b)
         elif t in (list, tuple):
             for x in o:
                 walk(x)
@@ -635,10 +838,15 @@ def arrived(value: Any) -> defer.Deferred:
     walk(value)
 
     def verdicts(oks: list[bool]) -> Any:
-        if not all(oks):
-            from kernel.error import EngineError
+        from kernel.error import EngineError
 
+        if not all(oks):
             raise EngineError(ABORTED_REPLY)
+        try:
+            for b in sealed:  # (forwarded unread so far: checked now)
+                _verify_sealed(b)
+        except ProtocolError:
+            raise EngineError(ABORTED_REPLY) from None
         return value
 
     waits = []
@@ -754,7 +962,7 @@ class RoutedBuffer(bytearray):
     routing peers (the controller) receive these; engines and clients get
     plain ``bytearray``\\ s."""
 
-    __slots__ = ("sha256", "stream", "start")
+    __slots__ = ("sha256", "stream", "start", "origin", "tag", "verified", "check")
 
     def __init__(self, source: Any = 0):
         super().__init__(source)  # a size (zeros) or bytes to copy, as bytearray takes
@@ -762,6 +970,57 @@ class RoutedBuffer(bytearray):
         #: The :class:`_Stream` of a buffer still arriving (cut through), else None.
         self.stream: _Stream | None = None
         self.start = 0
+        self._unseal()
+
+    def _unseal(self) -> None:
+        #: A sealed buffer's origin and end-to-end tag (None: not sealed; the
+        #: tag is known once its frame's closing part has verified).
+        self.origin: bytes | None = None
+        self.tag: bytes | None = None
+        #: Its bytes were checked against :attr:`tag` (else only forwarded).
+        self.verified = False
+        #: The :class:`_SealCheck` that verifies it when first read.
+        self.check: _SealCheck | None = None
+
+
+class _SealCheck:
+    """A reader's Poly1305 over one sealed buffer, fed as the buffer arrives
+    unless its frame is only being forwarded (:attr:`_Stream.lazy`); then it
+    catches up on the bytes it skipped when something needs them checked.
+
+    :param poly: the buffer's end-to-end Poly1305.
+    :param buf: the buffer being received.
+    :param stream: its stream (a routing reader's), or None.
+    """
+
+    __slots__ = ("poly", "buf", "stream", "seen", "hashed")
+
+    def __init__(self, poly: Any, buf: Any, stream: _Stream | None):
+        self.poly = poly
+        self.buf = buf
+        self.stream = stream
+        self.seen = 0  # bytes received
+        self.hashed = 0  # bytes fed to the Poly1305
+
+    def update(self, piece: Any) -> None:
+        n = len(piece)
+        self.seen += n
+        st = self.stream
+        if st is not None and st.lazy:
+            return
+        if self.hashed < self.seen - n:
+            self.poly.update(memoryview(self.buf)[self.hashed : self.seen - n])
+        self.poly.update(piece)
+        self.hashed = self.seen
+
+    def catch_up(self, buf: Any) -> None:
+        """Feed the bytes of ``buf`` received and not yet hashed."""
+        if self.hashed < self.seen:
+            self.poly.update(memoryview(buf)[self.hashed : self.seen])
+            self.hashed = self.seen
+
+    def digest(self) -> None:  # the reader's per-buffer step: nothing to fold in
+        return None
 
 
 _EMPTY_SHA256 = hashlib.sha256().digest()
@@ -777,12 +1036,37 @@ class FrameReader:
     :param routing: receive buffers as :class:`RoutedBuffer` (a controller).
     :param pool: where large buffers come from (reused once nothing else
         holds them: :class:`kernel.bufferpool.BufferPool`); None for fresh ones.
+    :param cluster_key: the cluster key (end-to-end buffer keys are derived
+        from it); default ``key``, for a reader outside a connection.
+    :param peer_origin: the origin prefix of the direction read
+        (:func:`origin_prefix`).
+    :param own_origin: the origin prefix of the opposite direction (this
+        side's own), or None.
+    :param sent: returns how many frames this side has sent on the
+        connection (its writer's sequence number).
     :raises SecurityError: (from :meth:`feed`) a tag does not verify.
     :raises ProtocolError: (from :meth:`feed`) a malformed or oversized frame.
     """
 
-    def __init__(self, key: bytes, routing: bool = False, pool: BufferPool | None = None):
+    def __init__(
+        self,
+        key: bytes,
+        routing: bool = False,
+        pool: BufferPool | None = None,
+        cluster_key: bytes | None = None,
+        peer_origin: bytes = _NO_ORIGIN,
+        own_origin: bytes | None = None,
+        sent: Callable[[], int] | None = None,
+    ):
         self._key_mac = _hmac_sha256(key)
+        self._e2e_base = _hmac_sha256(cluster_key if cluster_key is not None else key)
+        self._peer_origin = peer_origin
+        self._own_origin = own_origin
+        self._sent = sent
+        self._routing = routing
+        self._origins: list[bytes | None] = []
+        self._checks: list[_SealCheck | None] = []
+        self._sizes_raw = b""
         self._buffer_type = RoutedBuffer if routing else bytearray
         self.pool = pool
         self._sha: Any = None
@@ -860,6 +1144,7 @@ class FrameReader:
 
     def abandon(self) -> None:
         """The connection is gone: a frame being cut through never completes."""
+        self._release_checks()
         if self._stream is not None:
             self._stream.finish(False)
 
@@ -941,10 +1226,20 @@ class FrameReader:
         self._filled = 0
         self._next_buffer()
 
+    def _release_checks(self) -> None:
+        # (a check kept on its buffer must not point back at it: a pooled
+        # buffer is free again once nothing but the pool refers to it)
+        for c in self._checks:
+            if c is not None:
+                c.buf = None
+
     def _reset(self) -> None:
+        self._release_checks()
         self._state = "prefix"
         self._need = _PREFIX.size
         self._buffers = []
+        self._origins = []
+        self._checks = []
         self._header = b""
         self._stream = None
         self._early = None
@@ -967,17 +1262,32 @@ class FrameReader:
                     f"{self._count} buffers (limits {MAX_HEADER_BYTES}, {MAX_BUFFERS})"
                 )
             self._prefix = part
+            if self._count:
+                self._state = "sizes"
+                self._need = 8 * self._count
+            else:
+                self._sizes, self._sizes_raw = (), b""
+                self._state = "head"
+                self._need = self._header_len + TAG_BYTES
+        elif self._state == "sizes":
+            self._sizes_raw = part
+            self._sizes = sizes = struct.unpack(f">{self._count}Q", part)
+            sealed = 0
+            if sum(sizes) >= ONE_TIME_MAC_BYTES:
+                sealed = sum(1 for n in sizes if n >= E2E_BYTES)
             self._state = "head"
-            self._need = 8 * self._count + self._header_len + TAG_BYTES
+            self._need = ORIGIN_BYTES * sealed + self._header_len + TAG_BYTES
         elif self._state == "head":
-            sizes_end = 8 * self._count
-            sizes = struct.unpack(f">{self._count}Q", part[:sizes_end])
-            header = part[sizes_end : sizes_end + self._header_len]
+            sizes = self._sizes
+            origins_end = len(part) - self._header_len - TAG_BYTES
+            header = part[origins_end:-TAG_BYTES]
             mac = self._key_mac.copy()
-            mac.update(_SEQ.pack(self.seq))
+            seq = self.seq
+            mac.update(_SEQ.pack(seq))
             self.seq += 1
             mac.update(self._prefix)
-            mac.update(part[:sizes_end])
+            mac.update(self._sizes_raw)
+            mac.update(part[:origins_end])
             mac.update(header)
             if not hmac.compare_digest(mac.copy().digest(), part[-TAG_BYTES:]):
                 raise SecurityError("a frame's tag does not verify: wrong cluster key or tampering")
@@ -986,9 +1296,9 @@ class FrameReader:
                     f"refusing a frame of {sum(sizes)} bytes (limit {MAX_FRAME_BYTES})"
                 )
             self._header = header
-            self._sizes = sizes
             self._mac = mac
             self._one_time = _one_time_mac(mac) if sum(sizes) >= ONE_TIME_MAC_BYTES else None
+            self._origins = self._check_origins(part[:origins_end], seq)
             # Room for the buffers, allocated only now that the header is known good.
             kind, pool = self._buffer_type, self.pool
             if pool is None:
@@ -997,22 +1307,103 @@ class FrameReader:
                 self._buffers = [pool.take(kind, n) for n in sizes]
             if kind is RoutedBuffer:
                 self._start_stream(sizes)
+            self._checks = [
+                None if o is None else _SealCheck(_e2e_poly(self._e2e_base, o), b, self._stream)
+                for o, b in zip(self._origins, self._buffers, strict=True)
+            ]
+            if kind is RoutedBuffer:
+                for b, o, c in zip(self._buffers, self._origins, self._checks, strict=True):
+                    b.origin, b.check = o, c
             self._index = 0
             self._filled = 0
             self._state = "buffers"
             self._next_buffer()
         elif self._state == "tail":
+            tags, part = part[:-TAG_BYTES], part[-TAG_BYTES:]
             if self._one_time is not None:
                 abort = _abort_tag(self._mac)
                 self._mac.update(self._one_time.finalize())
                 if hmac.compare_digest(abort, part):
                     self._aborted()
                     return
+                self._mac.update(tags)
             if not hmac.compare_digest(self._mac.digest(), part):
                 if self._stream is not None:
                     self._stream.finish(False)
+                self._release_checks()
                 raise SecurityError("a frame's tag does not verify: wrong cluster key or tampering")
+            if tags and not self._check_seals(tags):
+                self._aborted()
+                return
             self._state = "done"
+
+    def _check_origins(self, raw: bytes, seq: int) -> list[bytes | None]:
+        """Per buffer, the origin its seal names (None: not sealed), each
+        one checked: a buffer the peer seals itself must name this very
+        frame and buffer; one naming this side's own direction must name a
+        frame this side has sent; a foreign one (another connection's) is
+        accepted only from a peer that routes, never by a routing side
+        (its peers send only what they seal themselves).
+
+        :raises SecurityError: an origin the peer cannot vouch for.
+        """
+        out: list[bytes | None] = []
+        at = 0
+        for i, n in enumerate(self._sizes):
+            if not raw or n < E2E_BYTES:
+                out.append(None)
+                continue
+            origin = raw[at : at + ORIGIN_BYTES]
+            at += ORIGIN_BYTES
+            prefix = origin[:65]
+            o_seq, o_index = _ORIGIN_TAIL.unpack_from(origin, 65)
+            if prefix == self._peer_origin:
+                ok = o_seq == seq and o_index == i
+            elif prefix == self._own_origin:
+                ok = self._sent is not None and o_seq < self._sent()
+            else:
+                ok = not self._routing and prefix[64:] in (b"c", b"s")
+            if not ok:
+                raise SecurityError(
+                    "a frame names a buffer origin its sender cannot vouch for "
+                    "(a replayed or forged end-to-end seal): refused"
+                )
+            out.append(origin)
+        return out
+
+    def _check_seals(self, tags: bytes) -> bool:
+        """Check each sealed buffer against its end-to-end tag (unless the
+        frame is only being forwarded: then each keeps its tag, checked if
+        anything reads it). False: a buffer sealed elsewhere (forwarded by
+        the peer) does not match: the frame is dropped like an aborted one.
+
+        :raises SecurityError: one the peer sealed itself does not match.
+        """
+        st = self._stream
+        lazy = st is not None and st.lazy
+        k = 0
+        for b, o, check in zip(self._buffers, self._origins, self._checks, strict=True):
+            if o is None:
+                continue
+            tag = tags[k : k + E2E_TAG_BYTES]
+            k += E2E_TAG_BYTES
+            if type(b) is RoutedBuffer:
+                b.tag = tag
+            if lazy:
+                continue
+            check.catch_up(b)
+            if not hmac.compare_digest(check.poly.finalize(), tag):
+                if o[:65] != self._peer_origin:
+                    return False
+                if st is not None:
+                    st.finish(False)
+                self._release_checks()
+                raise SecurityError(
+                    "a buffer does not match its end-to-end tag: altered on the way"
+                )
+            if type(b) is RoutedBuffer:
+                b.verified, b.check = True, None
+        return True
 
     def _aborted(self) -> None:
         # The sender (a controller) could not vouch for the buffers it was
@@ -1030,6 +1421,7 @@ class FrameReader:
         bufs = self._buffers
         for b in bufs:
             b.stream = None
+            b._unseal()  # (a pooled buffer may have been sealed before)
         if not self.cut_through or self._one_time is None:
             return
         cut = next((i for i, n in enumerate(sizes) if n >= CUT_THROUGH_BYTES), -1)
@@ -1056,6 +1448,8 @@ class FrameReader:
         if self._index < len(self._buffers):
             if self._one_time is None:
                 self._sha = hashlib.sha256()
+            elif self._checks[self._index] is not None:
+                self._sha = self._checks[self._index]
             else:
                 self._sha = _OneTimePiece(self._one_time)
             if self._index >= self._cut >= 0 and self._early is None:
@@ -1064,7 +1458,7 @@ class FrameReader:
             return
         if self._count:
             self._state = "tail"
-            self._need = TAG_BYTES
+            self._need = TAG_BYTES + E2E_TAG_BYTES * sum(o is not None for o in self._origins)
         else:
             self._state = "done"
 
@@ -1800,6 +2194,9 @@ class NativeProtocol(protocol.Protocol):
         else:
             return
         item.dispatched = True
+        # Only forwarded: its sealed buffers go on with their seals, unread
+        # (checked here only if something in this process reads them).
+        item.stream.lazy = True
         if kind == "c":
             # A caller (a client) is held back while its receivers lag; an
             # engine's reply is read on regardless (it arrives into its own
@@ -1845,8 +2242,19 @@ class NativeProtocol(protocol.Protocol):
             (self.nonce, peer_nonce) if self.is_client else (peer_nonce, self.nonce)
         )
         c2s, s2c = session_keys(self.key, client_nonce, server_nonce)
-        self._writer = FrameWriter(c2s if self.is_client else s2c)
-        self._reader = FrameReader(s2c if self.is_client else c2s, routing=self.routing, pool=POOL)
+        cluster_key = _key_bytes(self.key)
+        mine, theirs = (b"c", b"s") if self.is_client else (b"s", b"c")
+        own = origin_prefix(client_nonce, server_nonce, mine)
+        writer = self._writer = FrameWriter(c2s if self.is_client else s2c, cluster_key, own)
+        self._reader = FrameReader(
+            s2c if self.is_client else c2s,
+            routing=self.routing,
+            pool=POOL,
+            cluster_key=cluster_key,
+            peer_origin=origin_prefix(client_nonce, server_nonce, theirs),
+            own_origin=own,
+            sent=lambda: writer.seq,
+        )
         self._reader.cut_through = self.routing and self.cut_through
         if self.is_client:
             self._send(["a"])  # proves the key

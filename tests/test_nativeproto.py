@@ -613,7 +613,8 @@ def test_a_large_frame_round_trips_and_is_signed_with_a_one_time_mac():
 def test_a_large_frame_tampered_anywhere_after_its_header_does_not_verify(where):
     payload = os.urandom(BIG)
     data = bytearray(frames_of(FrameWriter(KEY), b"[]", [payload, b"tail"]))
-    pos = {"first buffer": -TAG - 4 - 1000, "last buffer": -TAG - 2, "closing tag": -1}[where]
+    tags = TAG + nativeproto.E2E_TAG_BYTES  # (the closing part: the seal's tag, the frame's)
+    pos = {"first buffer": -tags - 4 - 1000, "last buffer": -tags - 2, "closing tag": -1}[where]
     data[pos] ^= 1
     with pytest.raises(SecurityError):
         FrameReader(KEY).feed(bytes(data))
@@ -632,12 +633,14 @@ def test_a_large_frame_under_another_key_or_sequence_number_does_not_verify():
         FrameReader(bytes(32)).feed(second)
 
 
-def test_large_buffers_a_controller_received_are_signed_again_for_the_next_hop():
+def test_large_buffers_a_controller_received_go_on_with_their_seal_to_the_next_hop():
     payload = os.urandom(BIG)
     ((_, buffers),) = FrameReader(KEY, routing=True).feed(
         frames_of(FrameWriter(KEY), b"[]", [payload])
     )
-    other = b"\x05" * 32
-    data = b"".join(bytes(s) for s in FrameWriter(other).frame(b"[]", buffers).segments())
-    ((_, again),) = FrameReader(other).feed(data)
+    other = b"\x05" * 32  # the next hop's session key; KEY stands for the cluster key
+    frame = FrameWriter(other, cluster_key=KEY).frame(b"[]", buffers)
+    assert type(frame.hashes[0]) is nativeproto._ForwardedSeal  # not read again
+    data = b"".join(bytes(s) for s in frame.segments())
+    ((_, again),) = FrameReader(other, cluster_key=KEY).feed(data)
     assert again == [bytearray(payload)]
