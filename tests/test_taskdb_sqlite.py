@@ -117,3 +117,37 @@ def test_many_writes_commit_without_waiting_for_the_delay(tmp_path):
     db.add_record(3, {})
     db.close()
     assert _rows_seen_by_another_connection(path) == [0, 1, 2, 3]  # close commits
+
+
+@pytest_twisted.ensureDeferred
+async def test_flags_equal_in_value_but_not_in_type_are_stored_as_given():
+    # the encoder reuses the text of the flags it encoded last: 1, 1.0 and
+    # True compare equal in Python but must come back as they went in
+    db = SQLiteDB(":memory:")
+    given = [
+        {"retries": 1, "timeout": 1.0, "clear_before": True},
+        {"retries": 1, "timeout": 1.0, "clear_before": True},
+        {"retries": True, "timeout": 1, "clear_before": 1},
+        {"timeout": 1.0, "retries": 1, "clear_before": True},
+        {"retries": 1, "timeout": 1.0, "clear_before": True},
+    ]
+    for taskid, flags in enumerate(given):
+        await db.add_record(taskid, {"status": "pending", "flags": flags})
+    for taskid, flags in enumerate(given):
+        stored = (await db.get_record(taskid))["flags"]
+        assert stored == flags
+        assert list(stored) == list(flags)
+        assert [type(v) for v in stored.values()] == [type(v) for v in flags.values()]
+    db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_flags_changed_after_a_write_are_encoded_again():
+    db = SQLiteDB(":memory:")
+    flags = {"retries": 0, "description": "a"}
+    await db.add_record(0, {"flags": flags})
+    flags["description"] = "b"
+    await db.add_record(1, {"flags": flags})
+    assert (await db.get_record(0))["flags"]["description"] == "a"
+    assert (await db.get_record(1))["flags"]["description"] == "b"
+    db.close()

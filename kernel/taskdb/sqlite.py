@@ -59,31 +59,67 @@ _SCALAR_TYPES = (str, int, float, bool, type(None), bytes)
 _COMPARISONS = {"$gt": ">", "$ge": ">", "$gte": ">=", "$lt": "<", "$le": "<", "$lte": "<="}
 
 
+def _bytes_to_json(o: Any) -> Any:
+    if isinstance(o, (bytes, bytearray, memoryview)):
+        return {"__bytes__": base64.b64encode(bytes(o)).decode("ascii")}
+    raise TypeError(f"a task record field holds a {type(o).__name__}, which is not plain data")
+
+
+def _json_to_bytes(d: dict) -> Any:
+    if set(d) == {"__bytes__"}:
+        return base64.b64decode(d["__bytes__"])
+    return d
+
+
+# one encoder and decoder for every record (json.dumps/loads with a hook
+# build a new one per call)
+_ENCODER = json.JSONEncoder(default=_bytes_to_json)
+_DECODER = json.JSONDecoder(object_hook=_json_to_bytes)
+
+
+_FLAT_TYPES = frozenset({str, int, float, bool, type(None)})
+
+
+class _LastJSON:
+    """The JSON text of the flat dict encoded last: most tasks carry the
+    same flags, so most records skip the encoding. Keys, order, values and
+    value types must all match (``1``, ``1.0`` and ``True`` differ in JSON)."""
+
+    __slots__ = ("key", "text")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.text: str | None = None
+
+    def encode(self, value: Any) -> str | None:
+        if value is None:
+            return None
+        if type(value) is not dict or not all(type(v) in _FLAT_TYPES for v in value.values()):
+            return _ENCODER.encode(value)
+        key = tuple((k, type(v), v) for k, v in value.items())
+        if key != self.key:
+            self.key, self.text = key, _ENCODER.encode(value)
+        return self.text
+
+
+_LAST_FLAGS = _LastJSON()
+
+
 def _to_json(value: Any) -> str | None:
     if value is None:
         return None
-
-    def default(o: Any) -> Any:
-        if isinstance(o, (bytes, bytearray, memoryview)):
-            return {"__bytes__": base64.b64encode(bytes(o)).decode("ascii")}
-        raise TypeError(f"a task record field holds a {type(o).__name__}, which is not plain data")
-
-    return json.dumps(value, default=default)
+    return _ENCODER.encode(value)
 
 
 def _from_json(text: str | None) -> Any:
     if text is None:
         return None
-
-    def hook(d: dict) -> Any:
-        if set(d) == {"__bytes__"}:
-            return base64.b64decode(d["__bytes__"])
-        return d
-
-    return json.loads(text, object_hook=hook)
+    return _DECODER.decode(text)
 
 
 def _encode(key: str, value: Any) -> Any:
+    if key == "flags":
+        return _LAST_FLAGS.encode(value)
     if key in _JSON_KEYS:
         return _to_json(value)
     if key in BLOB_KEYS and value is not None:
