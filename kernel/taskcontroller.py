@@ -958,7 +958,12 @@ class TaskController(MapperMixin, service.Service):
         kwargs = {"clear_before": flags["clear_before"], "clear_after": flags["clear_after"]}
         if worker.queues_tasks:
             kwargs["key"] = _task_key(state.taskid, token)
-        d = maybeDeferred(worker.engine.run_task, state.payload, **kwargs)
+        try:
+            d = worker.engine.run_task(state.payload, **kwargs)
+        except Exception:
+            d = fail()
+        if not isinstance(d, Deferred):
+            d = maybeDeferred(lambda: d)  # a plain value or a coroutine
         d.addCallbacks(
             self._on_result,
             self._on_failure,
@@ -1267,9 +1272,24 @@ class TaskController(MapperMixin, service.Service):
         return None
 
     def _db_write(self, method: str, *args: Any) -> None:
-        self._db_call(method, *args).addErrback(
-            log.err, f"task controller: task DB {method} failed"
-        )
+        """Write to the DB in order with every other call; failures are
+        logged. A write that succeeds at once (SQLite, memory) costs no
+        callbacks."""
+        if self._db_pending == 0:
+            try:
+                d = getattr(self.db, method)(*args)
+            except Exception:
+                log.err(None, f"task controller: task DB {method} failed")
+                return
+            if not isinstance(d, Deferred):
+                return
+            if not d.called:
+                self._wait_for_db(d)
+            elif not isinstance(d.result, Failure):
+                return
+        else:
+            d = self._db_call(method, *args)
+        d.addErrback(log.err, f"task controller: task DB {method} failed")
 
 
 def _task_key(taskid: int, attempt: int) -> str:

@@ -8,8 +8,9 @@ failure handling are checked deterministically without threads or real time.
 from __future__ import annotations
 
 import pytest
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.python import log
 from zope.interface.verify import verifyObject
 
 from kernel import serialized
@@ -205,6 +206,71 @@ def test_reads_wait_for_earlier_writes_of_an_asynchronous_db():
     assert read.result.status == "succeeded" and read.result.results == "done"
     again = tc.get_task_result(taskid)  # nothing outstanding: read at once
     assert again.called and again.result.results == "done"
+
+
+class FailingWritesDB(DictDB):
+    """A DictDB whose ``update_record`` fails in the way the test chooses:
+    raising, a failed Deferred, or a Deferred failed later."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.later: list[Deferred] = []
+
+    def update_record(self, *args):
+        if self.how == "raise":
+            raise OSError("disk gone")
+        if self.how == "failed":
+            return fail(OSError("disk gone"))
+        d = Deferred()
+        self.later.append(d)
+        return d
+
+
+@pytest.mark.parametrize("how", ["raise", "failed", "later"])
+def test_failed_db_writes_are_logged_and_tasks_go_on(how):
+    logged = []
+    observer = logged.append
+    log.addObserver(observer)
+    try:
+        db = FailingWritesDB(how)
+        _, tc, engines, _ = make(1, db=db)
+        first = submit(tc)
+        engines[0].calls[0].succeed("one")
+        for d in db.later:
+            d.errback(OSError("disk gone"))
+        second = submit(tc)  # the controller still takes and sends tasks
+        assert len(engines[0].calls) == 1
+        engines[0].calls[0].succeed("two")
+        for d in db.later:
+            if not d.called:
+                d.errback(OSError("disk gone"))
+    finally:
+        log.removeObserver(observer)
+    errors = [e for e in logged if e.get("isError")]
+    # two updates per task (running, then finished), each failing
+    assert len(errors) == 4
+    assert all("task DB update_record failed" in e["why"] for e in errors)
+    assert all(e["failure"].check(OSError) for e in errors)
+    assert first != second
+    assert db._records[first]["status"] == "pending"  # the updates never landed
+
+
+def test_engine_run_task_raising_fails_the_attempt_and_is_retried():
+    class RaisingEngine(FakeEngine):
+        def run_task(self, payload, clear_before=False, clear_after=False):
+            self.raised = getattr(self, "raised", 0) + 1
+            raise RuntimeError("cannot take it")
+
+    controller = ControllerService()
+    tc = TaskController(controller, clock=Clock())
+    bad = RaisingEngine()
+    controller.register_engine(bad)
+    taskid = submit(tc, retries=1)
+    result = outcome(tc, taskid)
+    assert bad.raised == 2  # the first attempt and its retry
+    assert result.status == "failed"
+    assert "cannot take it" in str(result.failure.value)
 
 
 def test_run_spec_refuses_bad_flags_and_payloads():
