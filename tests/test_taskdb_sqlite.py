@@ -151,3 +151,119 @@ async def test_flags_changed_after_a_write_are_encoded_again():
     assert (await db.get_record(0))["flags"]["description"] == "a"
     assert (await db.get_record(1))["flags"]["description"] == "b"
     db.close()
+
+
+def _statements(db):
+    """Record the SQL statements ``db`` runs from now on."""
+    seen = []
+    db._conn.set_trace_callback(seen.append)
+    return seen
+
+
+def _kinds(statements):
+    return [s.split()[0] for s in statements if s.split()[0] in ("INSERT", "UPDATE", "DELETE")]
+
+
+def test_a_new_records_updates_are_merged_into_one_insert(tmp_path):
+    from twisted.internet.task import Clock
+
+    path, clock = str(tmp_path / "t.db"), Clock()
+    db = SQLiteDB(path, clock=clock)
+    seen = _statements(db)
+    db.add_record(1, {"status": "pending", "payload": b"p", "attempts": 0})
+    db.update_record(1, {"status": "running", "engine_id": 3, "attempts": 1})
+    db.update_record(1, {"status": "succeeded", "result": b"r"})
+    assert _kinds(seen) == []  # nothing written before the commit
+    clock.advance(db.commit_delay)
+    assert _kinds(seen) == ["INSERT"]
+    assert _rows_seen_by_another_connection(path) == [1]
+    record = db.get_record(1).result
+    assert record["status"] == "succeeded" and record["engine_id"] == 3
+    assert record["attempts"] == 1 and record["payload"] == b"p" and record["result"] == b"r"
+    assert record["error"] is None and record["started"] is None
+    db.close()
+
+
+def test_new_records_are_written_with_one_statement_per_set_of_columns():
+    db = SQLiteDB(":memory:")
+    seen = _statements(db)
+    for taskid in range(5):
+        db.add_record(taskid, {"status": "pending", "attempts": 0})
+    db.add_record(5, {"status": "failed"})
+    db.commit()
+    # executemany is traced once per row; the rows of one shape share one SQL text
+    inserts = [s for s in seen if s.startswith("INSERT")]
+    assert len(inserts) == 6 and len(set(s.split(" VALUES")[0] for s in inserts)) == 2
+    db.close()
+
+
+def test_every_read_sees_the_records_still_in_memory():
+    db = SQLiteDB(":memory:")
+    db.add_record(1, {"status": "pending", "description": "a"})
+    db.add_record(2, {"status": "pending", "description": "b"})
+    db.update_record(2, {"status": "running"})
+    assert db.get_record(2).result["status"] == "running"
+    db.add_record(3, {"status": "pending"})
+    found = db.find_records({"status": "pending"}, keys=["description"]).result
+    assert [r["taskid"] for r in found] == [1, 3]
+    db.add_record(4, {"status": "pending"})
+    assert db.next_taskid() == 5
+    db.add_record(5, {"status": "pending"})
+    db.drop_records([5, 1])
+    assert db.find_records({}, keys="status").result == [
+        {"taskid": 2, "status": "running"},
+        {"taskid": 3, "status": "pending"},
+        {"taskid": 4, "status": "pending"},
+    ]
+    db.close()
+
+
+def test_adding_a_record_again_replaces_the_one_in_memory():
+    db = SQLiteDB(":memory:")
+    db.add_record(1, {"status": "pending", "description": "old", "stdout": "x"})
+    db.update_record(1, {"status": "running"})
+    db.add_record(1, {"status": "pending", "description": "new"})
+    record = db.get_record(1).result
+    assert record["description"] == "new" and record["stdout"] is None
+    db.close()
+
+
+def test_bad_values_still_fail_the_call_that_gives_them():
+    db = SQLiteDB(":memory:")
+    db.add_record(1, {"status": "pending"})
+    bad_update = db.update_record(1, {"stdout": ["not", "text"]})
+    assert isinstance(bad_update.result.value, sqlite3.Error)
+    bad_update.addErrback(lambda _: None)
+    bad_flags = db.add_record(2, {"flags": {"x": object()}})
+    assert bad_flags.result.check(TypeError)
+    bad_flags.addErrback(lambda _: None)
+    bad_id = db.add_record("three", {"status": "pending"})
+    assert isinstance(bad_id.result.value, sqlite3.Error)
+    bad_id.addErrback(lambda _: None)
+    huge = db.update_record(1, {"attempts": 2**70})
+    assert huge.result.check(OverflowError)
+    huge.addErrback(lambda _: None)
+    # the good writes before them stand
+    assert db.get_record(1).result["status"] == "pending"
+    assert db.find_records({}, keys="status").result == [{"taskid": 1, "status": "pending"}]
+    db.close()
+
+
+def test_large_blobs_waiting_in_memory_are_written_early():
+    db = SQLiteDB(":memory:")
+    db.flush_bytes = 1000
+    seen = _statements(db)
+    db.add_record(1, {"status": "pending", "payload": b"x" * 600})
+    assert _kinds(seen) == []
+    db.update_record(1, {"status": "succeeded", "result": b"y" * 600})
+    assert _kinds(seen) == ["INSERT"]
+    assert db.get_record(1).result["result"] == b"y" * 600
+    db.close()
+
+
+def test_a_closed_database_refuses_writes_at_once():
+    db = SQLiteDB(":memory:")
+    db.close()
+    d = db.add_record(1, {"status": "pending"})
+    assert d.result.check(RuntimeError)
+    d.addErrback(lambda _: None)

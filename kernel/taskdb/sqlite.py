@@ -18,6 +18,13 @@ committed :attr:`SQLiteDB.commit_delay` seconds later, after
 controller pays for one commit per batch of task records, not three per
 task. Reads go through the same connection and see every write at once; a
 process killed outright loses at most the last ``commit_delay`` seconds.
+
+A new record also waits in memory, as the row it will be, until the next
+read, commit or :attr:`SQLiteDB.flush_every` writes: the updates a task's
+record gets meanwhile (running, then finished) are merged into it, so a
+short task costs one INSERT, and the rows go in with one ``executemany``
+per set of columns. Its values are checked and encoded when it is added
+or updated, so every error a write can meet is still reported by that call.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from twisted.internet import defer
+from twisted.python import log
 from zope.interface import implementer
 
 from kernel.interfaces import ITaskDB
@@ -127,6 +135,29 @@ def _encode(key: str, value: Any) -> Any:
     return value
 
 
+# what the sqlite3 module binds as it is (exact types), and its integer range
+_BINDABLE_TYPES = frozenset({str, int, float, bool, bytes, type(None)})
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+def _bindable(taskid: Any, encoded: Mapping[str, Any]) -> bool:
+    """Would an INSERT of this row succeed (so it may wait to be written)?"""
+    if type(taskid) is not int or not _INT_MIN <= taskid <= _INT_MAX:
+        return False
+    for v in encoded.values():
+        t = type(v)
+        if t not in _BINDABLE_TYPES or (t is int and not _INT_MIN <= v <= _INT_MAX):
+            return False
+    return True
+
+
+def _blob_bytes(row: Mapping[str, Any], keys: Iterable[str] | None = None) -> int:
+    """The size of the blob values of ``row`` (only those named in ``keys``)."""
+    return sum(
+        len(row[k]) for k in (row if keys is None else keys) if k in BLOB_KEYS and row.get(k)
+    )
+
+
 def _decode(key: str, value: Any) -> Any:
     if key in _JSON_KEYS:
         return _from_json(value)
@@ -149,6 +180,10 @@ class SQLiteDB:
     #: Writes after which an open transaction is committed at once.
     commit_every = 2000
 
+    #: Bytes of blobs (payloads, results) in the new records waiting in
+    #: memory after which they are written at once.
+    flush_bytes = 16 * 2**20
+
     def __init__(self, path: str = ":memory:", table: str = "tasks", clock: Any = None):
         if not table.replace("_", "").isalnum():
             raise ValueError(f"table name must be letters, digits and underscores: {table!r}")
@@ -167,6 +202,9 @@ class SQLiteDB:
             f"CREATE TABLE IF NOT EXISTS {table}_reserved (id INTEGER PRIMARY KEY, below INTEGER)"
         )
         self._writes = 0  # in the open transaction
+        # new records not written yet: taskid -> {column: encoded value}
+        self._pending: dict[int, dict[str, Any]] = {}
+        self._pending_bytes = 0
         self._statements: dict[tuple, str] = {}  # (kind, keys) -> SQL
         self._commit_call: Any = None
         self._shutdown_trigger: Any = None
@@ -199,12 +237,52 @@ class SQLiteDB:
         if self._writes >= self.commit_every:
             self.commit()
 
+    def _pend(self, taskid: int, row: dict[str, Any], blob_bytes: int) -> None:
+        """Count a write to the new record ``row`` kept in :attr:`_pending`."""
+        self._write()  # opens the transaction and schedules its commit
+        self._pending_bytes += blob_bytes
+        if self._pending_bytes >= self.flush_bytes:
+            self.flush()
+        self._wrote()
+
+    def flush(self) -> None:
+        """Write the new records waiting in memory (into the open
+        transaction; :meth:`commit` makes them durable)."""
+        pending, self._pending = self._pending, {}
+        self._pending_bytes = 0
+        if not pending:
+            return
+        groups: dict[tuple, list[list[Any]]] = {}
+        for taskid, row in pending.items():
+            groups.setdefault(tuple(row), []).append([taskid, *row.values()])
+        conn = self._db()
+        for keys, rows in groups.items():
+            try:
+                conn.executemany(self._insert_sql(keys), rows)
+            except Exception:
+                log.err(
+                    None,
+                    f"{self!r}: could not write the records of tasks {[r[0] for r in rows]}",
+                )
+
+    def _insert_sql(self, keys: tuple) -> str:
+        sql = self._statements.get(("insert", keys))
+        if sql is None:
+            columns = ("taskid", *keys)
+            sql = self._statements["insert", keys] = (
+                f"INSERT OR REPLACE INTO {self.table} ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' for _ in columns)})"
+            )
+        return sql
+
     def commit(self) -> None:
         """Commit the writes made so far (they are already visible to reads
         through this object; this makes them durable and visible to others)."""
         if self._commit_call is not None and self._commit_call.active():
             self._commit_call.cancel()
         self._commit_call = None
+        if self._pending and self._conn is not None:
+            self.flush()
         if self._conn is not None and self._conn.in_transaction:
             self._conn.commit()
         self._writes = 0
@@ -213,6 +291,8 @@ class SQLiteDB:
         return {k: _decode(k, v) for k, v in zip(keys, row, strict=True)}
 
     def _fetch(self, taskid: int) -> dict[str, Any] | None:
+        if self._pending:
+            self.flush()
         keys = list(_COLUMNS)
         row = (
             self._db()
@@ -227,6 +307,8 @@ class SQLiteDB:
         Synchronous (the file is local): a restarted controller starts its
         task ids here, so new tasks never overwrite the records of old ones.
         """
+        if self._pending:
+            self.flush()
         (highest,) = self._db().execute(f"SELECT MAX(taskid) FROM {self.table}").fetchone()
         (reserved,) = self._db().execute(
             f"SELECT below FROM {self.table}_reserved WHERE id = 0"
@@ -263,16 +345,16 @@ class SQLiteDB:
             if unknown:
                 raise KeyError(f"not task record keys: {sorted(unknown)}")
             # the columns left out are NULL: the row is replaced as a whole
-            keys = tuple(fields)
-            sql = self._statements.get(("insert", keys))
-            if sql is None:
-                columns = ("taskid", *keys)
-                sql = self._statements["insert", keys] = (
-                    f"INSERT OR REPLACE INTO {self.table} ({', '.join(columns)}) "
-                    f"VALUES ({', '.join('?' for _ in columns)})"
-                )
-            self._write().execute(sql, [taskid, *(_encode(k, v) for k, v in fields.items())])
-            self._wrote()
+            row = {k: _encode(k, v) for k, v in fields.items()}
+            if _bindable(taskid, row):
+                self._db()  # a closed database refuses at once
+                self._pending[taskid] = row
+                self._pend(taskid, row, _blob_bytes(row))
+            else:
+                # let SQLite say what is wrong, after the writes before it
+                self.flush()
+                self._write().execute(self._insert_sql(tuple(row)), [taskid, *row.values()])
+                self._wrote()
         except Exception:
             return defer.fail()
         return defer.succeed(None)
@@ -287,6 +369,16 @@ class SQLiteDB:
             if unknown:
                 raise KeyError(f"not task record keys: {sorted(unknown)}")
             changes = {k: v for k, v in changes.items() if k != "taskid"}
+            row = self._pending.get(taskid) if type(taskid) is int else None
+            if row is not None:
+                encoded = {k: _encode(k, v) for k, v in changes.items()}
+                if _bindable(taskid, encoded):
+                    # the record is not written yet: merge into it
+                    blob_bytes = _blob_bytes(encoded) - _blob_bytes(row, encoded)
+                    row.update(encoded)
+                    self._pend(taskid, row, max(blob_bytes, 0))
+                    return defer.succeed(None)
+                self.flush()
             if not changes:
                 if self._fetch(taskid) is None:
                     raise KeyError(f"no task record with taskid {taskid!r}")
@@ -321,6 +413,8 @@ class SQLiteDB:
     def drop_records(self, taskids: Iterable[int]) -> defer.Deferred:
         """Delete the records (unknown taskids are ignored). Fires None."""
         try:
+            if self._pending:
+                self.flush()
             self._write().executemany(
                 f"DELETE FROM {self.table} WHERE taskid = ?", [(t,) for t in taskids]
             )
@@ -350,6 +444,8 @@ class SQLiteDB:
                     if k not in wanted:
                         wanted.append(k)
             where, params = _where(query)
+            if self._pending:
+                self.flush()
             # fetch the queried columns too, to check every row with match()
             columns = wanted + [k for k in query if k not in wanted]
             sql = f"SELECT {', '.join(columns)} FROM {self.table}"
