@@ -267,3 +267,58 @@ def test_a_closed_database_refuses_writes_at_once():
     d = db.add_record(1, {"status": "pending"})
     assert d.result.check(RuntimeError)
     d.addErrback(lambda _: None)
+
+
+def test_updates_of_a_written_row_are_merged_into_one_update(tmp_path):
+    from twisted.internet.task import Clock
+
+    path, clock = str(tmp_path / "t.db"), Clock()
+    db = SQLiteDB(path, clock=clock)
+    db.add_record(1, {"status": "pending", "attempts": 0})
+    clock.advance(db.commit_delay)  # the new row is written and committed
+    seen = _statements(db)
+    db.update_record(1, {"status": "running", "engine_id": 0, "attempts": 1})
+    db.update_record(1, {"status": "succeeded", "stdout": "hi"})
+    assert _kinds(seen) == []
+    clock.advance(db.commit_delay)
+    assert _kinds(seen) == ["UPDATE"]
+    record = db.get_record(1).result
+    assert (record["status"], record["engine_id"], record["attempts"], record["stdout"]) == (
+        "succeeded",
+        0,
+        1,
+        "hi",
+    )
+    db.close()
+
+
+def test_a_dropped_or_unknown_record_still_refuses_updates():
+    db = SQLiteDB(":memory:")
+    db.add_record(1, {"status": "pending"})
+    db.commit()
+    db.drop_records(iter([1]))
+    gone = db.update_record(1, {"status": "running"})
+    assert gone.result.check(KeyError)
+    gone.addErrback(lambda _: None)
+    empty = db.update_record(1, {})
+    assert empty.result.check(KeyError)
+    empty.addErrback(lambda _: None)
+    db.add_record(2, {"status": "pending"})
+    assert db.update_record(2, {}).result is None
+    db.close()
+
+
+def test_rows_forgotten_past_the_limit_are_updated_at_once():
+    db = SQLiteDB(":memory:")
+    db.known_rows = 2
+    for taskid in range(3):
+        db.add_record(taskid, {"status": "pending"})
+    db.commit()  # three rows written: more than it remembers
+    seen = _statements(db)
+    db.update_record(0, {"status": "running"})
+    assert _kinds(seen) == ["UPDATE"]  # written at once, its row checked
+    missing = db.update_record(7, {"status": "running"})
+    assert missing.result.check(KeyError)
+    missing.addErrback(lambda _: None)
+    assert db.get_record(0).result["status"] == "running"
+    db.close()

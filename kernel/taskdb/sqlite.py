@@ -19,12 +19,16 @@ controller pays for one commit per batch of task records, not three per
 task. Reads go through the same connection and see every write at once; a
 process killed outright loses at most the last ``commit_delay`` seconds.
 
-A new record also waits in memory, as the row it will be, until the next
-read, commit or :attr:`SQLiteDB.flush_every` writes: the updates a task's
-record gets meanwhile (running, then finished) are merged into it, so a
-short task costs one INSERT, and the rows go in with one ``executemany``
-per set of columns. Its values are checked and encoded when it is added
-or updated, so every error a write can meet is still reported by that call.
+Writes also wait in memory until the next read or commit (or
+:attr:`SQLiteDB.commit_every` writes, or :attr:`SQLiteDB.flush_bytes` of
+blobs): a new record as the row it will be, with the updates it gets
+meanwhile merged into it, and the updates of a row this object wrote merged
+per row. So a task that starts and finishes within one commit window
+costs one INSERT, one that waited longer an INSERT and one UPDATE, and the
+rows go in with one ``executemany`` per set of columns. Values are checked
+and encoded by the call that gives them, so every error a write can meet
+(an unknown key, a value SQLite cannot store, no such record) is still
+reported by that call.
 """
 
 from __future__ import annotations
@@ -184,6 +188,10 @@ class SQLiteDB:
     #: memory after which they are written at once.
     flush_bytes = 16 * 2**20
 
+    #: How many taskids of rows it wrote this object remembers (their
+    #: updates may wait in memory: the row is known to exist).
+    known_rows = 2**16
+
     def __init__(self, path: str = ":memory:", table: str = "tasks", clock: Any = None):
         if not table.replace("_", "").isalnum():
             raise ValueError(f"table name must be letters, digits and underscores: {table!r}")
@@ -204,7 +212,10 @@ class SQLiteDB:
         self._writes = 0  # in the open transaction
         # new records not written yet: taskid -> {column: encoded value}
         self._pending: dict[int, dict[str, Any]] = {}
+        # changes to rows known to exist: taskid -> {column: encoded value}
+        self._updates: dict[int, dict[str, Any]] = {}
         self._pending_bytes = 0
+        self._known: set[int] = set()  # taskids of rows this object wrote
         self._statements: dict[tuple, str] = {}  # (kind, keys) -> SQL
         self._commit_call: Any = None
         self._shutdown_trigger: Any = None
@@ -237,8 +248,8 @@ class SQLiteDB:
         if self._writes >= self.commit_every:
             self.commit()
 
-    def _pend(self, taskid: int, row: dict[str, Any], blob_bytes: int) -> None:
-        """Count a write to the new record ``row`` kept in :attr:`_pending`."""
+    def _pend(self, blob_bytes: int) -> None:
+        """Count a write kept in memory (holding ``blob_bytes`` more)."""
         self._write()  # opens the transaction and schedules its commit
         self._pending_bytes += blob_bytes
         if self._pending_bytes >= self.flush_bytes:
@@ -249,21 +260,49 @@ class SQLiteDB:
         """Write the new records waiting in memory (into the open
         transaction; :meth:`commit` makes them durable)."""
         pending, self._pending = self._pending, {}
+        updates, self._updates = self._updates, {}
         self._pending_bytes = 0
-        if not pending:
+        if not (pending or updates):
             return
-        groups: dict[tuple, list[list[Any]]] = {}
-        for taskid, row in pending.items():
-            groups.setdefault(tuple(row), []).append([taskid, *row.values()])
         conn = self._db()
-        for keys, rows in groups.items():
+        inserts: dict[tuple, list[list[Any]]] = {}
+        for taskid, row in pending.items():
+            inserts.setdefault(tuple(row), []).append([taskid, *row.values()])
+        for keys, rows in inserts.items():
             try:
                 conn.executemany(self._insert_sql(keys), rows)
             except Exception:
                 log.err(
-                    None,
-                    f"{self!r}: could not write the records of tasks {[r[0] for r in rows]}",
+                    None, f"{self!r}: could not add the records of tasks {[r[0] for r in rows]}"
                 )
+        self._remember(pending)
+        changes: dict[tuple, list[list[Any]]] = {}
+        for taskid, row in updates.items():
+            changes.setdefault(tuple(row), []).append([*row.values(), taskid])
+        for keys, rows in changes.items():
+            try:
+                cursor = conn.executemany(self._update_sql(keys), rows)
+                if cursor.rowcount != len(rows):
+                    raise KeyError(f"{len(rows) - cursor.rowcount} of these records are gone")
+            except Exception:
+                log.err(
+                    None, f"{self!r}: could not update the records of tasks {[r[-1] for r in rows]}"
+                )
+
+    def _remember(self, taskids: Iterable[int]) -> None:
+        """Note rows this object wrote (forgetting them all when too many)."""
+        self._known.update(taskids)
+        if len(self._known) > self.known_rows:
+            self._known.clear()  # their updates are written at once again
+
+    def _update_sql(self, keys: tuple) -> str:
+        sql = self._statements.get(("update", keys))
+        if sql is None:
+            assignments = ", ".join(f"{k} = ?" for k in keys)
+            sql = self._statements["update", keys] = (
+                f"UPDATE {self.table} SET {assignments} WHERE taskid = ?"
+            )
+        return sql
 
     def _insert_sql(self, keys: tuple) -> str:
         sql = self._statements.get(("insert", keys))
@@ -281,7 +320,7 @@ class SQLiteDB:
         if self._commit_call is not None and self._commit_call.active():
             self._commit_call.cancel()
         self._commit_call = None
-        if self._pending and self._conn is not None:
+        if (self._pending or self._updates) and self._conn is not None:
             self.flush()
         if self._conn is not None and self._conn.in_transaction:
             self._conn.commit()
@@ -291,7 +330,7 @@ class SQLiteDB:
         return {k: _decode(k, v) for k, v in zip(keys, row, strict=True)}
 
     def _fetch(self, taskid: int) -> dict[str, Any] | None:
-        if self._pending:
+        if self._pending or self._updates:
             self.flush()
         keys = list(_COLUMNS)
         row = (
@@ -307,7 +346,7 @@ class SQLiteDB:
         Synchronous (the file is local): a restarted controller starts its
         task ids here, so new tasks never overwrite the records of old ones.
         """
-        if self._pending:
+        if self._pending or self._updates:
             self.flush()
         (highest,) = self._db().execute(f"SELECT MAX(taskid) FROM {self.table}").fetchone()
         (reserved,) = self._db().execute(
@@ -349,7 +388,8 @@ class SQLiteDB:
             if _bindable(taskid, row):
                 self._db()  # a closed database refuses at once
                 self._pending[taskid] = row
-                self._pend(taskid, row, _blob_bytes(row))
+                self._updates.pop(taskid, None)  # the row is replaced as a whole
+                self._pend(_blob_bytes(row))
             else:
                 # let SQLite say what is wrong, after the writes before it
                 self.flush()
@@ -369,33 +409,35 @@ class SQLiteDB:
             if unknown:
                 raise KeyError(f"not task record keys: {sorted(unknown)}")
             changes = {k: v for k, v in changes.items() if k != "taskid"}
-            row = self._pending.get(taskid) if type(taskid) is int else None
-            if row is not None:
+            if (
+                changes
+                and type(taskid) is int
+                and (taskid in self._pending or taskid in self._known)
+            ):
                 encoded = {k: _encode(k, v) for k, v in changes.items()}
                 if _bindable(taskid, encoded):
-                    # the record is not written yet: merge into it
+                    # merge into the new row, or the changes to the row, not written yet
+                    row = self._pending.get(taskid)
+                    if row is None:
+                        row = self._updates.setdefault(taskid, {})
                     blob_bytes = _blob_bytes(encoded) - _blob_bytes(row, encoded)
                     row.update(encoded)
-                    self._pend(taskid, row, max(blob_bytes, 0))
+                    self._pend(max(blob_bytes, 0))
                     return defer.succeed(None)
                 self.flush()
             if not changes:
                 if self._fetch(taskid) is None:
                     raise KeyError(f"no task record with taskid {taskid!r}")
                 return defer.succeed(None)
-            keys = tuple(changes)
-            sql = self._statements.get(("update", keys))
-            if sql is None:
-                assignments = ", ".join(f"{k} = ?" for k in keys)
-                sql = self._statements["update", keys] = (
-                    f"UPDATE {self.table} SET {assignments} WHERE taskid = ?"
-                )
             cursor = self._write().execute(
-                sql, [*(_encode(k, v) for k, v in changes.items()), taskid]
+                self._update_sql(tuple(changes)),
+                [*(_encode(k, v) for k, v in changes.items()), taskid],
             )
             self._wrote()
             if cursor.rowcount == 0:
                 raise KeyError(f"no task record with taskid {taskid!r}")
+            if type(taskid) is int:
+                self._remember((taskid,))
         except Exception:
             return defer.fail()
         return defer.succeed(None)
@@ -413,11 +455,13 @@ class SQLiteDB:
     def drop_records(self, taskids: Iterable[int]) -> defer.Deferred:
         """Delete the records (unknown taskids are ignored). Fires None."""
         try:
-            if self._pending:
+            if self._pending or self._updates:
                 self.flush()
+            taskids = list(taskids)
             self._write().executemany(
                 f"DELETE FROM {self.table} WHERE taskid = ?", [(t,) for t in taskids]
             )
+            self._known.difference_update(t for t in taskids if type(t) is int)
             self._wrote()
         except Exception:
             return defer.fail()
@@ -444,7 +488,7 @@ class SQLiteDB:
                     if k not in wanted:
                         wanted.append(k)
             where, params = _where(query)
-            if self._pending:
+            if self._pending or self._updates:
                 self.flush()
             # fetch the queried columns too, to check every row with match()
             columns = wanted + [k for k in query if k not in wanted]
