@@ -322,3 +322,59 @@ def test_rows_forgotten_past_the_limit_are_updated_at_once():
     missing.addErrback(lambda _: None)
     assert db.get_record(0).result["status"] == "running"
     db.close()
+
+
+def _typed(record):
+    return {k: (type(v), v) for k, v in record.items()}
+
+
+def test_a_record_read_from_memory_is_the_one_sqlite_returns(tmp_path):
+    # a record still waiting in memory is read from there only when SQLite
+    # would give its values back unchanged (here: 5 in a REAL column comes
+    # back 5.0, 1.0 in an INTEGER one comes back 1, NaN comes back None)
+    from twisted.internet.task import Clock
+
+    path = str(tmp_path / "t.db")
+    db = SQLiteDB(path, clock=Clock())
+    seen = _statements(db)
+    writes = {
+        1: [{"status": "pending", "flags": {"retries": 1}, "payload": b"p", "submitted": 1.5}],
+        2: [{"status": "pending", "submitted": 5}, {"attempts": 1.0}],
+        3: [{"status": "pending"}, {"status": "done", "completed": float("nan")}],
+        4: [{"status": "pending", "error": {"ename": "E", "pickled": b"\x00"}}],
+        5: [{"status": "pending", "attempts": True}],
+    }
+    for taskid, (first, *more) in writes.items():
+        db.add_record(taskid, first)
+        for changes in more:
+            db.update_record(taskid, changes)
+    before = {taskid: db.get_record(taskid).result for taskid in writes}
+    db.close()
+    again = SQLiteDB(path, clock=Clock())
+    for taskid in writes:
+        assert _typed(before[taskid]) == _typed(again.get_record(taskid).result)
+        assert list(before[taskid]) == list(again.get_record(taskid).result)
+    again.close()
+    assert _kinds(seen).count("INSERT") == 5
+
+
+def test_reading_a_record_waiting_in_memory_writes_nothing(tmp_path):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    db = SQLiteDB(str(tmp_path / "t.db"), clock=clock)
+    db.add_record(1, {"status": "pending", "submitted": 1.0})
+    db.add_record(2, {"status": "pending", "submitted": 2.0})
+    clock.advance(db.commit_delay)
+    db.update_record(2, {"status": "running", "engine_id": 1})
+    db.add_record(3, {"status": "pending", "submitted": 3.0})
+    seen = _statements(db)
+    assert db.get_record(3).result["submitted"] == 3.0  # from memory
+    record = db.get_record(2).result  # the written row, with its changes over it
+    assert (record["status"], record["engine_id"], record["submitted"]) == ("running", 1, 2.0)
+    assert db.get_record(1).result["status"] == "pending"
+    assert _kinds(seen) == []
+    missing = db.get_record(9)
+    assert missing.result.check(KeyError)
+    missing.addErrback(lambda _: None)
+    db.close()

@@ -155,6 +155,22 @@ def _bindable(taskid: Any, encoded: Mapping[str, Any]) -> bool:
     return True
 
 
+# the Python type SQLite returns for a value stored in each column
+_STORED_TYPES: dict[str, type] = {
+    k: {"INTEGER": int, "REAL": float, "TEXT": str, "BLOB": bytes}[t.split()[0]]
+    for k, t in _COLUMNS.items()
+}
+
+
+def _as_stored(row: Mapping[str, Any]) -> bool:
+    """Would SQLite give these encoded values back as they are (no column
+    affinity conversion, no NaN read back as NULL)?"""
+    for k, v in row.items():
+        if v is not None and (type(v) is not _STORED_TYPES[k] or v != v):
+            return False
+    return True
+
+
 def _blob_bytes(row: Mapping[str, Any], keys: Iterable[str] | None = None) -> int:
     """The size of the blob values of ``row`` (only those named in ``keys``)."""
     return sum(
@@ -330,15 +346,34 @@ class SQLiteDB:
         return {k: _decode(k, v) for k, v in zip(keys, row, strict=True)}
 
     def _fetch(self, taskid: int) -> dict[str, Any] | None:
-        if self._pending or self._updates:
-            self.flush()
-        keys = list(_COLUMNS)
-        row = (
-            self._db()
-            .execute(f"SELECT {', '.join(keys)} FROM {self.table} WHERE taskid = ?", (taskid,))
-            .fetchone()
-        )
-        return None if row is None else self._row_to_record(keys, row)
+        """The record of ``taskid`` (None if there is none), as SQLite would
+        return it: one waiting in memory is read from there when its values
+        already have the types SQLite gives back, else written first."""
+        waiting = changes = None
+        if type(taskid) is int:
+            waiting = self._pending.get(taskid)
+            changes = self._updates.get(taskid) if waiting is None else None
+        if waiting is not None or changes is not None:
+            if not _as_stored(waiting if waiting is not None else changes):
+                self.flush()
+                waiting = changes = None
+        if waiting is not None:
+            self._db()  # a closed database refuses at once
+            record: dict[str, Any] | None = dict.fromkeys(_COLUMNS)
+            record["taskid"] = taskid
+        else:
+            keys = list(_COLUMNS)
+            row = (
+                self._db()
+                .execute(f"SELECT {', '.join(keys)} FROM {self.table} WHERE taskid = ?", (taskid,))
+                .fetchone()
+            )
+            record = None if row is None else self._row_to_record(keys, row)
+        overlay = waiting if waiting is not None else changes
+        if record is not None and overlay is not None:
+            for k, v in overlay.items():
+                record[k] = _decode(k, v)
+        return record
 
     def next_taskid(self) -> int:
         """The first taskid no stored record uses (0 for an empty table).
