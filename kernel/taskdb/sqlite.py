@@ -155,6 +155,8 @@ def _bindable(taskid: Any, encoded: Mapping[str, Any]) -> bool:
     return True
 
 
+_RECORD_KEY_SET = frozenset(RECORD_KEYS)
+
 # the Python type SQLite returns for a value stored in each column
 _STORED_TYPES: dict[str, type] = {
     k: {"INTEGER": int, "REAL": float, "TEXT": str, "BLOB": bytes}[t.split()[0]]
@@ -440,10 +442,11 @@ class SQLiteDB:
         :raises: (errback) KeyError if there is no such record or a key is unknown.
         """
         try:
-            unknown = changes.keys() - RECORD_KEYS.keys()
-            if unknown:
+            if not _RECORD_KEY_SET.issuperset(changes):
+                unknown = changes.keys() - RECORD_KEYS.keys()
                 raise KeyError(f"not task record keys: {sorted(unknown)}")
-            changes = {k: v for k, v in changes.items() if k != "taskid"}
+            if "taskid" in changes:
+                changes = {k: v for k, v in changes.items() if k != "taskid"}
             if (
                 changes
                 and type(taskid) is int
@@ -455,7 +458,9 @@ class SQLiteDB:
                     row = self._pending.get(taskid)
                     if row is None:
                         row = self._updates.setdefault(taskid, {})
-                    blob_bytes = _blob_bytes(encoded) - _blob_bytes(row, encoded)
+                    blob_bytes = 0
+                    if "result" in encoded or "payload" in encoded:
+                        blob_bytes = _blob_bytes(encoded) - _blob_bytes(row, encoded)
                     row.update(encoded)
                     self._pend(max(blob_bytes, 0))
                     return defer.succeed(None)
