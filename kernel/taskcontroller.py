@@ -1030,8 +1030,9 @@ class TaskController(MapperMixin, service.Service):
     def _on_result(self, result: dict, state: _Task, worker: _Worker, token: int) -> None:
         self._release(worker, state, token)
         if state.stage == "sent" and state.attempt == token:
-            self._finish(state, "succeeded", result=result, worker=worker)
-        self._kick()
+            self._finish(state, "succeeded", result=result, worker=worker)  # and kicks
+        else:
+            self._kick()
 
     def _on_failure(self, f: Failure, state: _Task, worker: _Worker, token: int) -> None:
         self._release(worker, state, token)
