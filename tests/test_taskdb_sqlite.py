@@ -378,3 +378,16 @@ def test_reading_a_record_waiting_in_memory_writes_nothing(tmp_path):
     assert missing.result.check(KeyError)
     missing.addErrback(lambda _: None)
     db.close()
+
+
+def test_flags_read_twice_are_separate_dicts():
+    db = SQLiteDB(":memory:")
+    db.add_record(1, {"flags": {"retries": 0, "description": "d"}})
+    db.add_record(2, {"flags": {"retries": 0, "description": "d"}})
+    db.commit()
+    first = db.get_record(1).result["flags"]
+    first["retries"] = 99  # a caller changing what it read
+    second = db.get_record(2).result["flags"]
+    assert second == {"retries": 0, "description": "d"}
+    assert db.get_record(1).result["flags"]["retries"] == 0
+    db.close()

@@ -117,6 +117,30 @@ class _LastJSON:
 _LAST_FLAGS = _LastJSON()
 
 
+class _LastDecoded:
+    """The flat dict decoded last from JSON text: the same text again gets
+    a copy of it (a fresh dict: callers may change what they read)."""
+
+    __slots__ = ("text", "value")
+
+    def __init__(self) -> None:
+        self.text: str | None = None
+        self.value: dict | None = None
+
+    def decode(self, text: str | None) -> Any:
+        if text is None:
+            return None
+        if text == self.text:
+            return dict(self.value)
+        value = _DECODER.decode(text)
+        if type(value) is dict and all(type(v) in _FLAT_TYPES for v in value.values()):
+            self.text, self.value = text, dict(value)
+        return value
+
+
+_LAST_FLAGS_READ = _LastDecoded()
+
+
 def _to_json(value: Any) -> str | None:
     if value is None:
         return None
@@ -181,6 +205,8 @@ def _blob_bytes(row: Mapping[str, Any], keys: Iterable[str] | None = None) -> in
 
 
 def _decode(key: str, value: Any) -> Any:
+    if key == "flags":
+        return _LAST_FLAGS_READ.decode(value)
     if key in _JSON_KEYS:
         return _from_json(value)
     return value
