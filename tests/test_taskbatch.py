@@ -21,6 +21,14 @@ from kernel.taskbatch import TaskBatcher
 from kernel.taskfc import FCTaskClient
 
 
+def raise_from(d):
+    """Raise what the already-failed Deferred ``d`` failed with, consuming the failure."""
+    failures = []
+    d.addErrback(failures.append)
+    assert failures, f"{d!r} has not failed"
+    failures[0].raiseException()
+
+
 class ThreadClock(Clock):
     """A Clock that also takes calls from other threads (run at the next advance)."""
 
@@ -286,7 +294,7 @@ def test_a_failed_reservation_fails_the_waiting_submits():
     ctl.reserves[0][1].errback(ConnectionError("gone"))
     for d in waiting:
         with pytest.raises(ConnectionError):
-            d.result.raiseException()
+            raise_from(d)
         d.addErrback(lambda _: None)
 
 
@@ -295,7 +303,7 @@ def test_a_malformed_block_is_an_error():
     d = batcher.submit(*spec())
     ctl.reserves[0][1].callback([5, 5])
     with pytest.raises(TaskError, match="malformed block"):
-        d.result.raiseException()
+        raise_from(d)
     d.addErrback(lambda _: None)
 
 
@@ -399,7 +407,7 @@ def test_get_task_result_of_a_refused_spec_raises_its_error():
     assert refused == 1
     d = tc.get_task_result(refused)
     with pytest.raises(InvalidTaskID, match="no 1"):
-        d.result.raiseException()
+        raise_from(d)
     d.addErrback(lambda _: None)
     assert tc.get_task_result(0).result.status == "succeeded"
 
@@ -411,7 +419,7 @@ def test_tasks_of_a_batch_lost_with_the_connection_raise_connection_error():
     taskid = tc.run(MapTask(abs, (-2,))).result
     for d in (tc.get_task_result(taskid), tc.get_task_results([taskid])):
         with pytest.raises(ConnectionError, match=f"task {taskid} never reached the controller"):
-            d.result.raiseException()
+            raise_from(d)
         d.addErrback(lambda _: None)
 
 
@@ -420,7 +428,7 @@ def test_an_unserializable_task_fails_run_itself_and_takes_no_taskid():
     lock = threading.Lock()
     d = tc.run(MapTask(lambda: lock))
     with pytest.raises(Exception, match="lock"):
-        d.result.raiseException()
+        raise_from(d)
     d.addErrback(lambda _: None)
     assert ref.calls == []
     assert tc.run(MapTask(abs, (-1,))).result == 0

@@ -18,6 +18,14 @@ from kernel.taskdb.sqlite import SQLiteDB
 from tests.test_taskcontroller import all_calls, make, outcome
 
 
+def raise_from(d):
+    """Raise what the already-failed Deferred ``d`` failed with, consuming the failure."""
+    failures = []
+    d.addErrback(failures.append)
+    assert failures, f"{d!r} has not failed"
+    failures[0].raiseException()
+
+
 def blob(value="v") -> Serialized:
     return serialized.serialize(value)
 
@@ -47,7 +55,7 @@ def test_blocks_are_disjoint_and_follow_every_other_taskid():
 def test_reserve_refuses_a_bad_count(count):
     _, tc, _, _ = make()
     with pytest.raises(ValueError, match="from 1 to"):
-        tc.reserve_taskids(count).result.raiseException()
+        raise_from(tc.reserve_taskids(count))
 
 
 def test_batch_runs_its_specs_in_order_under_their_taskids():
@@ -131,7 +139,7 @@ def test_a_skipped_taskid_cannot_be_used_later():
     assert tc.run_batch([[start, {}, blob()]]).result == []  # behind the block's mark: ignored
     assert len(all_calls(engines)) == 1
     with pytest.raises(InvalidTaskID):
-        tc.get_task_result(start).result.raiseException()
+        raise_from(tc.get_task_result(start))
 
 
 def test_taskids_outside_every_granted_block_are_refused():
@@ -164,7 +172,7 @@ def test_run_batch_refuses_what_is_not_a_list_of_specs():
     _, tc, _, _ = make()
     for bad in ({}, [[1, {}]], ["spec"]):
         with pytest.raises(TypeError, match="list of"):
-            tc.run_batch(bad).result.raiseException()
+            raise_from(tc.run_batch(bad))
 
 
 def test_a_stopped_controller_grants_and_takes_nothing():
@@ -173,7 +181,7 @@ def test_a_stopped_controller_grants_and_takes_nothing():
     tc.stopService()
     for d in (tc.reserve_taskids(2), tc.run_batch([[start, {}, blob()]])):
         with pytest.raises(TaskError, match="stopped"):
-            d.result.raiseException()
+            raise_from(d)
 
 
 def test_get_task_results_in_order_and_unknown_ids_fail_before_waiting():
@@ -183,7 +191,7 @@ def test_get_task_results_in_order_and_unknown_ids_fail_before_waiting():
     pending = tc.get_task_results([a, b])
     assert pending.result == [None, None]
     with pytest.raises(InvalidTaskID):
-        tc.get_task_results([a, 999], block=True).result.raiseException()
+        raise_from(tc.get_task_results([a, 999], block=True))
     waiting = tc.get_task_results([b, a], block=True)
     calls = all_calls(engines)
     calls[0].succeed("A")
