@@ -37,23 +37,18 @@ from typing import Any as AnyType
 
 from foolscap.api import (
     Any,
-    DeadReferenceError,
     DictOf,
     ListOf,
-    Violation,
     registerCopier,
     registerRemoteCopyFactory,
 )
-from foolscap.call import CopiedFailure
 from foolscap.constraint import ByteStringConstraint
 from foolscap.copyable import AttributeDictConstraint
 from foolscap.schema import BooleanConstraint, UnicodeConstraint
-from twisted.internet import defer
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.python.failure import Failure
 
 from kernel.envelope import package_failure, package_success, unpackage, unpackage_failure
-from kernel.error import ConnectionError, ProtocolError
+from kernel.error import ProtocolError
+from kernel.remotecall import call_remote, translate_transport_failure
 from kernel.serialized import Serialized
 
 __all__ = [
@@ -167,57 +162,3 @@ def register_serialized_copyable() -> None:
 
 
 register_serialized_copyable()
-
-
-# -- calling the far side -----------------------------------------------------
-
-
-def translate_transport_failure(f: Failure, method: str = "?") -> Failure:
-    """Turn Foolscap's own failures into txkernel errors a user can act on.
-
-    A lost connection becomes :class:`~kernel.error.ConnectionError`; a call
-    refused by a schema (a size limit, a wrong argument type), on either side,
-    becomes :class:`~kernel.error.ProtocolError`; any other failure that
-    Foolscap copied from the far side (its exception reduced to a type name
-    and a string) becomes a ProtocolError carrying that text. Anything else
-    passes through.
-    """
-    if f.check(DeadReferenceError, ConnectionLost, ConnectionDone):
-        return Failure(
-            ConnectionError(
-                f"lost the connection to the controller during {method}: {f.value}. "
-                "Is the controller still running? Reconnect with a new client."
-            )
-        )
-    if isinstance(f, CopiedFailure):
-        if f.check(Violation):
-            return Failure(
-                ProtocolError(
-                    f"the controller refused the call {method}: {f.value} "
-                    "(see the size limits in kernel.fcutil)"
-                )
-            )
-        return Failure(ProtocolError(f"the controller failed in {method}: {f.type}: {f.value}"))
-    if f.check(Violation):
-        return Failure(
-            ProtocolError(
-                f"the call {method} was not sent: {f.value} (see the size limits in kernel.fcutil)"
-            )
-        )
-    return f
-
-
-def call_remote(reference: AnyType, method: str, *args: AnyType, **kwargs: AnyType):
-    """Call ``method`` on a Foolscap reference and open the reply's envelope.
-
-    :returns: Deferred firing the value of the remote call.
-    :raises: (errback) the remote failure rebuilt by :func:`unpackage`, or a
-        transport failure translated by :func:`translate_transport_failure`.
-    """
-    try:
-        d = reference.callRemote(method, *args, **kwargs)
-    except Exception:
-        d = defer.fail()
-    d.addErrback(translate_transport_failure, method)
-    d.addCallback(unpackage)
-    return d

@@ -1,11 +1,12 @@
 """The multiengine interface over the native transport.
 
-The same two halves as :mod:`kernel.multienginefc`, carried over
+The same two halves as :mod:`kernel.multienginefc` (from
+:mod:`kernel.multiengineremote`, with no Foolscap), carried over
 :mod:`kernel.nativeproto` (the adapters only translate; one copy of the logic):
 
 Server half (controller process)
-    The controller offers :func:`make_client_referenceable` (the Foolscap
-    server half) as its ``multiengine`` service. Each client opens its own
+    The controller offers :func:`make_client_referenceable` (the server
+    half) as its ``multiengine`` service. Each client opens its own
     session with ``connect``, so pending results and
     ``clear_pending_deferreds`` belong to that client (one
     :class:`~kernel.multiengine.SynchronousMultiEngine` per session). Only the
@@ -42,7 +43,6 @@ from zope.interface import implementer
 from kernel import nativeproto, reactorthread
 from kernel.envelope import unpackage
 from kernel.error import CompositeError
-from kernel.fcutil import translate_transport_failure
 from kernel.interfaces import (
     IBlockingClientAdaptor,
     IMultiEngineCoordinator,
@@ -50,11 +50,12 @@ from kernel.interfaces import (
     ISynchronousMultiEngine,
 )
 from kernel.multiengine import open_blob
-from kernel.multienginefc import (
-    FCFullSynchronousMultiEngineClient,
-    FCSynchronousMultiEngineFromMultiEngine,
+from kernel.multiengineremote import (
+    FullSynchronousMultiEngineClient,
+    SynchronousMultiEngineFromMultiEngine,
     make_client_referenceable,
 )
+from kernel.remotecall import translate_transport_failure
 from kernel.serialized import serialize_namespace
 from kernel.task import MapTask
 from kernel.wiretext import check_sendable
@@ -71,13 +72,13 @@ MULTIENGINE = "multiengine"
 
 # A push's blob only travels on to engines, unopened: a controller forwards
 # its large buffers as they arrive (kernel.nativeproto, "Cut-through forwarding").
-nativeproto.allow_cut_through(FCSynchronousMultiEngineFromMultiEngine, ("push_serialized",))
+nativeproto.allow_cut_through(SynchronousMultiEngineFromMultiEngine, ("push_serialized",))
 
 
 @implementer(
     ISynchronousMultiEngine, IMultiEngineCoordinator, IMultiEngineExtras, IBlockingClientAdaptor
 )
-class NativeFullSynchronousMultiEngineClient(FCFullSynchronousMultiEngineClient):
+class NativeFullSynchronousMultiEngineClient(FullSynchronousMultiEngineClient):
     """The multiengine of a remote controller over the native transport, for
     Twisted code.
 

@@ -27,9 +27,7 @@ from collections.abc import Sequence
 __all__ = ["PRELOAD", "ForkedChild", "available", "fork_twist", "preload"]
 
 #: What controllers and engines import on start, in the order they need it;
-#: none of it installs the reactor. (The Foolscap-based client halves that the
-#: native controller still imports do install it: the controller child imports
-#: them itself.)
+#: none of it installs the reactor (nor imports Foolscap, which would).
 PRELOAD = (
     "twisted.internet.epollreactor",
     "twisted.internet.tcp",
@@ -47,6 +45,11 @@ PRELOAD = (
     "kernel.taskcontroller",
     "kernel.taskdb.sqlite",
     "kernel.engineservice",
+    "kernel.remotecall",
+    "kernel.multiengineremote",
+    "kernel.taskremote",
+    "kernel.multienginenative",
+    "kernel.tasknative",
 )
 
 

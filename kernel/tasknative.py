@@ -1,9 +1,10 @@
 """The task interface over the native transport.
 
-The same halves as :mod:`kernel.taskfc`, carried over :mod:`kernel.nativeproto`:
+The same halves as :mod:`kernel.taskfc` (from :mod:`kernel.taskremote`, with
+no Foolscap), carried over :mod:`kernel.nativeproto`:
 
 - :data:`NativeTaskControllerFromTaskController` (server half, in the
-  controller) is the Foolscap server half, offered as the ``task`` service. A
+  controller) is the shared server half, offered as the ``task`` service. A
   task arrives as its ``(flags, payload)`` spec: plain-data flags in the
   frame's JSON header, the payload a :class:`~kernel.serialized.Serialized`
   in the frame's buffers, which only an engine opens.
@@ -31,7 +32,7 @@ from kernel.error import ProtocolError
 from kernel.interfaces import IBlockingClientAdaptor, ITaskController
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
-from kernel.taskfc import FCTaskClient, FCTaskControllerFromTaskController
+from kernel.taskremote import TaskClient, TaskControllerFromTaskController
 
 __all__ = [
     "TASK",
@@ -44,8 +45,8 @@ __all__ = [
 #: The service name of the task controller on a native controller.
 TASK = "task"
 
-#: The server half over the native transport: the Foolscap one.
-NativeTaskControllerFromTaskController = FCTaskControllerFromTaskController
+#: The server half over the native transport: the shared one (no Foolscap).
+NativeTaskControllerFromTaskController = TaskControllerFromTaskController
 
 #: The wire name of a TaskResult.
 TASK_RESULT_TYPE = "txkernel.TaskResult.v1"
@@ -78,7 +79,7 @@ nativeproto.register_copyable(TaskResult, TASK_RESULT_TYPE, _task_result_state, 
 
 
 @implementer(ITaskController, IBlockingClientAdaptor)
-class NativeTaskClient(FCTaskClient):
+class NativeTaskClient(TaskClient):
     """A remote task controller over the native transport, for Twisted code
     (client half).
 

@@ -32,7 +32,8 @@ from kernel import pbutil
 from kernel.interfaces import IBlockingClientAdaptor, ITaskController
 from kernel.serialized import Serialized
 from kernel.task import TaskResult
-from kernel.taskfc import FCTaskClient, FCTaskControllerFromTaskController
+from kernel.taskfc import FCTaskControllerFromTaskController
+from kernel.taskremote import TaskClient
 
 __all__ = [
     "TASK",
@@ -73,7 +74,7 @@ pbutil.register_copyable(TaskResult, TASK_RESULT_TYPE, _task_result_state, _task
 
 
 @implementer(ITaskController, IBlockingClientAdaptor)
-class PBTaskClient(FCTaskClient):
+class PBTaskClient(TaskClient):
     """A remote task controller over PB, for Twisted code (client half).
 
     Every method returns a Deferred; a lost connection fails calls with

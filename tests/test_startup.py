@@ -1,15 +1,18 @@
 """Starting clusters with the defaults, real processes: the native transport
-on loopback, engines that import no Foolscap, engines that find a controller
-started after them."""
+on loopback, engines and controllers that import no Foolscap, engines that
+find a controller started after them."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from kernel import asyncclient
-from kernel.testing.processes import LocalCluster
+from kernel import asyncclient, spawn
+from kernel.testing.processes import LocalCluster, subprocess_env
 
 #: Bound on every wait, seconds.
 WAIT = 60
@@ -39,6 +42,66 @@ async def test_a_default_cluster_serves_native_and_its_engines_never_import_fool
         assert loaded == [[], []]
     finally:
         cluster.stop()
+
+
+def _imported(log_text: str) -> set[str]:
+    """The modules a process imported, from its ``-X importtime`` lines."""
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in log_text.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_native_controller_never_imports_foolscap(monkeypatch):
+    # Every import of the controller process (and the engines) goes to its log.
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    cluster = LocalCluster()
+    try:
+        await cluster.start_async(2)
+        assert cluster.cluster_dir.served_adapter() == "native"
+        # Clients of both front ends, streamed output, a load-balanced task.
+        mec = await asyncclient.get_multiengine_client(
+            cluster_dir=cluster.cluster_dir.path, timeout=WAIT
+        )
+        tc = await asyncclient.get_task_client(cluster_dir=cluster.cluster_dir.path, timeout=WAIT)
+        seen: list = []
+
+        def observe(*output) -> None:
+            seen.append(output)
+
+        assert await mec.add_output_observer(observe).addTimeout(WAIT, reactor)
+        await mec.push({"a": 3}, targets="all", block=True).addTimeout(WAIT, reactor)
+        await mec.execute("print(a)", targets="all", block=True).addTimeout(WAIT, reactor)
+        assert await tc.map(lambda x: 2 * x, [1, 2]).addTimeout(WAIT, reactor) == [2, 4]
+        await mec.remove_output_observer(observe).addTimeout(WAIT, reactor)
+        imported = _imported(cluster.controller.log(100_000))
+        # the log holds the controller's imports: the native server halves among them
+        assert {"kernel.multiengineremote", "kernel.taskremote"} <= imported
+        assert sorted(m for m in imported if m.split(".")[0] == "foolscap") == []
+    finally:
+        cluster.stop()
+
+
+def test_what_a_forking_starter_preloads_imports_no_foolscap_and_no_reactor():
+    code = (
+        "import sys\n"
+        "from kernel import spawn\n"
+        "spawn.preload()\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'foolscap'),"
+        " 'twisted.internet.reactor' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    ).stdout
+    assert out.split() == ["[]", "False"]
+    assert "kernel.multiengineremote" in spawn.PRELOAD
 
 
 @pytest.mark.slow
