@@ -4,9 +4,6 @@ adapter built on them) loads no Foolscap."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest_twisted
 from twisted.internet import defer, error
 from zope.interface.verify import verifyObject
@@ -16,7 +13,7 @@ from kernel.controllerservice import ControllerService
 from kernel.engineservice import EngineService
 from kernel.error import EngineError
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
-from kernel.testing.processes import subprocess_env
+from kernel.testing.processes import python_output
 
 
 class DirectReference:
@@ -83,12 +80,4 @@ def test_importing_the_native_engine_adapter_loads_no_foolscap():
         "import sys, kernel.engineremote, kernel.enginenative, kernel.tap; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'foolscap'))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.strip() == "[]"
+    assert python_output(code).strip() == "[]"

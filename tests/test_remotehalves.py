@@ -5,9 +5,6 @@ that none of them imports Foolscap."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
@@ -34,7 +31,7 @@ from kernel.multiengineremote import (
 )
 from kernel.remotecall import call_remote, translate_transport_failure
 from kernel.taskremote import TaskClient, TaskControllerFromTaskController
-from kernel.testing.processes import subprocess_env
+from kernel.testing.processes import python_output
 
 
 def test_the_shared_halves_and_the_native_adapters_import_no_foolscap():
@@ -44,15 +41,7 @@ def test_the_shared_halves_and_the_native_adapters_import_no_foolscap():
         "import kernel.multienginenative, kernel.tasknative\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'foolscap'))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    assert out.strip() == "[]"
+    assert python_output(code).strip() == "[]"
 
 
 def test_multiengine_client_half_provides_the_multiengine_interfaces():

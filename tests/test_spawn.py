@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -49,18 +48,10 @@ def test_no_fork_once_the_reactor_is_installed(tmp_path):
 
 
 def test_preloading_leaves_the_reactor_uninstalled():
-    from kernel.testing.processes import subprocess_env
+    from kernel.testing.processes import python_output
 
     code = (
         "import sys; from kernel import spawn; spawn.preload(); "
         "print(spawn.available(), 'kernel.enginenative' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert out.stdout.split() == ["True", "True"]
+    assert python_output(code).split() == ["True", "True"]

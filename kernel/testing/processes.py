@@ -59,6 +59,22 @@ def subprocess_env(extra_path: Sequence[str] = (), env: dict | None = None) -> d
     return env
 
 
+def python_output(code: str, timeout: float = 60) -> str:
+    """Run ``code`` in a fresh interpreter with this checkout first on its path.
+
+    :returns: what it printed to stdout.
+    :raises subprocess.CalledProcessError: it exited with an error.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout
+
+
 def _tail(path: str, lines: int = 30) -> str:
     try:
         with open(path, errors="replace") as f:
