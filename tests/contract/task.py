@@ -164,6 +164,15 @@ def read_lines(path) -> list[str]:
         return f.read().splitlines()
 
 
+def events_per_engine(path) -> dict[str, list[str]]:
+    """The ``"<engine id> <event>"`` lines of a log file, as ``{engine id: [events]}``."""
+    per_engine: dict[str, list[str]] = {}
+    for line in read_lines(path):
+        engine, what = line.split()
+        per_engine.setdefault(engine, []).append(what)
+    return per_engine
+
+
 class TaskControllerContract:
     """Tests of ITaskController against the ``cluster`` fixture."""
 
@@ -838,10 +847,7 @@ class TaskControllerContract:
         open_gate(gate)
         await d
         await tc.barrier(taskids).addTimeout(WAIT, reactor)
-        per_engine: dict[str, list[str]] = {}
-        for line in read_lines(log):
-            engine, what = line.split()
-            per_engine.setdefault(engine, []).append(what)
+        per_engine = events_per_engine(log)
         assert sum(v.count("task") for v in per_engine.values()) == 4 * n
         assert len(per_engine) == n
         for engine, events in per_engine.items():
@@ -897,10 +903,7 @@ class TaskControllerContract:
         open_gate(gate)
         await d
         await tc.barrier(taskids).addTimeout(WAIT, reactor)
-        per_engine: dict[str, list[str]] = {}
-        for line in read_lines(log):
-            engine, what = line.split()
-            per_engine.setdefault(engine, []).append(what)
+        per_engine = events_per_engine(log)
         assert len(per_engine) == n
         for engine, events in per_engine.items():
             # (the task it held may have moved on to an engine that ran out)
