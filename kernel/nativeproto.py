@@ -2138,22 +2138,24 @@ class NativeProtocol(protocol.Protocol):
                 if self._reader is None:
                     return
             self._frames(self._reader.feed(data))
-        except SecurityError as e:
-            self._refuse(e)
         except Exception as e:
-            log.msg(f"native transport: dropping the connection from {self._peer()}: {e}")
-            self._drop(e if isinstance(e, ProtocolError) else ProtocolError(str(e)))
+            self._reject(e)
 
     def _frames_guarded(self, items: list[Any]) -> None:
         """:meth:`_frames`, dropping the connection on a bad one (for a
         transport's own read path)."""
         try:
             self._frames(items)
-        except SecurityError as e:
-            self._refuse(e)
         except Exception as e:
-            log.msg(f"native transport: dropping the connection from {self._peer()}: {e}")
-            self._drop(e if isinstance(e, ProtocolError) else ProtocolError(str(e)))
+            self._reject(e)
+
+    def _reject(self, e: Exception) -> None:
+        """Refuse a peer whose frame failed its tag; drop one that sent a bad frame."""
+        if isinstance(e, SecurityError):
+            self._refuse(e)
+            return
+        log.msg(f"native transport: dropping the connection from {self._peer()}: {e}")
+        self._drop(e if isinstance(e, ProtocolError) else ProtocolError(str(e)))
 
     def _frames(self, items: list[Any]) -> None:
         if items:
