@@ -538,12 +538,9 @@ class TaskController(MapperMixin, service.Service):
         :raises: (errback) :class:`~kernel.error.InvalidTaskID` for an unknown
             or cleared id (checked before waiting).
         """
-        if isinstance(taskids, int):
-            taskids = [taskids]
-        taskids = list(taskids)
-        for tid in taskids:
-            if tid not in self._done and tid not in self._tasks:
-                return fail(self._invalid(tid))
+        taskids = self._as_known_ids(taskids)
+        if isinstance(taskids, Deferred):
+            return taskids
 
         async def collect() -> list[Any]:
             return [await self.get_task_result(tid, block) for tid in taskids]
@@ -643,12 +640,9 @@ class TaskController(MapperMixin, service.Service):
         if taskids is None:
             drop = list(self._done)
         else:
-            if isinstance(taskids, int):
-                taskids = [taskids]
-            taskids = list(taskids)
-            for tid in taskids:
-                if tid not in self._done and tid not in self._tasks:
-                    return fail(self._invalid(tid))
+            taskids = self._as_known_ids(taskids)
+            if isinstance(taskids, Deferred):
+                return taskids
             drop = [tid for tid in taskids if tid in self._done]
         for tid in drop:
             del self._done[tid]
@@ -1213,6 +1207,15 @@ class TaskController(MapperMixin, service.Service):
         d = Deferred(cancel)
         state.waiters.append(d)
         return d
+
+    def _as_known_ids(self, taskids: Any) -> list[Any] | Deferred:
+        """``taskids`` (one id or several) as a list, or a failed Deferred
+        naming the first id this controller does not know."""
+        taskids = [taskids] if isinstance(taskids, int) else list(taskids)
+        for tid in taskids:
+            if tid not in self._done and tid not in self._tasks:
+                return fail(self._invalid(tid))
+        return taskids
 
     def _invalid(self, taskid: Any) -> InvalidTaskID:
         return InvalidTaskID(
