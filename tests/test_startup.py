@@ -4,15 +4,12 @@ find a controller started after them."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
 from kernel import asyncclient, spawn
-from kernel.testing.processes import LocalCluster, subprocess_env
+from kernel.testing.processes import LocalCluster, python_output
 
 #: Bound on every wait, seconds.
 WAIT = 60
@@ -92,15 +89,7 @@ def test_what_a_forking_starter_preloads_imports_no_foolscap_and_no_reactor():
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'foolscap'),"
         " 'twisted.internet.reactor' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=WAIT,
-        check=True,
-    ).stdout
-    assert out.split() == ["[]", "False"]
+    assert python_output(code, timeout=WAIT).split() == ["[]", "False"]
     assert "kernel.multiengineremote" in spawn.PRELOAD
 
 
