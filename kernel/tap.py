@@ -28,7 +28,9 @@ import types
 from typing import Any
 
 from twisted.application import service
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import log, usage
+from zope.interface import implementer
 
 from kernel import clusterdir
 from kernel.clusterdir import ClusterDir
@@ -295,7 +297,7 @@ def make_tub(cd: ClusterDir, name: str, interface: str = "127.0.0.1", port: int 
         remembered = cd.get_port(name)
         port = remembered if remembered and _port_is_free(interface, remembered) else 0
         port = port or free_port(interface)
-    tub.listenOn(f"tcp:{port}:interface={interface}")
+    tub.listenOn(_RecordingEndpoint(interface, port))
     host = socket.getfqdn() if interface in ("", "0.0.0.0") else interface
     tub.setLocation(f"{host}:{port}")
     tub.setOption("logLocalFailures", False)
@@ -329,6 +331,27 @@ def register_furl(tub: Any, ref: Any, cd: ClusterDir, filename: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+@implementer(IStreamServerEndpoint)
+class _RecordingEndpoint:
+    """A TCP server endpoint that keeps its listening failure instead of
+    leaving it unhandled (Foolscap adds no errback; :class:`ListeningCheck`
+    reports it)."""
+
+    def __init__(self, interface: str, port: int):
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        self._endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)
+        self.failure: Any = None
+
+    def listen(self, factory: Any) -> Any:
+        def keep(failure):
+            self.failure = failure
+            return None  # the listener sees no port, which ListeningCheck reports
+
+        return self._endpoint.listen(factory).addErrback(keep)
+
+
 class ListeningCheck(service.Service):
     """Fails the controller's start if a Tub could not listen on its port.
 
@@ -344,9 +367,14 @@ class ListeningCheck(service.Service):
         for tub in self.tubs:
             for listener in tub.getListeners():
                 if getattr(listener, "_lp", True) is None:
+                    failure = getattr(getattr(listener, "_ep", None), "failure", None)
+                    why = "the port is taken"
+                    if failure is not None and "in use" not in failure.getErrorMessage():
+                        why = failure.getErrorMessage()
                     raise RuntimeError(
-                        f"cannot listen at {', '.join(tub.locationHints)}: the port is taken. "
-                        "Choose free ones with --engine-port and --client-port, or 0 for any."
+                        f"cannot listen at {', '.join(tub.locationHints)}: {why}. "
+                        "Choose free ports with --engine-port and --client-port (0 for any), "
+                        "and an address of this machine with --interface."
                     )
 
 
@@ -628,6 +656,7 @@ class AdapterWatch(service.MultiService):
     def startService(self) -> None:  # noqa: N802
         super().startService()
         self._started_at = self.clock.seconds()
+        log.msg(f"waiting for a controller's connection files in {self.cd.path}")
         self._look()
 
     def stopService(self) -> Any:  # noqa: N802

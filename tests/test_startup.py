@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from kernel import asyncclient, spawn
-from kernel.testing.processes import LocalCluster, python_output
+from kernel.testing.processes import LocalCluster, python_output, wait_for
 
 #: Bound on every wait, seconds.
 WAIT = 60
@@ -99,6 +99,11 @@ def test_an_engine_started_before_its_controller_uses_the_adapter_it_then_serves
     cluster = LocalCluster(controller_args=[f"--adapter={adapter}"])
     try:
         engine = cluster.start_engine()  # no --adapter, no connection files yet
+        wait_for(
+            lambda: "waiting for a controller's connection files" in engine.log(200),
+            WAIT,
+            lambda: f"the engine never waited for connection files:\n{engine.log()}",
+        )
         cluster.start_controller()
         registered = cluster.wait_for_engines(1)
         assert list(registered.values()) == [engine.pid]
