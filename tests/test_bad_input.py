@@ -33,7 +33,7 @@ from kernel.error import (
     SerializationError,
 )
 from kernel.task import MapTask, StringTask
-from kernel.testing.processes import LocalCluster, wait_for_async
+from kernel.testing.processes import LocalCluster, gated, wait_for_async
 
 pytestmark = pytest.mark.slow
 
@@ -547,7 +547,7 @@ async def test_raw_task_specs_with_bad_flags_are_refused(cluster, mec, bystander
 
 @pytest_twisted.ensureDeferred
 async def test_client_that_disconnects_mid_execute_loses_only_its_own_result(
-    cluster, mec, bystander
+    cluster, mec, bystander, tmp_path
 ):
     from foolscap.api import Tub
 
@@ -558,9 +558,11 @@ async def test_client_that_disconnects_mid_execute_loses_only_its_own_result(
     )
     async with unharmed(cluster, mec, bystander):
         await bounded(mec.execute("left_done = False", targets=0))
-        d = leaver.execute("import time; time.sleep(0.5); left_done = True", targets=0)
-        await task.deferLater(reactor, 0.2, lambda: None)
+        started, release = tmp_path / "started", tmp_path / "release"
+        d = leaver.execute(gated(started, release) + "left_done = True", targets=0)
+        await wait_for_async(started.exists, PROMPT, "the engine never started the command")
         await tub.stopService()
+        release.touch()
         with pytest.raises(ConnectionError, match="lost the connection to the controller"):
             await bounded(d)
         # the engine finishes the command; the next one queued after it sees that

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task, threads
+from twisted.internet import threads
 
 from kernel import asyncclient
 from kernel.error import CompositeError, ConnectionError, InvalidEngineID, ProtocolError
-from kernel.testing.processes import LocalCluster
+from kernel.testing.processes import LocalCluster, gated, wait_for_async
 from tests.test_bad_input import PROMPT, bounded, engine_errors, unharmed
 
 pytestmark = pytest.mark.slow
@@ -99,7 +99,7 @@ async def test_raw_calls_with_wrong_arguments_are_refused_and_the_connection_sta
 
 @pytest_twisted.ensureDeferred
 async def test_client_that_disconnects_mid_execute_loses_only_its_own_result(
-    cluster, mec, bystander
+    cluster, mec, bystander, tmp_path
 ):
     leaver = await bounded(
         asyncclient.get_multiengine_client(
@@ -108,9 +108,11 @@ async def test_client_that_disconnects_mid_execute_loses_only_its_own_result(
     )
     async with unharmed(cluster, mec, bystander):
         await bounded(mec.execute("left_done = False", targets=0))
-        d = leaver.execute("import time; time.sleep(0.5); left_done = True", targets=0)
-        await task.deferLater(reactor, 0.2, lambda: None)
+        started, release = tmp_path / "started", tmp_path / "release"
+        d = leaver.execute(gated(started, release) + "left_done = True", targets=0)
+        await wait_for_async(started.exists, PROMPT, "the engine never started the command")
         leaver.disconnect()
+        release.touch()
         with pytest.raises(ConnectionError):
             await bounded(d)
         assert await bounded(mec.pull("left_done", targets=0)) == [True]

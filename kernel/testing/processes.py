@@ -75,6 +75,21 @@ def python_output(code: str, timeout: float = 60) -> str:
     ).stdout
 
 
+def gated(started: Any, release: Any) -> str:
+    """Engine code that creates the file ``started``, then waits until the
+    file ``release`` exists (a test then knows a command is running, and
+    decides when it ends, without guessing with sleeps).
+
+    :param started: path the code creates once it runs.
+    :param release: path whose creation lets it go on.
+    """
+    return (
+        "import os as _os, time as _time\n"
+        f"open({str(started)!r}, 'w').close()\n"
+        f"while not _os.path.exists({str(release)!r}): _time.sleep(0.01)\n"
+    )
+
+
 def _tail(path: str, lines: int = 30) -> str:
     try:
         with open(path, errors="replace") as f:
