@@ -21,6 +21,7 @@ from kernel.error import ConnectionError, EngineError, RemoteError
 from kernel.heartbeat import HeartMonitor
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTasks
 from kernel.tap import make_tub, register_furl
+from tests.contract.engine import interrupt_when_running
 
 TIMEOUT = 20
 
@@ -242,8 +243,7 @@ async def test_interrupt_idle_engine_is_false(pair):
 async def test_interrupt_running_command(pair):
     c, _ = pair
     d = remote(c).execute("while True:\n    pass")
-    await task.deferLater(reactor, 0.3, lambda: None)
-    assert await remote(c).interrupt() is True
+    assert await interrupt_when_running(remote(c))
     with pytest.raises(RemoteError) as info:
         await d
     assert info.value.ename == "KeyboardInterrupt"
