@@ -56,8 +56,8 @@ from kernel.multiengineremote import (
     make_client_referenceable,
 )
 from kernel.remotecall import translate_transport_failure
-from kernel.serialized import serialize_namespace
-from kernel.task import MapTask
+from kernel.serialized import serialize, serialize_namespace
+from kernel.task import MapTaskBody
 from kernel.wiretext import check_sendable
 
 __all__ = [
@@ -120,7 +120,8 @@ class NativeFullSynchronousMultiEngineClient(FullSynchronousMultiEngineClient):
         if method == "execute" and len(args) == 2 and type(args[0]) is str and not kwargs:
             return self._send_blocking(session, "execute", "execute", args, None)
         if method == "apply" and args and callable(args[0]) and "targets" in kwargs:
-            _, payload = MapTask(args[0], args[1:], {}).to_spec()
+            # (the payload MapTask(f, args).to_spec() makes, without its flags)
+            payload = serialize(MapTaskBody(args[0], args[1:], {}))
             return self._send_blocking(
                 session, "apply", "apply_serialized", (payload, kwargs["targets"]), _open_results
             )

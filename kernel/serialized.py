@@ -13,9 +13,11 @@ controller routes it and never calls :func:`deserialize` on it.
 
 from __future__ import annotations
 
+import copyreg
 import io
 import pickle
 import struct
+import types
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -156,17 +158,93 @@ def _is_plain(obj: Any) -> bool:
     return False
 
 
+try:
+    from cloudpickle.cloudpickle import _should_pickle_by_reference
+except ImportError:  # pragma: no cover - another cloudpickle: always by value
+
+    def _should_pickle_by_reference(obj: Any) -> bool:
+        return False
+
+
+#: How deep :func:`_standard_picklable` looks into containers and instances.
+_REFERENCE_DEPTH = 4
+#: Classes whose instances pickle as (class, ``__dict__``) alike in both
+#: picklers (see :func:`_plain_class`), and those that do not.
+_plain_classes: dict[type, bool] = {}
+
+
+def _plain_class(cls: type) -> bool:
+    """Do instances of ``cls`` pickle as "the class by reference, then its
+    ``__dict__``" with no hook of the class's own or of either pickler?"""
+    known = _plain_classes.get(cls)
+    if known is None:
+        known = (
+            type(cls) is type
+            and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__
+            and cls.__getstate__ is object.__getstate__
+            and not hasattr(cls, "__getnewargs_ex__")
+            and not hasattr(cls, "__getnewargs__")
+            and "__slots__" not in cls.__dict__
+            and cls not in copyreg.dispatch_table
+            and cls not in cloudpickle.Pickler.dispatch_table
+            and _should_pickle_by_reference(cls)
+        )
+        if len(_plain_classes) < 1024:
+            _plain_classes[cls] = known
+    return known
+
+
+def _standard_picklable(obj: Any, depth: int = _REFERENCE_DEPTH) -> bool:
+    """Does the standard pickler write ``obj`` exactly as cloudpickle would?
+
+    True for small plain values (:func:`_is_plain`'s), functions and classes
+    cloudpickle pickles by reference (defined at the top level of an
+    importable module other than ``__main__``, not registered to be pickled
+    by value), builtin functions of modules, and short tuples, lists, dicts
+    and plain instances (:func:`_plain_class`) of those, up to
+    :data:`_REFERENCE_DEPTH` levels deep. A function call's task body (a
+    module function and a few small arguments) is such an object.
+    """
+    t = type(obj)
+    if t in _PLAIN_SCALARS:
+        return True
+    if t is bytes or t is bytearray:
+        return len(obj) < OUT_OF_BAND_THRESHOLD
+    if t is types.FunctionType or t is type:
+        return _should_pickle_by_reference(obj)
+    if t is types.BuiltinFunctionType:
+        return isinstance(obj.__self__, types.ModuleType)
+    if not depth:
+        return False
+    depth -= 1
+    if t is tuple or t is list:
+        return len(obj) <= _PLAIN_ITEMS and all(_standard_picklable(x, depth) for x in obj)
+    if t is dict:
+        return len(obj) <= _PLAIN_ITEMS and all(
+            type(k) in _PLAIN_SCALARS and _standard_picklable(v, depth) for k, v in obj.items()
+        )
+    if _plain_class(t):
+        state = obj.__dict__
+        return len(state) <= _PLAIN_ITEMS and all(
+            type(k) is str and _standard_picklable(v, depth) for k, v in state.items()
+        )
+    return False
+
+
 def serialize(obj: Any) -> Serialized:
     """Serialize ``obj``; large buffers are kept out of band.
 
     Small plain values (None, numbers, short text, short containers of
-    them: see :func:`_is_plain`) are pickled by the standard pickler, which
-    writes them exactly as cloudpickle would, several times faster (the
-    result of almost every call and task).
+    them: see :func:`_is_plain`) and small objects made of those and of
+    functions importable by reference (see :func:`_standard_picklable`:
+    a call of a module's function) are pickled by the standard pickler,
+    which writes them exactly as cloudpickle would, several times faster
+    (the result of almost every call and task, and most calls' bodies).
 
     :raises SerializationError: naming the object's type when it cannot be pickled.
     """
-    if _is_plain(obj):
+    if _is_plain(obj) or _standard_picklable(obj):
         return Serialized(pickle.dumps(obj, protocol=PROTOCOL), [])
     buffers: list[pickle.PickleBuffer] = []
 

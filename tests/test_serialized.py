@@ -118,3 +118,107 @@ def test_small_plain_values_pickle_exactly_as_cloudpickle_writes_them(value):
 )
 def test_anything_but_small_plain_values_is_left_to_cloudpickle(value):
     assert not serialized._is_plain(value)
+
+
+class _PlainState:
+    """A module-level class whose instances pickle as class + __dict__."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _OwnReduce(_PlainState):
+    def __reduce__(self):
+        return (_PlainState, ())
+
+
+def _module_function(x):
+    return x + 1
+
+
+def _cloudpickled(value):
+    import io
+
+    import cloudpickle
+
+    stream = io.BytesIO()
+    cloudpickle.Pickler(stream, protocol=serialized.PROTOCOL).dump(value)
+    return stream.getvalue()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _module_function,
+        len,
+        pickle.dumps,
+        _PlainState,
+        _PlainState(f=_module_function, args=(1, "a"), kwargs={"k": None}, depend=None),
+        (_module_function, [2.5, b"xy"], {"f": len}),
+    ],
+)
+def test_objects_made_of_importable_functions_pickle_exactly_as_cloudpickle_writes_them(value):
+    """Functions importable by reference (and small objects made of them and
+    of plain values) take the standard pickler: the same bytes as cloudpickle's."""
+    assert serialized._standard_picklable(value)
+    blob = serialized.serialize(value)
+    assert blob.data == _cloudpickled(value) and not blob.buffers
+
+
+def test_a_call_body_of_a_module_function_is_pickled_by_reference_and_runs():
+    from kernel.task import MapTaskBody
+
+    body = MapTaskBody(_module_function, (41,), {})
+    blob = serialized.serialize(body)
+    assert serialized._standard_picklable(body)
+    assert blob.data == _cloudpickled(body)
+    assert serialized.deserialize(blob).run({}, {}) == 42
+
+
+def _local_function():
+    def inner():
+        return 1
+
+    return inner
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        lambda: 1,
+        _local_function(),
+        _OwnReduce(),
+        _PlainState(array=np.arange(3)),
+        _PlainState(inner=_PlainState(inner=_PlainState(inner=_PlainState(inner=_PlainState())))),
+        [_module_function] * 17,
+        (_module_function, b"x" * OUT_OF_BAND_THRESHOLD),
+        [].append,
+    ],
+)
+def test_functions_pickled_by_value_and_objects_with_hooks_are_left_to_cloudpickle(value):
+    assert not serialized._standard_picklable(value)
+
+
+def test_a_function_of_main_is_pickled_by_value(monkeypatch):
+    def f(x):
+        return 2 * x
+
+    f.__module__ = "__main__"
+    f.__qualname__ = "f"
+    monkeypatch.setattr(__import__("__main__"), "f", f, raising=False)
+    assert not serialized._standard_picklable(f)
+    assert roundtrip(f)(4) == 8
+
+
+def test_a_module_registered_to_pickle_by_value_is_left_to_cloudpickle():
+    import sys
+
+    import cloudpickle
+
+    module = sys.modules[__name__]
+    cloudpickle.register_pickle_by_value(module)
+    try:
+        assert not serialized._standard_picklable(_module_function)
+    finally:
+        cloudpickle.unregister_pickle_by_value(module)
+    assert serialized._standard_picklable(_module_function)
