@@ -45,7 +45,8 @@ from kernel.engineremote import (
     EngineRegistrar,
     _open,
 )
-from kernel.engineservice import QueuedEngine
+from kernel.engineservice import QueuedEngine, _Command
+from kernel.envelope import package_success
 from kernel.error import ConnectionError
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTaskQueue
 from kernel.serialized import Serialized
@@ -153,6 +154,29 @@ class _EngineSideQueue(QueuedEngine):
     def _pump(self) -> None:
         if not self._holds:
             super()._pump()
+        # A command that waits here needs the running one's end at once;
+        # otherwise a command whose reply left from the engine thread may
+        # end here later (see NativeEngineReferenceFromService._call).
+        set_urgent = getattr(self.engine, "set_urgent", None)
+        if set_urgent is not None:
+            set_urgent(bool(self._queue or self._tasks))
+
+    def execute(self, lines: str, on_done: Callable[[dict], Any] | None = None) -> defer.Deferred:
+        """Queue ``execute``; ``on_done`` as for :meth:`EngineService.execute`."""
+        return self._enqueue_command(_Command("execute", (lines,), {}, on_done=on_done))
+
+    def run_task(
+        self,
+        payload: Serialized,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        key: str | None = None,
+        on_done: Callable[[dict], Any] | None = None,
+    ) -> defer.Deferred:
+        """Queue a task (see :meth:`QueuedEngine.run_task`); ``on_done`` as
+        for :meth:`EngineService.run_task`."""
+        kwargs = {"clear_before": clear_before, "clear_after": clear_after}
+        return self._enqueue_task(_Command("run_task", (payload,), kwargs, key, on_done))
 
     def add_output_observer(self, observer: Callable[[str, str], Any]) -> None:
         self.engine.add_output_observer(observer)
@@ -178,6 +202,37 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
         super().__init__(_EngineSideQueue(engine), on_kill=on_kill)
         self.service = engine
 
+    def _reply_from_thread(
+        self, thread_reply: nativeproto.ThreadReply | None
+    ) -> Callable[[dict], bool] | None:
+        """The ``on_done`` of a command whose reply may leave from the
+        engine's thread as soon as it ends (see :class:`~kernel.nativeproto.ThreadReply`):
+        when the command wrote no output and no output waits to be sent
+        (output goes before the reply, through the reactor thread), the
+        reply envelope is sent from there, and the command may end here
+        later (:meth:`_call` ends it before the next call acts); else (or
+        if the reply is not a small frame) it goes the usual way."""
+        if thread_reply is None:
+            return None
+        pending = getattr(self.service, "output_pending", None)
+
+        def on_done(result: dict) -> bool:  # on the engine thread
+            if result.get("stdout") or result.get("stderr"):
+                return False
+            # (in this order: output leaves the engine service before it
+            # reaches the chunks waiting here)
+            if pending is not None and pending():
+                return False
+            if self._chunks or self._flush_call is not None:
+                return False
+            return thread_reply.send(package_success(result))
+
+        return on_done
+
+    def remote_execute(self, lines, thread_reply=None):
+        on_done = self._reply_from_thread(thread_reply)
+        return self._call("execute", lines, **({} if on_done is None else {"on_done": on_done}))
+
     def remote_clear_queue(self):
         return self._call("clear_queue")
 
@@ -190,6 +245,11 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
         return self._call("abort_task", key, interrupt=bool(interrupt))
 
     def _call(self, method: str, *args: Any, convert: Callable | None = None, **kwargs: Any):
+        # Commands that ended with their replies sent from the engine thread
+        # end here first, so that this call finds the queue as it is.
+        deliver_waiting = getattr(self.service, "deliver_waiting", None)
+        if deliver_waiting is not None:
+            deliver_waiting()
         d = super()._call(method, *args, convert=convert, **kwargs)
         d.addBoth(self._output_first)
         return d
@@ -219,12 +279,15 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
         d.addBoth(lender.reply)
         return d
 
-    def remote_run_task(self, payload, clear_before=False, clear_after=False, key=None):
+    def remote_run_task(
+        self, payload, clear_before=False, clear_after=False, key=None, thread_reply=None
+    ):
         lender = _Lender(self.engine)
 
         def convert(result):
             return dict(result, result=lender.lend([result["result"]])[0])
 
+        on_done = self._reply_from_thread(thread_reply)
         d = self._call(
             "run_task",
             payload,
@@ -232,9 +295,14 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
             clear_after=bool(clear_after),
             key=key if isinstance(key, str) else None,
             convert=convert,
+            **({} if on_done is None else {"on_done": on_done}),
         )
         d.addBoth(lender.reply)
         return d
+
+
+# A command's small reply leaves from the engine's thread as the command ends.
+nativeproto.allow_thread_reply(NativeEngineReferenceFromService, ("execute", "run_task"))
 
 
 class PipelinedEngine(QueuedEngine):

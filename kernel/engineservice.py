@@ -176,6 +176,7 @@ class EngineService:
         self._output_lock = threading.Lock()
         self._output_pending: list[tuple[str, str]] = []
         self._output_scheduled = False
+        self._output_delivering = False  # observers are being called with output
         self._kill_callbacks: list[tuple[Callable, tuple, dict]] = []
         self._killed = False
         self._capturing = False
@@ -253,14 +254,32 @@ class EngineService:
             self._capturing = False
             capture.release()
 
+    def deliver_waiting(self) -> None:
+        """Fire the Deferreds of the commands that ended with their ``on_done``
+        saying the result may wait (see :meth:`kernel.executor.ThreadExecutor.submit`);
+        call before acting on what the engine has run. Reactor thread."""
+        self._executor.deliver_waiting()
+
+    def set_urgent(self, urgent: bool) -> None:
+        """Say whether every command's Deferred must fire as soon as it ends
+        (more work waits for it); see
+        :meth:`kernel.executor.ThreadExecutor.set_urgent`. Reactor thread."""
+        self._executor.set_urgent(urgent)
+
     def _stopped_error(self) -> EngineError:
         return EngineError(
             f"engine {self._id} has been killed and runs no more commands: "
             "register a new engine to continue"
         )
 
-    def _submit(self, fn: Callable[[], Any]) -> Deferred:
-        """Run ``fn`` on the engine thread; failures carry the engine's info."""
+    def _submit(
+        self, fn: Callable[[], Any], on_done: Callable[[Any], Any] | None = None
+    ) -> Deferred:
+        """Run ``fn`` on the engine thread; failures carry the engine's info.
+
+        :param on_done: called on the engine thread with what ``fn`` returned,
+            as soon as it returned (see :meth:`kernel.executor.ThreadExecutor.submit`).
+        """
         if self._killed:
             return fail(self._stopped_error())
 
@@ -271,7 +290,7 @@ class EngineService:
                 attach_engine_info(e, self._id, format_user_traceback(e))
                 raise
 
-        d = self._executor.submit(run)
+        d = self._executor.submit(run, on_done)
         d.addErrback(self._ensure_engine_info)
         return d
 
@@ -296,10 +315,24 @@ class EngineService:
             self._output_scheduled = True
         self._reactor.callFromThread(self._notify_output)
 
+    def output_pending(self) -> bool:
+        """Is output written on any thread still on its way to the output
+        observers? (Safe to ask from any thread.)"""
+        with self._output_lock:
+            return self._output_scheduled or self._output_delivering
+
     def _notify_output(self) -> None:
         with self._output_lock:
             pending, self._output_pending = self._output_pending, []
             self._output_scheduled = False
+            self._output_delivering = True
+        try:
+            self._deliver_output(pending)
+        finally:
+            with self._output_lock:
+                self._output_delivering = False
+
+    def _deliver_output(self, pending: list[tuple[str, str]]) -> None:
         chunks: list[list[str]] = []  # [stream_name, text], same-stream runs joined
         for stream_name, text in pending:
             if chunks and chunks[-1][0] == stream_name:
@@ -346,10 +379,15 @@ class EngineService:
 
     # -- IEngineCore -------------------------------------------------------
 
-    def execute(self, lines: str) -> Deferred:
+    def execute(self, lines: str, on_done: Callable[[dict], Any] | None = None) -> Deferred:
         """Run ``lines`` in the namespace; see :meth:`IEngineCore.execute`.
 
         Only commands that succeed are numbered and kept as history.
+
+        :param on_done: called on the engine thread with the result dict as
+            soon as the code has run (before the Deferred fires): a network
+            engine sends the reply from there. If it returns True the
+            Deferred may fire late (see :meth:`deliver_waiting`).
         """
         if not isinstance(lines, str):
             return fail(TypeError(f"execute() needs a str of Python code, got {type(lines)}"))
@@ -368,7 +406,7 @@ class EngineService:
             self._history.append(result)
             return dict(result)
 
-        return self._submit(run)
+        return self._submit(run, on_done)
 
     def push(self, namespace: dict[str, Any]) -> Deferred:
         """Bind each ``name: value`` in the namespace (the objects themselves)."""
@@ -539,7 +577,11 @@ class EngineService:
     # -- IEngineTasks ------------------------------------------------------
 
     def run_task(
-        self, payload: serialized.Serialized, clear_before: bool = False, clear_after: bool = False
+        self,
+        payload: serialized.Serialized,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        on_done: Callable[[dict], Any] | None = None,
     ) -> Deferred:
         """Run a task body; see :meth:`IEngineTasks.run_task`.
 
@@ -548,6 +590,9 @@ class EngineService:
         namespace and a copy of the properties (taken when the engine is
         handed the task), and what it returns is serialized into the result's
         ``result``.
+
+        :param on_done: called on the engine thread with the result dict as
+            soon as it is made (before the Deferred fires), as for :meth:`execute`.
         """
         properties = plain_property("", self.properties)
 
@@ -572,15 +617,22 @@ class EngineService:
                 if clear_after:
                     self._reset_namespace()
 
-        return self._submit(run)
+        return self._submit(run, on_done)
 
 
 class _Command:
     """One queued call: which method, its arguments and the caller's Deferred."""
 
-    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done", "key")
+    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done", "key", "on_done")
 
-    def __init__(self, name: str, args: tuple, kwargs: dict, key: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        args: tuple,
+        kwargs: dict,
+        key: str | None = None,
+        on_done: Callable[[Any], Any] | None = None,
+    ):
         self.name = name
         self.args = args
         self.kwargs = kwargs
@@ -588,6 +640,8 @@ class _Command:
         self.deferred: Deferred = Deferred()
         self.done = False
         self.key = key  # a task's key (see IEngineTaskQueue)
+        #: passed on as the engine method's ``on_done`` (not part of the description)
+        self.on_done = on_done
 
     @property
     def is_task(self) -> bool:
@@ -687,7 +741,9 @@ class QueuedEngine:
         return exc
 
     def _enqueue(self, name: str, *args: Any, **kwargs: Any) -> Deferred:
-        cmd = _Command(name, args, kwargs)
+        return self._enqueue_command(_Command(name, args, kwargs))
+
+    def _enqueue_command(self, cmd: _Command) -> Deferred:
         if self.is_lost:
             return fail(self._lost_error(cmd.description))
         self._queue.append(cmd)
@@ -718,6 +774,8 @@ class QueuedEngine:
                 kwargs = cmd.kwargs
                 if cmd.is_task and self._engine_queues_tasks:
                     kwargs = dict(kwargs, key=cmd.key)
+                if cmd.on_done is not None:
+                    kwargs = dict(kwargs, on_done=cmd.on_done)
                 d = maybeDeferred(getattr(self.engine, cmd.name), *cmd.args, **kwargs)
                 d.addBoth(self._finished, cmd)
         finally:
@@ -898,6 +956,9 @@ class QueuedEngine:
         cmd = _Command(
             "run_task", (payload,), {"clear_before": clear_before, "clear_after": clear_after}, key
         )
+        return self._enqueue_task(cmd)
+
+    def _enqueue_task(self, cmd: _Command) -> Deferred:
         if self.is_lost:
             return fail(self._lost_error(cmd.description))
         self._tasks.append(cmd)

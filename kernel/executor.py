@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.python import log
 from twisted.python.failure import Failure
 
 _STOP = object()
@@ -68,6 +69,10 @@ class ThreadExecutor:
         self._stopping = False
         self._exited = False
         self._exit_waiters: list[Deferred] = []
+        #: Results whose Deferreds may fire late (see :meth:`submit`), in order.
+        self._waiting: list[tuple[Deferred, Any]] = []
+        self._urgent = False
+        self._waiting_lock = threading.Lock()
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -79,9 +84,22 @@ class ThreadExecutor:
         """True while a submitted callable is executing."""
         return self._running
 
-    def submit(self, fn: Callable[[], Any]) -> Deferred:
+    def submit(
+        self, fn: Callable[[], Any], on_done: Callable[[Any], Any] | None = None
+    ) -> Deferred:
         """Queue ``fn`` to run on the thread.
 
+        :param on_done: called on the thread with ``fn()``'s return value
+            (only if it returned), before the Deferred is handed to the
+            reactor thread: it may act on the value at once (an engine sends
+            a command's reply from there). If it returns True, nothing
+            needs the Deferred to fire soon: unless :meth:`set_urgent` says
+            otherwise, the reactor thread is not woken for it, and it fires
+            at the next :meth:`deliver_waiting` (or with the next result that
+            wakes the reactor thread, in order). The Deferred may also fire
+            (from :meth:`deliver_waiting`) while ``on_done`` runs, so both
+            must agree on who acts (see :class:`kernel.nativeproto.ThreadReply`).
+            What it raises is logged.
         :returns: a Deferred firing with ``fn()``'s return value, or failing
             with what it raised (:class:`ExecutorStopped` if the executor
             stops before ``fn`` runs).
@@ -93,8 +111,26 @@ class ThreadExecutor:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
-        self._queue.put((fn, d))
+        self._queue.put((fn, d, on_done))
         return d
+
+    def deliver_waiting(self) -> None:
+        """Fire, in order, the Deferreds of the results that were left to
+        fire late (see :meth:`submit`). Reactor thread."""
+        with self._waiting_lock:
+            waiting, self._waiting = self._waiting, []
+        for d, value in waiting:
+            d.callback(value)
+
+    def set_urgent(self, urgent: bool) -> None:
+        """Say whether the reactor thread needs every result at once (for
+        example: more work waits for the running callable to end). Setting
+        it also fires the results that waited. Reactor thread."""
+        with self._waiting_lock:
+            self._urgent = urgent
+            if not self._waiting:
+                return
+        self.deliver_waiting()
 
     def interrupt(self) -> bool:
         """Raise ``KeyboardInterrupt`` in the running callable.
@@ -155,11 +191,33 @@ class ThreadExecutor:
                 item = self._queue.get()
                 if item is _STOP:
                     break
-                fn, d = item
+                fn, d, on_done = item
                 ok, value = self._call(fn)
+                if ok and on_done is not None:
+                    # Waiting before on_done acts, so that whatever the
+                    # reactor thread does once on_done's effect is seen
+                    # (the next call) finds this result there.
+                    with self._waiting_lock:
+                        may_wait = not self._urgent
+                        if may_wait:
+                            self._waiting.append((d, value))
+                    if self._done(on_done, value) or not may_wait:
+                        if may_wait:
+                            continue
+                    else:
+                        # It waits already: the reactor thread must end it now.
+                        self._reactor.callFromThread(self.deliver_waiting)
+                        continue
                 self._reactor.callFromThread(self._deliver, d, ok, value)
         finally:
             self._reactor.callFromThread(self._exit)
+
+    def _done(self, on_done: Callable[[Any], Any], value: Any) -> bool:
+        try:
+            return on_done(value) is True
+        except Exception:
+            log.err(None, f"{self.name}: a callable's on_done hook failed")
+            return False
 
     def _call(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
         # An interrupt can only be sent while _running is set, and _disarm
@@ -188,8 +246,9 @@ class ThreadExecutor:
 
     # -- the reactor thread -----------------------------------------------
 
-    @staticmethod
-    def _deliver(d: Deferred, ok: bool, value: Any) -> None:
+    def _deliver(self, d: Deferred, ok: bool, value: Any) -> None:
+        if self._waiting:
+            self.deliver_waiting()  # (results that waited come first)
         if ok:
             d.callback(value)
         else:
@@ -198,6 +257,7 @@ class ThreadExecutor:
     def _exit(self) -> None:
         if self._exited:
             return
+        self.deliver_waiting()
         self._exited = True
         if self._thread is not None and self._thread is not threading.current_thread():
             # The thread called us as its last act; let it finish returning.

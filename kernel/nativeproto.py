@@ -261,6 +261,8 @@ __all__ = [
     "Early",
     "Aborted",
     "allow_cut_through",
+    "allow_thread_reply",
+    "ThreadReply",
     "arrived",
     "NativeProtocol",
     "NativeRemote",
@@ -2365,6 +2367,7 @@ class NativeProtocol(protocol.Protocol):
             raise ProtocolError(f"unknown message kind {kind!r}")
 
     def _dispatch(self, call_id: int, oid: Any, method: Any, args: Any, kwargs: Any) -> None:
+        thread_reply = None
         try:
             target = self._exports.get(oid)
             if target is None:
@@ -2377,21 +2380,34 @@ class NativeProtocol(protocol.Protocol):
                 raise ProtocolError(f"{type(target).__name__} has no remote method {method!r}")
             if type(args) is not list or type(kwargs) is not dict:
                 raise ProtocolError("malformed call arguments")
+            if method in _thread_reply_methods.get(type(target), ()):
+                # (whatever the peer sent under that name is replaced)
+                if call_id and self._outbox is not None and self._outbox.sock is not None:
+                    thread_reply = ThreadReply(self, call_id)
+                kwargs = dict(kwargs, thread_reply=thread_reply)
             d = defer.maybeDeferred(func, *args, **kwargs)
         except Exception:
             d = defer.fail()
         if call_id:
-            d.addCallbacks(self._reply, self._reply_failure, (call_id,), None, (call_id, method))
+            d.addCallbacks(
+                self._reply,
+                self._reply_failure,
+                (call_id, thread_reply),
+                None,
+                (call_id, method, thread_reply),
+            )
         else:
             d.addErrback(lambda f: log.msg(f"one-way call {method!r} failed: {f.value}"))
 
-    def _reply(self, value: Any, call_id: int) -> None:
+    def _reply(self, value: Any, call_id: int, thread_reply: ThreadReply | None = None) -> None:
         written = None
         if type(value) is AfterWritten:
             value, written = value.value, value.callback
         try:
             if not self.connected_:
                 return
+            if thread_reply is not None and not thread_reply.take_over():
+                return  # (a thread sent it)
             try:
                 self._send(["r", call_id, value])
             except Exception:
@@ -2404,8 +2420,13 @@ class NativeProtocol(protocol.Protocol):
             if written is not None:
                 _run_notice(written)
 
-    def _reply_failure(self, f: Failure, call_id: int, method: Any) -> None:
+    def _reply_failure(
+        self, f: Failure, call_id: int, method: Any, thread_reply: ThreadReply | None = None
+    ) -> None:
         if not self.connected_:
+            return
+        if thread_reply is not None and not thread_reply.take_over():
+            log.msg(f"native call {method!r} failed after its reply was sent: {f.value}")
             return
         if not f.check(ProtocolError, TypeError):
             log.msg(f"native call {method!r} failed: {f.type.__name__}: {f.value}")
@@ -2693,6 +2714,86 @@ def allow_cut_through(cls: type, methods: Any) -> None:
     tag only once the incoming frame's own closing tag has verified.
     """
     _cut_through_methods[cls] = frozenset(_cut_through_methods.get(cls, ())) | frozenset(methods)
+
+
+#: type -> names of its remote methods that may answer from another thread
+#: (see :func:`allow_thread_reply`).
+_thread_reply_methods: dict[type, frozenset[str]] = {}
+
+
+def allow_thread_reply(cls: type, methods: Any) -> None:
+    """Let ``remote_<method>`` of ``cls`` instances, for each of ``methods``,
+    answer a call from a thread other than the reactor's.
+
+    Such a method is called with one more keyword argument, ``thread_reply``:
+    a :class:`ThreadReply` for the call on a plain TCP connection, else None.
+    The method still returns (a Deferred of) its reply as usual; if a thread
+    sent it first with :meth:`ThreadReply.send`, that value is not sent again.
+    """
+    _thread_reply_methods[cls] = frozenset(_thread_reply_methods.get(cls, ())) | frozenset(methods)
+
+
+class ThreadReply:
+    """The reply to one call, which a thread other than the reactor's (an
+    engine's executor thread, as a command ends) may send itself.
+
+    The reply is signed and written under the connection's write lock, as a
+    blocking client's call is (:meth:`NativeProtocol.call_from_thread`): only
+    when nothing waits to be written before it (so it overtakes nothing),
+    only if it is a small frame of plain data. Otherwise nothing is sent and
+    the reply goes through the reactor thread as usual.
+
+    The reactor thread may come to reply while a thread is about to: both
+    decide under the write lock, so exactly one of them sends (see
+    :meth:`take_over`).
+
+    :ivar sent: True once :meth:`send` sent the reply.
+    """
+
+    __slots__ = ("proto", "call_id", "sent", "closed")
+
+    def __init__(self, proto: NativeProtocol, call_id: int):
+        self.proto = proto
+        self.call_id = call_id
+        self.sent = False
+        self.closed = False  # the reactor thread replies: a thread may not
+
+    def take_over(self) -> bool:
+        """The reactor thread is about to reply: True if it should (no thread
+        sent the reply, and none will now), False if a thread sent it."""
+        with self.proto._outbox_lock():
+            if self.sent:
+                return False
+            self.closed = True
+            return True
+
+    def send(self, value: Any, reactor: Any = None) -> bool:
+        """Send ``value`` as the call's reply now, from the calling thread.
+
+        :returns: True if it was sent (the reactor thread then sends nothing
+            for this call), False if it must go through the reactor thread.
+        """
+        proto = self.proto
+        outbox, writer = proto._outbox, proto._writer
+        if self.sent or self.closed or outbox is None or writer is None or outbox.sock is None:
+            return False
+        try:
+            header, buffers = encode(["r", self.call_id, value], None)
+        except ProtocolError:
+            return False  # references are exported by the reactor thread
+        if len(header) + sum(memoryview(b).nbytes for b in buffers) > SMALL_FRAME - 1024:
+            return False
+
+        def sign() -> Frame | None:  # (under the write lock)
+            if self.closed or not proto.connected_:
+                return None
+            frame = writer.frame(header, buffers)
+            self.sent = True
+            return frame
+
+        if reactor is None:
+            from twisted.internet import reactor
+        return outbox.send_from_thread(sign, reactor)
 
 
 class NativeRemote:
