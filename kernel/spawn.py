@@ -17,6 +17,7 @@ POSIX only (``os.fork``); :func:`available` says whether it can be used.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import subprocess
@@ -24,11 +25,20 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["PRELOAD", "ForkedChild", "available", "fork_twist", "preload"]
+__all__ = [
+    "CONTROLLER_PRELOAD",
+    "ENGINE_PRELOAD",
+    "PRELOAD",
+    "ForkedChild",
+    "available",
+    "fork_twist",
+    "preload",
+]
 
-#: What controllers and engines import on start, in the order they need it;
-#: none of it installs the reactor (nor imports Foolscap, which would).
-PRELOAD = (
+#: What an engine imports on start, in the order it needs it; a controller
+#: needs all of it too. None of it installs the reactor (nor imports
+#: Foolscap, which would).
+ENGINE_PRELOAD = (
     "twisted.internet.epollreactor",
     "twisted.internet.tcp",
     "twisted.internet.endpoints",
@@ -39,18 +49,27 @@ PRELOAD = (
     "kernel.nativeproto",
     "kernel.engineremote",
     "kernel.enginenative",
+    "kernel.engineservice",
+)
+
+#: What a controller imports on start besides :data:`ENGINE_PRELOAD`.
+#: :class:`~kernel.testing.processes.LocalCluster` leaves it to the forked
+#: controller, which imports it while the starter forks the engines.
+CONTROLLER_PRELOAD = (
     "kernel.heartbeat",
     "kernel.controllerservice",
     "kernel.multiengine",
     "kernel.taskcontroller",
     "kernel.taskdb.sqlite",
-    "kernel.engineservice",
     "kernel.remotecall",
     "kernel.multiengineremote",
     "kernel.taskremote",
     "kernel.multienginenative",
     "kernel.tasknative",
 )
+
+#: Everything controllers and engines import on start.
+PRELOAD = ENGINE_PRELOAD + CONTROLLER_PRELOAD
 
 
 def available() -> bool:
@@ -61,13 +80,26 @@ def available() -> bool:
 def preload(modules: Sequence[str] = PRELOAD) -> None:
     """Import ``modules`` (default :data:`PRELOAD`) so forked children need not.
 
+    The cyclic garbage collector is off while they are imported (imports make
+    many objects and little garbage: a tenth less time), and what is then in
+    memory is frozen (:func:`gc.freeze`): no collection in this process or in
+    a child looks at it again, which also keeps a child from copying the
+    memory pages it shares with this process just to collect.
+
     :raises RuntimeError: importing them installed the reactor.
     """
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            continue  # (e.g. no epoll here: the child imports what it has)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except ImportError:
+                continue  # (e.g. no epoll here: the child imports what it has)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
     if "twisted.internet.reactor" in sys.modules:
         raise RuntimeError("preloading installed the reactor: a forked child would share it")
 

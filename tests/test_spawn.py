@@ -55,3 +55,22 @@ def test_preloading_leaves_the_reactor_uninstalled():
         "print(spawn.available(), 'kernel.enginenative' in sys.modules)"
     )
     assert python_output(code).split() == ["True", "True"]
+
+
+def test_preloading_freezes_what_it_imported_and_leaves_the_collector_as_it_was():
+    from kernel.testing.processes import python_output
+
+    code = (
+        "import gc; from kernel import spawn\n"
+        "before = gc.get_freeze_count()\n"
+        "spawn.preload(spawn.ENGINE_PRELOAD)\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > before)\n"
+        "gc.disable(); spawn.preload(spawn.ENGINE_PRELOAD); print(gc.isenabled())\n"
+    )
+    assert python_output(code).split() == ["True", "True", "False"]
+
+
+def test_what_engines_preload_is_part_of_what_controllers_need():
+    assert set(spawn.ENGINE_PRELOAD) <= set(spawn.PRELOAD)
+    assert set(spawn.CONTROLLER_PRELOAD) <= set(spawn.PRELOAD)
+    assert not set(spawn.ENGINE_PRELOAD) & set(spawn.CONTROLLER_PRELOAD)

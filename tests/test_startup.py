@@ -4,12 +4,18 @@ find a controller started after them."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from kernel import asyncclient, spawn
-from kernel.testing.processes import LocalCluster, python_output, wait_for
+from kernel import asyncclient, clusterdir, spawn
+from kernel.clusterdir import ClusterDir
+from kernel.testing.processes import ROOT, LocalCluster, python_output, subprocess_env, wait_for
 
 #: Bound on every wait, seconds.
 WAIT = 60
@@ -110,3 +116,104 @@ def test_an_engine_started_before_its_controller_uses_the_adapter_it_then_serves
         assert f"the controller serves {adapter}" in engine.log(200)
     finally:
         cluster.stop()
+
+
+def _run_forking(code: str, importtime: bool = False) -> dict:
+    """Run ``code`` in a fresh interpreter (where clusters can be forked:
+    no reactor); it prints one JSON object, returned. With ``importtime``
+    every process, forks included, logs its imports (``-X importtime``)."""
+    env = subprocess_env()
+    if importtime:
+        env["PYTHONPROFILEIMPORTTIME"] = "1"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+FORKED_START = """
+import json, sys
+from kernel.testing.processes import LocalCluster
+cluster = LocalCluster(spawn="fork")
+try:
+    registered = cluster.start(2)
+    print(json.dumps({
+        "registered": sorted(registered.values()),
+        "engines": sorted(e.pid for e in cluster.engines),
+        "starter": sorted(m for m in sys.modules if m.startswith("kernel.")),
+        "controller_log": cluster.controller.log(100_000),
+        "engine_log": cluster.engines[0].log(100_000),
+    }))
+finally:
+    cluster.stop()
+"""
+
+
+@pytest.mark.slow
+def test_a_forking_starter_leaves_the_controllers_own_code_to_the_forked_controller():
+    """The controller is forked once what engines need is imported; it
+    imports the rest of its code itself while the engines are forked, and
+    the engines never import it."""
+    out = _run_forking(FORKED_START, importtime=True)
+    assert out["registered"] == out["engines"]
+    starter = set(out["starter"])
+    assert set(spawn.ENGINE_PRELOAD) & starter == {
+        m for m in spawn.ENGINE_PRELOAD if m.startswith("kernel.")
+    }
+    assert not set(spawn.CONTROLLER_PRELOAD) & starter
+    in_controller = _imported(out["controller_log"])
+    in_engine = _imported(out["engine_log"])
+    assert "kernel.controllerservice" in in_controller
+    assert "kernel.engineservice" not in in_controller | in_engine  # preloaded
+    assert not set(spawn.CONTROLLER_PRELOAD) & in_engine
+
+
+ENGINES_FIRST = """
+import json
+from kernel.testing.processes import LocalCluster, wait_for
+cluster = LocalCluster(spawn="fork", controller_args=["--adapter=native"])
+try:
+    engines = [cluster.start_engine("--adapter=native") for _ in range(2)]
+    for engine in engines:
+        wait_for(
+            lambda: "waiting for a controller's connection files" in engine.log(200),
+            60,
+            lambda: "an engine never waited for connection files:" + engine.log(),
+        )
+    cluster.launch_controller()
+    registered = cluster.wait_for_engines(2, timeout=60)
+    print(json.dumps({
+        "registered": sorted(registered.values()),
+        "engines": sorted(e.pid for e in engines),
+        "log": engines[0].log(200),
+    }))
+finally:
+    cluster.stop()
+"""
+
+
+@pytest.mark.slow
+def test_engines_forked_before_their_controller_listens_register_once_it_does():
+    out = _run_forking(ENGINES_FIRST)
+    assert out["registered"] == out["engines"]
+    assert "the controller's connection files are there: connecting with native" in out["log"]
+
+
+def test_the_engine_list_is_read_again_only_when_the_controller_rewrote_it(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    cluster = LocalCluster(cd.path)
+    assert cluster.engines_file() == {}
+    cd.write_json(clusterdir.ENGINES_FILE, {"controller_pid": 1, "engines": {}})
+    first = cluster.engines_file()
+    assert first == {"controller_pid": 1, "engines": {}}
+    assert cluster.engines_file() is first  # unchanged: not read again
+    cd.write_json(clusterdir.ENGINES_FILE, {"controller_pid": 1, "engines": {"0": {"pid": 5}}})
+    assert cluster.engines_file()["engines"] == {"0": {"pid": 5}}
+    os.remove(cd.file(clusterdir.ENGINES_FILE))
+    assert cluster.engines_file() == {}

@@ -43,6 +43,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TIMEOUT = 30.0
 #: Longest sleep between two looks of :func:`wait_for`, seconds.
 POLL_CAP = 0.02
+#: Sleep between two looks at ``engines.json`` while a cluster starts,
+#: seconds: a look that finds the file unchanged is one ``stat``.
+ENGINES_POLL = 0.002
 
 _live: dict[int, Process] = {}
 
@@ -214,14 +217,21 @@ def _kill_leftovers() -> None:
             pass
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: Callable[[], str] | str) -> Any:
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: Callable[[], str] | str,
+    cap: float = POLL_CAP,
+) -> Any:
     """Poll ``predicate`` (sleeping) until it returns something true.
 
+    :param cap: the longest sleep between two looks, seconds (the first is
+        10 ms or ``cap`` if shorter, then each doubles).
     :returns: that value.
     :raises TimeoutError: after ``timeout`` seconds, with ``what``.
     """
     deadline = time.monotonic() + timeout
-    delay = 0.01
+    delay = min(0.01, cap)
     while True:
         value = predicate()
         if value:
@@ -229,8 +239,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: Callable[[], st
         if time.monotonic() > deadline:
             raise TimeoutError(what() if callable(what) else what)
         time.sleep(delay)
-        # (a short cap: `txkernel cluster start` returns this much sooner)
-        delay = min(delay * 2, POLL_CAP)
+        delay = min(delay * 2, cap)
 
 
 async def wait_for_async(
@@ -326,6 +335,7 @@ class LocalCluster:
         self.controller: Process | None = None
         self.engines: list[Process] = []
         self._n_controllers = 0
+        self._engines_seen: tuple[Any, dict] = (None, {})
 
     def __repr__(self) -> str:
         return f"<LocalCluster {self.cluster_dir.path} engines={len(self.engines)}>"
@@ -357,7 +367,10 @@ class LocalCluster:
         if self.spawn == "fork":
             from kernel import spawn
 
-            spawn.preload()
+            # What engines need, which the controller needs too: the
+            # controller is forked first and imports the rest of its own
+            # code while the engines are forked and start.
+            spawn.preload(spawn.ENGINE_PRELOAD)
             return Process.fork(name, plugin, args, log_path, env, path)
         return Process(name, twist_argv(plugin, args, log_path), log_path, env)
 
@@ -370,13 +383,35 @@ class LocalCluster:
             raise RuntimeError(
                 f"the controller exited with status {proc.returncode}:\n{proc.log()}"
             )
-        data = self.cluster_dir.read_json(clusterdir.ENGINES_FILE)
+        data = self.engines_file()
         return bool(data) and data.get("controller_pid") == proc.pid
+
+    def engines_file(self) -> dict:
+        """``engines.json`` as the controller last wrote it, ``{}`` if there is none.
+
+        Read again only when it has changed: each write replaces the file by
+        a rename (a new inode), so an unchanged file costs one ``stat``.
+        """
+        try:
+            st = os.stat(self.cluster_dir.file(clusterdir.ENGINES_FILE))
+        except FileNotFoundError:
+            self._engines_seen = (None, {})
+            return {}
+        seen = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._engines_seen[0] != seen:
+            data = self.cluster_dir.read_json(clusterdir.ENGINES_FILE) or {}
+            self._engines_seen = (seen, data)
+        return self._engines_seen[1]
 
     def start_controller(self) -> Process:
         """Start the controller and wait until it is ready."""
         proc = self.launch_controller()
-        wait_for(self.controller_ready, self.timeout, self._timeout_text("controller start"))
+        wait_for(
+            self.controller_ready,
+            self.timeout,
+            self._timeout_text("controller start"),
+            cap=ENGINES_POLL,
+        )
         return proc
 
     async def start_controller_async(self) -> Process:
@@ -416,7 +451,7 @@ class LocalCluster:
 
     def registered(self) -> dict[int, int]:
         """The engines the running controller has registered: ``{id: pid}``."""
-        data = self.cluster_dir.read_json(clusterdir.ENGINES_FILE) or {}
+        data = self.engines_file()
         if self.controller is None or data.get("controller_pid") != self.controller.pid:
             return {}
         return {int(k): v.get("pid") for k, v in data.get("engines", {}).items()}
@@ -436,7 +471,10 @@ class LocalCluster:
     def wait_for_engines(self, n: int, timeout: float | None = None) -> dict[int, int]:
         """Wait until at least ``n`` engines are registered; return ``{id: pid}``."""
         return wait_for(
-            self._enough(n), timeout or self.timeout, self._timeout_text(f"{n} engines")
+            self._enough(n),
+            timeout or self.timeout,
+            self._timeout_text(f"{n} engines"),
+            cap=ENGINES_POLL,
         )
 
     async def wait_for_engines_async(self, n: int, timeout: float | None = None) -> dict[int, int]:
