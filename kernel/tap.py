@@ -632,23 +632,29 @@ def _make_connector(adapter: str, cd: ClusterDir, furl_name: str, engine: Any, *
 class AdapterWatch(service.MultiService):
     """Waits for a controller's connection files, then starts the connector
     for the adapter they name (an engine started before its controller, with
-    ``--adapter auto``).
+    ``--adapter auto``), or for the adapter it was given.
 
     Looks every :data:`WATCH_POLL` seconds for :data:`WATCH_WINDOW` seconds,
-    then every second.
+    then every second; a look is a few ``stat`` calls.
 
     :param cd: the cluster directory.
     :param make_connector: ``make_connector(adapter)`` returns the connector service.
     :param clock: an ``IReactorTime`` (default: the reactor).
+    :param adapter: connect over this adapter once any connection files are
+        there (the connector reports a controller that serves another);
+        None for the one they name.
     """
 
-    def __init__(self, cd: ClusterDir, make_connector: Any, clock: Any = None):
+    def __init__(
+        self, cd: ClusterDir, make_connector: Any, clock: Any = None, adapter: str | None = None
+    ):
         super().__init__()
         if clock is None:
             from twisted.internet import reactor as clock
         self.cd = cd
         self.make_connector = make_connector
         self.clock = clock
+        self.adapter = adapter
         self.connector: Any = None
         self._started_at = 0.0
         self._call: Any = None
@@ -675,7 +681,11 @@ class AdapterWatch(service.MultiService):
                 WATCH_POLL if waited < WATCH_WINDOW else 1.0, self._look
             )
             return
-        log.msg(f"the controller serves {adapter}: connecting with it")
+        if self.adapter is None:
+            log.msg(f"the controller serves {adapter}: connecting with it")
+        else:
+            log.msg(f"the controller's connection files are there: connecting with {self.adapter}")
+            adapter = self.adapter
         self.connector = self.make_connector(adapter)
         tub = getattr(self.connector, "tub_service", None)
         if tub is not None:
@@ -683,8 +693,10 @@ class AdapterWatch(service.MultiService):
         self.connector.setServiceParent(self)
 
 
-#: How often an engine waiting for its controller's connection files looks, seconds.
-WATCH_POLL = 0.05
+#: How often an engine waiting for its controller's connection files looks,
+#: seconds (an engine started with its controller connects this soon after
+#: the controller listens).
+WATCH_POLL = 0.005
 #: For how long it looks that often, seconds.
 WATCH_WINDOW = 10.0
 
@@ -693,7 +705,8 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
     """Build an engine process's service tree: an EngineService and the
     connector that keeps it registered with the controller (see
     :func:`_engine_adapter`; an :class:`AdapterWatch` until the controller's
-    connection files exist, when no adapter is given)."""
+    connection files exist, also when an adapter is given: an engine started
+    with its controller connects as soon as they appear)."""
     from kernel.engineservice import EngineService
 
     if options["furl-file"]:
@@ -721,10 +734,14 @@ def make_engine_service(options: EngineOptions) -> service.MultiService:
     engine.properties.update(options["properties"])
     common = {"on_fatal": give_up, "on_kill": stop, "max_delay": options["max-delay"]}
     adapter = _engine_adapter(options, cd)
-    if adapter is None:
-        connector = AdapterWatch(
-            cd, lambda adapter: _make_connector(adapter, cd, furl_name, engine, **common)
-        )
+
+    def make_connector(adapter: str) -> Any:
+        return _make_connector(adapter, cd, furl_name, engine, **common)
+
+    if adapter is None or (not options["furl-file"] and cd.served_adapter() is None):
+        # No controller has written its connection files yet (e.g. one
+        # started together with this engine): wait for them.
+        connector = AdapterWatch(cd, make_connector, adapter=adapter)
     else:
         connector = _make_connector(adapter, cd, furl_name, engine, **common)
         tub = getattr(connector, "tub_service", None)

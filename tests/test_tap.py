@@ -359,3 +359,44 @@ def test_engine_service_waits_for_a_controller_when_the_directory_is_empty(tmp_p
     from kernel.enginenative import NativeEngineConnector
 
     assert isinstance(top.connector, NativeEngineConnector)
+
+
+def test_engine_given_an_adapter_waits_for_connection_files_then_uses_that_adapter(tmp_path):
+    from twisted.internet import task
+
+    cd = ClusterDir(tmp_path / "c").create()
+    clock = task.Clock()
+    made = []
+
+    def make_connector(adapter):
+        made.append(adapter)
+        return service.Service()
+
+    watch = tap.AdapterWatch(cd, make_connector, clock=clock, adapter="native")
+    watch.startService()
+    try:
+        clock.advance(tap.WATCH_POLL * 4)
+        assert made == [] and watch.connector is None
+        # Files of another adapter: the given one is still used (its
+        # connector then reports the mismatch).
+        cd.write_json(clusterdir.PB_FILE, {"port": 1})
+        clock.advance(tap.WATCH_POLL)
+        assert made == ["native"]
+        assert watch.connector.running
+    finally:
+        watch.stopService()
+
+
+def test_engine_service_given_an_adapter_waits_only_while_there_are_no_connection_files(
+    tmp_path,
+):
+    from kernel.enginenative import NativeEngineConnector
+
+    cd = ClusterDir(tmp_path / "c").create()
+    options = parse(tap.EngineOptions, f"--cluster-dir={cd.path}", "--adapter=native")
+    top = tap.make_engine_service(options)
+    assert isinstance(top.connector, tap.AdapterWatch)
+    assert top.connector.adapter == "native"
+    cd.write_json(clusterdir.NATIVE_FILE, {"port": 1})
+    top = tap.make_engine_service(options)
+    assert isinstance(top.connector, NativeEngineConnector)
