@@ -201,3 +201,24 @@ def test_cluster_start_forks_its_processes_or_execs_new_interpreters(tmp_path, s
         stopped = txkernel("cluster", "stop", "--cluster-dir", d)
     assert stopped.returncode == 0, stopped.stderr
     assert_all_stopped(procs.values())
+
+
+def test_exit_now_flushes_the_output_and_skips_the_teardown():
+    code = (
+        "import atexit, sys\n"
+        "from kernel import cli\n"
+        "atexit.register(print, 'teardown')\n"
+        "print('started', end='')\n"
+        "sys.stderr.write('note')\n"
+        "cli.exit_now(3)\n"
+        "print('not reached')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=ROOT,
+    )
+    assert (out.returncode, out.stdout, out.stderr) == (3, "started", "note")
