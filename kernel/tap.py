@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import types
 from typing import Any
 
@@ -429,19 +430,73 @@ class EngineList(service.Service):
             )
 
 
-def _build_frontends(controller: Any, options: Any, cd: ClusterDir) -> tuple[Any, Any]:
+class InThread(threading.Thread):
+    """Calls ``function()`` in a thread of its own, started at once;
+    :meth:`result` waits for it.
+
+    A controller opens its task database this way: creating an SQLite
+    database waits for the disk several times, and those waits overlap the
+    rest of the controller's start (importing and building its services).
+
+    :param function: what to call (with no arguments).
+    """
+
+    def __init__(self, function: Any):
+        super().__init__(name="txkernel-start", daemon=True)
+        self._function = function
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self._value = self._function()
+        except BaseException as e:
+            self._error = e
+
+    def result(self) -> Any:
+        """Wait for the call to end.
+
+        :returns: what ``function`` returned.
+        :raises: what ``function`` raised.
+        """
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _open_task_db(options: Any, cd: ClusterDir) -> InThread | None:
+    """Start opening the cluster directory's SQLite task database in a
+    thread (:class:`InThread`, whose result is the database and its next
+    free task id); None with ``--task-db memory``."""
+    if options["task-db"] == "memory":
+        return None
+    from kernel.taskdb.sqlite import SQLiteDB  # (imported here, not in the thread)
+
+    def open_db() -> tuple[Any, int]:
+        db = SQLiteDB(cd.task_db_path)
+        return db, db.next_taskid()  # after a restart: never reuse an id
+
+    return InThread(open_db)
+
+
+def _build_frontends(
+    controller: Any, options: Any, cd: ClusterDir, task_db: InThread | None = None
+) -> tuple[Any, Any]:
     """The MultiEngine and the TaskController over ``controller``; tasks are
     recorded in the cluster directory's SQLite database unless
-    ``--task-db memory`` was given."""
+    ``--task-db memory`` was given.
+
+    :param task_db: the database being opened (:func:`_open_task_db`);
+        None to open it here.
+    """
     from kernel.multiengine import MultiEngine
     from kernel.taskcontroller import TaskController
 
-    db, first_taskid = None, 0
-    if options["task-db"] != "memory":
-        from kernel.taskdb.sqlite import SQLiteDB
-
-        db = SQLiteDB(cd.task_db_path)
-        first_taskid = db.next_taskid()  # after a restart: never reuse an id
+    if task_db is None:
+        task_db = _open_task_db(options, cd)
+    db, first_taskid = (None, 0) if task_db is None else task_db.result()
     task_controller = TaskController(
         controller,
         scheme=options["scheme"],
@@ -504,9 +559,7 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
 
     :raises usage.UsageError: the cluster directory is not private.
     """
-    from kernel.controllerservice import ControllerService
     from kernel.error import SecurityError
-    from kernel.heartbeat import HeartMonitor
 
     # Everything this process creates (task database, logs, ...) is private.
     os.umask(0o077)
@@ -515,6 +568,10 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
         cd.create()
     except SecurityError as e:
         raise usage.UsageError(str(e))
+    task_db = _open_task_db(options, cd)  # (first: it waits for the disk meanwhile)
+
+    from kernel.controllerservice import ControllerService
+    from kernel.heartbeat import HeartMonitor
 
     top = service.MultiService()
     controller = ControllerService()
@@ -530,7 +587,7 @@ def make_controller_service(options: ControllerOptions) -> service.MultiService:
     registrar = registrar_class(controller, monitor, on_change=engine_list)
     monitor.setServiceParent(top)
 
-    multiengine, task_controller = _build_frontends(controller, options, cd)
+    multiengine, task_controller = _build_frontends(controller, options, cd, task_db)
     for part in (multiengine, task_controller):
         if service.IService.providedBy(part):
             part.setServiceParent(top)

@@ -400,3 +400,31 @@ def test_engine_service_given_an_adapter_waits_only_while_there_are_no_connectio
     cd.write_json(clusterdir.NATIVE_FILE, {"port": 1})
     top = tap.make_engine_service(options)
     assert isinstance(top.connector, NativeEngineConnector)
+
+
+def test_in_thread_gives_the_result_or_raises_the_error_of_its_call():
+    import threading
+
+    caller = threading.get_ident()
+    assert tap.InThread(lambda: threading.get_ident()).result() != caller
+
+    def fail():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        tap.InThread(fail).result()
+
+
+def test_controller_opens_its_task_db_and_continues_the_task_ids_after_a_restart(tmp_path):
+    from kernel.taskdb.sqlite import SQLiteDB
+
+    cd = ClusterDir(tmp_path / "c").create()
+    db = SQLiteDB(cd.task_db_path)
+    db.add_record(41, {"taskid": 41})
+    db.commit()
+    db.close()
+    top = tap.make_controller_service(
+        parse(tap.ControllerOptions, f"--cluster-dir={cd.path}", "--adapter=native")
+    )
+    assert isinstance(top.task_controller.db, SQLiteDB)
+    assert top.task_controller.db.next_taskid() == 42
