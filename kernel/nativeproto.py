@@ -237,6 +237,7 @@ from twisted.python import log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from kernel import splicerelay
 from kernel.bufferpool import POOL, BufferPool
 from kernel.error import ConnectionError, ProtocolError, SecurityError
 from kernel.serialized import Serialized
@@ -489,6 +490,8 @@ class FrameWriter:
                 seals.append(None)
                 continue
             src = b.obj if type(b) is memoryview else b
+            if type(src) is RoutedBuffer and src.spliced:
+                raise ProtocolError(_SPLICED)
             if type(src) is RoutedBuffer and src.origin is not None:
                 if src is b or (len(v) == len(src) and v.contiguous):
                     # (a view of all of it is the same bytes)
@@ -523,6 +526,8 @@ def _open_streams(buffers: list[Any]) -> list | None:
         src = b.obj if type(b) is memoryview else b
         if type(src) is RoutedBuffer and src.stream is not None:
             st = src.stream
+            if st.spliced:
+                raise ProtocolError(_SPLICED)
             if st.state is _FAILED:
                 raise ProtocolError(
                     "the data of this message did not arrive intact (its sender's frame "
@@ -536,6 +541,12 @@ def _open_streams(buffers: list[Any]) -> list | None:
                 n = memoryview(b).nbytes
                 out[i] = (st, src.start + len(src) - n)
     return out
+
+
+_SPLICED = (
+    "this data was already forwarded socket to socket without a copy in the "
+    "controller: it cannot be read or forwarded again"
+)
 
 
 def _poly1305(key: bytes) -> Any:
@@ -574,6 +585,8 @@ def _verify_sealed(buf: RoutedBuffer) -> None:
 
     :raises ProtocolError: it does not match (or its frame never completed).
     """
+    if buf.spliced:
+        raise ProtocolError(_SPLICED)
     if buf.verified or buf.origin is None:
         return
     st = buf.stream
@@ -722,6 +735,9 @@ class _Stream:
         "buffers",
         "ended",
         "lazy",
+        "frames",
+        "relay",
+        "spliced",
     )
 
     def __init__(self, buffers: list[Any]):
@@ -740,6 +756,13 @@ class _Stream:
         self.buffers = buffers
         #: Deferreds fired with the verdict (see :func:`arrived`).
         self.ended: list[defer.Deferred] = []
+        #: Outgoing frames forwarding these buffers.
+        self.frames = 0
+        #: The :class:`kernel.splicerelay.SpliceRelay` moving a sealed buffer
+        #: socket to socket, if one was made.
+        self.relay: Any = None
+        #: Some bytes went through the relay's pipe, not memory.
+        self.spliced = False
 
     def advance(self, n: int) -> None:
         """``n`` more bytes arrived."""
@@ -786,6 +809,8 @@ class _Stream:
         self.buffers = ()
         if self.paused:
             self._unpause()
+        if self.relay is not None:
+            splicerelay.stream_ended(self.relay)
         self._wake()
         ended, self.ended = self.ended, []
         for d in ended:
@@ -825,6 +850,9 @@ def arrived(value: Any) -> defer.Deferred:
         if t is Serialized:
             for b in o.buffers:
                 if type(b) is RoutedBuffer:
+                    if b.spliced or (b.stream is not None and b.stream.spliced):
+                        sealed.append(b)  # (refused by _verify_sealed below)
+                        continue
                     if b.stream is not None:
                         streams.add(b.stream)
                         b.stream.lazy = False  # read here: verify it as it arrives
@@ -865,13 +893,16 @@ def arrived(value: Any) -> defer.Deferred:
 class _Growing:
     """An outbox segment forwarding a buffer that is still being received."""
 
-    __slots__ = ("view", "stream", "start", "offset")
+    __slots__ = ("view", "stream", "start", "offset", "outbox", "forwarded")
 
-    def __init__(self, view: memoryview, stream: _Stream, start: int):
+    def __init__(self, view: memoryview, stream: _Stream, start: int, outbox: Any = None):
         self.view = view
         self.stream = stream
         self.start = start  # where the buffer begins in its stream
         self.offset = 0  # bytes of it sent
+        self.outbox = outbox
+        #: Passed on with its seal (its bytes need not be read here).
+        self.forwarded = False
 
     def available(self) -> int:
         """Bytes received and not yet sent (all of the rest once the stream
@@ -964,7 +995,7 @@ class RoutedBuffer(bytearray):
     routing peers (the controller) receive these; engines and clients get
     plain ``bytearray``\\ s."""
 
-    __slots__ = ("sha256", "stream", "start", "origin", "tag", "verified", "check")
+    __slots__ = ("sha256", "stream", "start", "origin", "tag", "verified", "check", "spliced")
 
     def __init__(self, source: Any = 0):
         super().__init__(source)  # a size (zeros) or bytes to copy, as bytearray takes
@@ -983,6 +1014,9 @@ class RoutedBuffer(bytearray):
         self.verified = False
         #: The :class:`_SealCheck` that verifies it when first read.
         self.check: _SealCheck | None = None
+        #: Some of it was spliced socket to socket (:mod:`kernel.splicerelay`):
+        #: its memory has holes; it is never read or forwarded again.
+        self.spliced = False
 
 
 class _SealCheck:
@@ -1849,11 +1883,17 @@ class _Outbox:
                 self._write(data)
             q.append((frame.head, None))
             streams = frame.streams
+            counted = None
             for i, (b, h) in enumerate(zip(frame.buffers, frame.hashes, strict=True)):
                 if streams is not None and streams[i] is not None:
                     st, start = streams[i]
+                    if st is not counted:  # (one stream per incoming frame)
+                        st.frames += 1
+                        counted = st
                     view = b if type(b) is memoryview else memoryview(b)
-                    q.append((_Growing(view, st, start), h))
+                    g = _Growing(view, st, start, self)
+                    g.forwarded = type(h) is _ForwardedSeal
+                    q.append((g, h))
                 elif len(b):
                     q.append((b, h))
                 else:
@@ -1909,8 +1949,11 @@ class _Outbox:
             if seg is _NOTIFY:
                 _run_notice(callback)
             elif type(seg) is _Growing:
-                seg.stream.active.discard(seg)
-                seg.stream.progressed()
+                st = seg.stream
+                st.active.discard(seg)
+                if st.relay is not None:
+                    splicerelay.consumer_gone(st.relay)
+                st.progressed()
 
     def wake(self) -> None:
         """More of a buffer being forwarded arrived (or its frame ended)."""
@@ -1999,6 +2042,16 @@ class _Outbox:
                         st.progressed()
                         continue
                     if not self._drained():
+                        break
+                    relay = st.relay
+                    if relay is not None and relay.pending and relay.consumer is seg:
+                        # Its next bytes are in the relay's pipe: socket to socket.
+                        if splicerelay.splice_write(relay, seg, self.sock):
+                            st.progressed()
+                            continue
+                        # The socket is full: its transport calls back (as
+                        # this outbox's producer) once it is writable.
+                        self.transport.startWriting()
                         break
                     if (
                         self.sock is None
@@ -2570,6 +2623,10 @@ def _receive_into_buffers(proto: NativeProtocol) -> None:
     ordinary = transport.doRead
 
     def do_read() -> Any:
+        if proto.routing:
+            done = splicerelay.splice_read(proto, sock)
+            if done is not NotImplemented:
+                return done
         reader = proto._reader
         room = reader.room() if reader is not None else None
         if room is None:
