@@ -43,6 +43,7 @@ without a relay.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import os
@@ -52,6 +53,7 @@ from typing import Any
 __all__ = [
     "AVAILABLE",
     "PIPE_BYTES",
+    "PIPES",
     "STALL_SECONDS",
     "SpliceRelay",
     "splice_read",
@@ -62,9 +64,12 @@ __all__ = [
 
 #: ``os.splice`` exists and moves socket bytes through pipes (Linux).
 AVAILABLE = hasattr(os, "splice") and sys.platform.startswith("linux")
-#: The relay's pipe size (the kernel may round it; the unprivileged limit is
-#: ``/proc/sys/fs/pipe-max-size``, 1 MiB by default).
+#: The size of each of the relay's pipes (the kernel may round it; the
+#: unprivileged limit is ``/proc/sys/fs/pipe-max-size``, 1 MiB by default).
 PIPE_BYTES = 1 << 20
+#: Pipes one relay may fill before it stops reading the sender: a few
+#: MiB in flight keep both sockets busy while the other side is scheduled.
+PIPES = 4
 #: How long a pull's engine connection may wait for a slow client before it
 #: is read into memory instead (a stalled client must not stall heartbeats).
 STALL_SECONDS = 0.25
@@ -75,21 +80,49 @@ _FLAGS = getattr(os, "SPLICE_F_NONBLOCK", 2) | getattr(os, "SPLICE_F_MOVE", 1)
 _enabled = AVAILABLE
 
 
+class _Pipe:
+    """One pipe of a relay: its two ends and the bytes in it."""
+
+    __slots__ = ("r", "w", "n", "cap", "full")
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass  # (the default size: smaller, still correct)
+        self.cap = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
+        self.n = 0
+        #: It took no more although under :attr:`cap` (its slots are used up).
+        self.full = False
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            try:
+                os.close(fd)
+            except OSError:  # pragma: no cover - already closed
+                pass
+
+
 class SpliceRelay:
-    """One stream's pipe and the bookkeeping between its two sockets.
+    """One stream's pipes and the bookkeeping between its two sockets.
+
+    Bytes go into the last pipe until it is full, then into a new one (up
+    to :data:`PIPES`), and come out of the first; so the pipes together are
+    one queue, in order.
 
     :param stream: the :class:`~kernel.nativeproto._Stream` being forwarded.
     :param pause: stops reading the sender's connection.
     :param resume: reads it again.
-    :param timed: the sender is an engine replying: a full pipe holds it
+    :param timed: the sender is an engine replying: full pipes hold it
         back for at most :data:`STALL_SECONDS` (see the module docstring).
     :raises OSError: no pipe could be made.
     """
 
     __slots__ = (
         "stream",
-        "r",
-        "w",
+        "pipes",
+        "spare",
         "capacity",
         "pending",
         "consumer",
@@ -104,16 +137,15 @@ class SpliceRelay:
 
     def __init__(self, stream: Any, pause: Any, resume: Any, timed: bool):
         self.stream = stream
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-        except OSError:
-            pass  # (the default size: smaller, still correct)
-        self.capacity = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
-        #: Bytes in the pipe: the next ones :attr:`consumer` sends.
+        first = _Pipe()
+        self.pipes: collections.deque[_Pipe] = collections.deque([first])
+        self.spare: list[_Pipe] = []
+        #: Bytes the pipes hold at most.
+        self.capacity = first.cap * PIPES
+        #: Bytes in the pipes: the next ones :attr:`consumer` sends.
         self.pending = 0
         #: The outbox segment (:class:`~kernel.nativeproto._Growing`) the
-        #: pipe's bytes belong to.
+        #: pipes' bytes belong to.
         self.consumer: Any = None
         self.paused = False
         self.stalled = False
@@ -124,7 +156,7 @@ class SpliceRelay:
         self.closed = False
 
     def close(self) -> None:
-        """Drop the pipe (and whatever is left in it); read the sender again."""
+        """Drop the pipes (and whatever is left in them); read the sender again."""
         if self.closed:
             return
         self.closed = True
@@ -132,11 +164,45 @@ class SpliceRelay:
         self.consumer = None
         self.pending = 0
         self._unpause()
-        for fd in (self.r, self.w):
+        for pipe in (*self.pipes, *self.spare):
+            pipe.close()
+        self.pipes.clear()
+        self.spare.clear()
+
+    def fill(self, fd: int, want: int) -> int | None:
+        """Splice up to ``want`` bytes from ``fd`` into the pipes.
+
+        :returns: bytes moved (0: end of file), or None if nothing could
+            move now (the pipes are full, or ``fd`` had nothing after all).
+        :raises OSError: as ``os.splice`` does, except for a full pipe.
+        """
+        for _ in range(2):
+            tail = self.pipes[-1]
+            if tail.full or tail.n >= tail.cap:
+                if len(self.pipes) >= PIPES:
+                    return None
+                tail = self.spare.pop() if self.spare else _Pipe()
+                self.pipes.append(tail)
             try:
-                os.close(fd)
-            except OSError:  # pragma: no cover - already closed
-                pass
+                n = os.splice(fd, tail.w, min(want, tail.cap - tail.n), flags=_FLAGS)
+            except BlockingIOError:
+                if not tail.n:
+                    return None  # (an empty pipe: the socket had nothing)
+                tail.full = True  # (or the socket had nothing: then so will the next)
+                continue
+            tail.n += n
+            self.pending += n
+            return n
+        return None
+
+    def full(self) -> bool:
+        """Can the pipes take no more?"""
+        tail = self.pipes[-1]
+        return len(self.pipes) >= PIPES and (tail.full or tail.n >= tail.cap)
+
+    def head(self) -> _Pipe:
+        """The pipe the next bytes come out of."""
+        return self.pipes[0]
 
     def _pause(self) -> None:
         if self.paused or self.pause is None:
@@ -167,8 +233,15 @@ class SpliceRelay:
         self._unpause()
 
     def took(self, n: int) -> None:
-        """The receiver sent ``n`` bytes from the pipe."""
+        """The receiver sent ``n`` bytes out of the first pipe."""
+        head = self.pipes[0]
+        head.n -= n
         self.pending -= n
+        if not head.n and len(self.pipes) > 1:
+            head.full = False
+            self.spare.append(self.pipes.popleft())
+        elif not head.n:
+            head.full = False
         self.stalled = False
         if self.paused and self.pending <= self.capacity // 2:
             self._unpause()
@@ -224,16 +297,9 @@ def splice_read(proto: Any, sock: Any) -> Any:
             return NotImplemented
     if relay.closed or relay.stalled:
         return NotImplemented
-    room = min(len(buf) - reader._filled, relay.capacity - relay.pending, 4 << 20)
-    if room <= 0:
-        relay._pause()
-        return None
+    room = min(len(buf) - reader._filled, 4 << 20)
     try:
-        n = os.splice(sock.fileno(), relay.w, room, flags=_FLAGS)
-    except BlockingIOError:
-        if relay.pending:
-            relay._pause()  # (the pipe is full, by its own count)
-        return None
+        n = relay.fill(sock.fileno(), room)
     except InterruptedError:
         return None
     except OSError as e:
@@ -243,12 +309,15 @@ def splice_read(proto: Any, sock: Any) -> Any:
         from twisted.internet import main
 
         return main.CONNECTION_LOST
+    if n is None:
+        if relay.full():
+            relay._pause()  # until the receiver has taken half
+        return None
     if not n:
         from twisted.internet import main
 
         return main.CONNECTION_DONE
     relay.consumer = seg
-    relay.pending += n
     st.spliced = True
     buf.spliced = True
     items = reader.received_into(n)  # (advances the stream: wakes the receiver)
@@ -263,9 +332,10 @@ def splice_write(relay: SpliceRelay, seg: Any, sock: Any) -> int:
     :returns: bytes sent; 0 if the socket is full (or broken: the
         transport's own write notices that).
     """
-    want = min(relay.pending, len(seg.view) - seg.offset)
+    head = relay.pipes[0]
+    want = min(head.n, len(seg.view) - seg.offset)
     try:
-        n = os.splice(relay.r, sock.fileno(), want, flags=_FLAGS)
+        n = os.splice(head.r, sock.fileno(), want, flags=_FLAGS)
     except OSError:
         return 0
     if n:
