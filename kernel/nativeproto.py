@@ -192,6 +192,12 @@ that has not started on the frame yet (its connection is busy with earlier
 frames) does not hold the sender back: the frame waits for it in its
 buffer, and no two forwardings can wait on each other.
 
+On Linux, when a sealed buffer has one receiver and both connections are
+plain TCP, its bytes do not even enter the controller's memory: they go
+socket to pipe to socket with ``splice`` (:mod:`kernel.splicerelay`), the
+receiver's frame queued behind nothing and nothing queued into it. Such a
+buffer is never read or forwarded again in the controller.
+
 Cut-through works the same over TLS (the buffers then go through the TLS
 transport in slices rather than straight to the socket). In the controller
 process, a blob pulled from an engine may still be arriving: code there
