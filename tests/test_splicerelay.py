@@ -155,6 +155,7 @@ def _digest(data) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_a_push_and_a_pull_go_socket_to_socket_and_arrive_byte_exact(loop, spliced):
+    fds = len(os.listdir("/proc/self/fd"))
     data = os.urandom(8 * MB + 3)
     assert await loop.client.callRemote("push", Serialized(b"s", [data])) == [len(data)]
     assert loop.stores[0].events == [("store", _digest(data))]
@@ -163,6 +164,8 @@ async def test_a_push_and_a_pull_go_socket_to_socket_and_arrive_byte_exact(loop,
     back = await loop.client.callRemote("pull")
     assert bytes(back.buffers[0]) == loop.stores[0].payload
     assert spliced["bytes"] > pushed  # the reply went through a pipe too
+    assert spliced["relays"] == 2
+    assert len(os.listdir("/proc/self/fd")) == fds  # and every pipe is closed again
 
 
 @pytest_twisted.ensureDeferred
