@@ -6,7 +6,8 @@ times, once per ``python -m twisted`` process. Here the starting process
 imports what the controller and engines need once (:func:`preload`), then each
 controller or engine is a ``fork`` of it that runs the twistd plugin
 (:func:`fork_twist`): same plugin, options, log file and session as
-``python -m twisted --log-file=LOG txkernel-engine ...``, without the imports.
+``python -m twisted --log-file=LOG txkernel-engine ...``, without the imports
+(nor those of ``twist`` itself: :func:`run_plugin` runs the plugin as it does).
 
 The reactor must not be installed in the forking process (a child would
 share its epoll object): :func:`preload` imports nothing that installs it, and
@@ -20,6 +21,7 @@ from __future__ import annotations
 import gc
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,11 +30,14 @@ from collections.abc import Sequence
 __all__ = [
     "CONTROLLER_PRELOAD",
     "ENGINE_PRELOAD",
+    "EX_USAGE",
+    "PLUGINS",
     "PRELOAD",
     "ForkedChild",
     "available",
     "fork_twist",
     "preload",
+    "run_plugin",
 ]
 
 #: What an engine imports on start, in the order it needs it; a controller
@@ -42,9 +47,9 @@ ENGINE_PRELOAD = (
     "twisted.internet.epollreactor",
     "twisted.internet.tcp",
     "twisted.internet.endpoints",
-    "twisted.application.app",
+    "twisted.application.service",
     "twisted.application.internet",
-    "twisted.application.twist._twist",
+    "twisted.logger",
     "kernel.tap",
     "kernel.nativeproto",
     "kernel.engineremote",
@@ -150,7 +155,8 @@ def fork_twist(
     cwd: str | None = None,
     path: Sequence[str] = (),
 ) -> ForkedChild:
-    """Fork a child that runs ``twist --log-file=LOG --log-format=text PLUGIN ARGS``.
+    """Fork a child that runs ``twist --log-file=LOG --log-format=text PLUGIN ARGS``
+    (:func:`run_plugin` for txkernel's plugins).
 
     The child starts a new session, reads /dev/null, writes to ``log_path``,
     and keeps no other file descriptor of this process. It exits with
@@ -188,9 +194,12 @@ def fork_twist(
             os.environ.update(env)
         sys.path[:0] = list(path)
         sys.argv = argv
-        from twisted.application.twist._twist import Twist
+        if plugin in PLUGINS:
+            run_plugin(plugin, args, log_path)
+        else:
+            from twisted.application.twist._twist import Twist
 
-        Twist.main(argv)
+            Twist.main(argv)
         status = 0
     except SystemExit as e:
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -205,6 +214,69 @@ def fork_twist(
             except Exception:
                 pass
         os._exit(status)
+
+
+#: The plugins :func:`run_plugin` runs, by name: where their ``Options`` and
+#: ``makeService`` are in :mod:`kernel.tap`.
+PLUGINS = {"txkernel-controller": "controller", "txkernel-engine": "engine"}
+
+#: ``twist``'s exit status for a usage error (``EX_USAGE``).
+EX_USAGE = 64
+
+
+def run_plugin(plugin: str, args: Sequence[str], log_path: str) -> None:
+    """Run a txkernel twistd plugin in this process, as ``twist
+    --log-file=LOG --log-format=text PLUGIN ARGS`` does: the plugin's options
+    and service, started under a :class:`~twisted.application.service.Application`
+    and stopped before the reactor shuts down, the default reactor, a text
+    log appended to ``log_path`` (level info and up), and an exit by the
+    signal that stopped the reactor, if any.
+
+    ``twist`` finds the plugin among every installed one and parses its own
+    options first; here the plugin is one of :data:`PLUGINS`, so a forking
+    starter need not import ``twist``'s machinery for its children.
+
+    :param plugin: a key of :data:`PLUGINS`.
+    :raises SystemExit: :data:`EX_USAGE` for bad ``args`` (the error and the
+        options' help are written to stderr).
+    """
+    from twisted.application.service import Application, IService
+    from twisted.logger import (
+        FilteringLogObserver,
+        Logger,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+    from twisted.python import usage
+
+    from kernel import tap
+
+    maker = getattr(tap, PLUGINS[plugin])
+    options = maker.Options()
+    try:
+        options.parseOptions(list(args))
+    except usage.UsageError as e:
+        sys.stderr.write(f"Error: {e}\n\n{options}\n")
+        raise SystemExit(EX_USAGE) from None
+    from twisted.internet import reactor
+
+    application = Application(plugin)
+    maker.makeService(options).setServiceParent(application)
+    top = IService(application)
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    observer = textFileLogObserver(open(log_path, "a"))  # (open for the process's life)
+    level = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(observer, [level])])
+    Logger().info("Starting reactor...")
+    reactor.run()
+    signum = getattr(reactor, "_exitSignal", None)
+    if signum is not None:
+        # (stopped by a signal: end by it too, as twist does)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _max_fd() -> int:

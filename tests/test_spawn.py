@@ -74,3 +74,19 @@ def test_what_engines_preload_is_part_of_what_controllers_need():
     assert set(spawn.ENGINE_PRELOAD) <= set(spawn.PRELOAD)
     assert set(spawn.CONTROLLER_PRELOAD) <= set(spawn.PRELOAD)
     assert not set(spawn.ENGINE_PRELOAD) & set(spawn.CONTROLLER_PRELOAD)
+
+
+def test_a_forked_plugin_with_bad_options_exits_with_a_usage_error(tmp_path):
+    from kernel.testing.processes import python_output
+
+    log = tmp_path / "engine.log"
+    code = (
+        "from kernel import spawn\n"
+        "spawn.preload(spawn.ENGINE_PRELOAD)\n"
+        f"child = spawn.fork_twist('txkernel-engine', ['--adapter=zmq'], {str(log)!r})\n"
+        "print(child.wait(60))\n"
+    )
+    assert python_output(code).split() == [str(spawn.EX_USAGE)]
+    text = log.read_text()
+    assert "use --adapter auto, native, fc or pb" in text
+    assert "--cluster-dir" in text  # the options' help follows the error

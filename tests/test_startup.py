@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -149,6 +150,8 @@ try:
         "starter": sorted(m for m in sys.modules if m.startswith("kernel.")),
         "controller_log": cluster.controller.log(100_000),
         "engine_log": cluster.engines[0].log(100_000),
+        # SIGTERM: each ends by that signal, as under twist
+        "statuses": [p.stop() for p in [*cluster.engines, cluster.controller]],
     }))
 finally:
     cluster.stop()
@@ -172,6 +175,7 @@ def test_a_forking_starter_leaves_the_controllers_own_code_to_the_forked_control
     assert "kernel.controllerservice" in in_controller
     assert "kernel.engineservice" not in in_controller | in_engine  # preloaded
     assert not set(spawn.CONTROLLER_PRELOAD) & in_engine
+    assert out["statuses"] == [-signal.SIGTERM] * 3
 
 
 ENGINES_FIRST = """
