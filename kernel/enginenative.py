@@ -67,7 +67,7 @@ PIPELINE = 8
 #: their memory, holding the engine's queue meanwhile; a smaller one is copied.
 LEND_BYTES = 1 << 20
 #: How often an engine that has never registered looks for its controller, seconds.
-STARTUP_POLL = 0.05
+STARTUP_POLL = 0.01
 #: For how long after it starts an engine looks that often, seconds.
 STARTUP_WINDOW = 10.0
 #: The service name of the engine registrar on a native controller.
