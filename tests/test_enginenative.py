@@ -400,7 +400,9 @@ def test_an_engine_started_before_its_controller_looks_for_it_often_then_backs_o
             g for a, g in zip(attempts, gaps, strict=False) if a >= enginenative.STARTUP_WINDOW
         ]
         assert set(in_window) == {enginenative.STARTUP_POLL}
-        assert after[0] < after[1] < after[2] and max(after) <= 2.0 + 1e-6  # backing off
+        # backing off (seen in steps of STARTUP_POLL: a call can fire one step late)
+        assert after[0] < after[1] < after[2]
+        assert max(after) <= 2.0 + enginenative.STARTUP_POLL + 1e-6
     finally:
         connector.stopService()
 
