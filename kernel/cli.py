@@ -121,15 +121,17 @@ def terminate(pids: Sequence[int], grace: float) -> list[int]:
 # ---------------------------------------------------------------------------
 
 
-def _forking(args: argparse.Namespace) -> bool:
-    """Will ``cluster start`` or ``run`` fork the processes (see ``--spawn``)?
-    If so, import what they need now (:func:`kernel.spawn.preload`)."""
+def _spawn_mode(args: argparse.Namespace) -> str:
+    """How ``cluster start`` and ``run`` start the processes: ``"fork"``
+    (``--spawn fork``, where possible) or ``"exec"``. When forking, what the
+    forked processes need is imported now (:func:`kernel.spawn.preload`;
+    again: nothing)."""
     from kernel import spawn
 
     if args.spawn == "fork" and spawn.available():
         spawn.preload(spawn.ENGINE_PRELOAD)
-        return True
-    return False
+        return "fork"
+    return "exec"
 
 
 def start_cluster(args: argparse.Namespace, cd: ClusterDir):
@@ -150,7 +152,7 @@ def start_cluster(args: argparse.Namespace, cd: ClusterDir):
         timeout=args.timeout,
         heartbeat=args.heartbeat,
         controller_args=[f"--adapter={args.adapter}"] if args.adapter else [],
-        spawn="fork" if _forking(args) else "exec",
+        spawn=_spawn_mode(args),
     )
     try:
         cluster.start(args.n)
@@ -161,7 +163,9 @@ def start_cluster(args: argparse.Namespace, cd: ClusterDir):
 
 
 def cmd_cluster_start(args: argparse.Namespace) -> int:
-    _forking(args)  # (first: the cluster directory's code is among it)
+    # What the forks need first: the cluster directory's code is part of it,
+    # and preload imports it more cheaply.
+    _spawn_mode(args)
     cd = _cluster_dir(args, create=True)
     cluster = start_cluster(args, cd)
     ids = sorted(cluster.registered())
@@ -172,7 +176,6 @@ def cmd_cluster_start(args: argparse.Namespace) -> int:
     if args.daemon:
         cluster.detach()
         print(f"stop it with `txkernel cluster stop --cluster-dir {cd.path}`")
-        args.nothing_to_clean_up = True
         return 0
     stopping = []
 
@@ -300,7 +303,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not os.path.isfile(args.script):
         raise CommandError(f"no such script: {args.script}", 2)
-    _forking(args)
+    _spawn_mode(args)
     from kernel import clusterdir
     from kernel.clusterdir import ClusterDir
     from kernel.testing.processes import subprocess_env
@@ -446,8 +449,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KernelError as e:
         print(f"txkernel: error: {e}", file=sys.stderr)
         return 1
-    if as_command and getattr(args, "nothing_to_clean_up", False):
-        exit_now(status)
+    if as_command and args.func is cmd_cluster_start and args.daemon and status == 0:
+        exit_now(status)  # (its processes are detached: nothing left to do)
     return status
 
 
