@@ -129,7 +129,7 @@ def _spawn_mode(args: argparse.Namespace) -> str:
     from kernel import spawn
 
     if args.spawn == "fork" and spawn.available():
-        spawn.preload(spawn.ENGINE_PRELOAD)
+        spawn.preload(spawn.COMMON_PRELOAD)
         return "fork"
     return "exec"
 

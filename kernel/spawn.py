@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 
 __all__ = [
+    "COMMON_PRELOAD",
     "CONTROLLER_PRELOAD",
     "ENGINE_PRELOAD",
     "EX_USAGE",
@@ -40,15 +41,13 @@ __all__ = [
     "run_plugin",
 ]
 
-#: What an engine imports on start, in the order it needs it; a controller
-#: needs all of it too. None of it installs the reactor (nor imports
-#: Foolscap, which would).
-ENGINE_PRELOAD = (
+#: What controllers and engines both import on start, in the order they need
+#: it. Nothing here (nor below) installs the reactor or imports Foolscap
+#: (which would).
+COMMON_PRELOAD = (
     "twisted.internet.epollreactor",
     "twisted.internet.tcp",
-    "twisted.internet.endpoints",
     "twisted.application.service",
-    "twisted.application.internet",
     "twisted.logger",
     "kernel.tap",
     "kernel.nativeproto",
@@ -57,10 +56,16 @@ ENGINE_PRELOAD = (
     "kernel.engineservice",
 )
 
-#: What a controller imports on start besides :data:`ENGINE_PRELOAD`.
-#: :class:`~kernel.testing.processes.LocalCluster` leaves it to the forked
-#: controller, which imports it while the starter forks the engines.
+#: What an engine imports on start besides :data:`COMMON_PRELOAD`.
+ENGINE_PRELOAD = ("twisted.internet.endpoints",)
+
+#: What a controller imports on start besides :data:`COMMON_PRELOAD`.
+#: :class:`~kernel.testing.processes.LocalCluster` forks the controller
+#: once :data:`COMMON_PRELOAD` is imported and leaves this to it: the
+#: controller imports it while the starter imports :data:`ENGINE_PRELOAD`
+#: and forks the engines.
 CONTROLLER_PRELOAD = (
+    "twisted.application.internet",
     "kernel.heartbeat",
     "kernel.controllerservice",
     "kernel.multiengine",
@@ -74,7 +79,7 @@ CONTROLLER_PRELOAD = (
 )
 
 #: Everything controllers and engines import on start.
-PRELOAD = ENGINE_PRELOAD + CONTROLLER_PRELOAD
+PRELOAD = COMMON_PRELOAD + ENGINE_PRELOAD + CONTROLLER_PRELOAD
 
 
 def available() -> bool:

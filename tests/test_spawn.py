@@ -63,17 +63,17 @@ def test_preloading_freezes_what_it_imported_and_leaves_the_collector_as_it_was(
     code = (
         "import gc; from kernel import spawn\n"
         "before = gc.get_freeze_count()\n"
-        "spawn.preload(spawn.ENGINE_PRELOAD)\n"
+        "spawn.preload(spawn.COMMON_PRELOAD)\n"
         "print(gc.isenabled(), gc.get_freeze_count() > before)\n"
         "gc.disable(); spawn.preload(spawn.ENGINE_PRELOAD); print(gc.isenabled())\n"
     )
     assert python_output(code).split() == ["True", "True", "False"]
 
 
-def test_what_engines_preload_is_part_of_what_controllers_need():
-    assert set(spawn.ENGINE_PRELOAD) <= set(spawn.PRELOAD)
-    assert set(spawn.CONTROLLER_PRELOAD) <= set(spawn.PRELOAD)
-    assert not set(spawn.ENGINE_PRELOAD) & set(spawn.CONTROLLER_PRELOAD)
+def test_the_preload_lists_split_everything_by_who_needs_it():
+    parts = (spawn.COMMON_PRELOAD, spawn.ENGINE_PRELOAD, spawn.CONTROLLER_PRELOAD)
+    assert sorted(spawn.PRELOAD) == sorted(m for part in parts for m in part)
+    assert len(set(spawn.PRELOAD)) == len(spawn.PRELOAD)  # each in one list only
 
 
 def test_a_forked_plugin_with_bad_options_exits_with_a_usage_error(tmp_path):
@@ -82,7 +82,7 @@ def test_a_forked_plugin_with_bad_options_exits_with_a_usage_error(tmp_path):
     log = tmp_path / "engine.log"
     code = (
         "from kernel import spawn\n"
-        "spawn.preload(spawn.ENGINE_PRELOAD)\n"
+        "spawn.preload(spawn.COMMON_PRELOAD + spawn.ENGINE_PRELOAD)\n"
         f"child = spawn.fork_twist('txkernel-engine', ['--adapter=zmq'], {str(log)!r})\n"
         "print(child.wait(60))\n"
     )

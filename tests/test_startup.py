@@ -159,21 +159,22 @@ finally:
 
 
 @pytest.mark.slow
-def test_a_forking_starter_leaves_the_controllers_own_code_to_the_forked_controller():
-    """The controller is forked once what engines need is imported; it
-    imports the rest of its code itself while the engines are forked, and
-    the engines never import it."""
+def test_a_forking_starter_forks_the_controller_before_the_engines_own_code_is_imported():
+    """The controller is forked once what it shares with engines is
+    imported: it imports the rest of its own code itself (while the starter
+    imports the engines' and forks them) and never what only engines need;
+    the engines never import the controller's code."""
     out = _run_forking(FORKED_START, importtime=True)
     assert out["registered"] == out["engines"]
     starter = set(out["starter"])
-    assert set(spawn.ENGINE_PRELOAD) & starter == {
-        m for m in spawn.ENGINE_PRELOAD if m.startswith("kernel.")
-    }
+    assert {m for m in spawn.COMMON_PRELOAD if m.startswith("kernel.")} <= starter
     assert not set(spawn.CONTROLLER_PRELOAD) & starter
     in_controller = _imported(out["controller_log"])
     in_engine = _imported(out["engine_log"])
-    assert "kernel.controllerservice" in in_controller
-    assert "kernel.engineservice" not in in_controller | in_engine  # preloaded
+    assert {"kernel.controllerservice", "twisted.application.internet"} <= in_controller
+    assert not set(spawn.ENGINE_PRELOAD) & in_controller
+    assert not set(spawn.ENGINE_PRELOAD) & in_engine  # preloaded before their fork
+    assert "kernel.engineservice" not in in_controller | in_engine  # preloaded for both
     assert not set(spawn.CONTROLLER_PRELOAD) & in_engine
     assert out["statuses"] == [-signal.SIGTERM] * 3
 

@@ -367,10 +367,11 @@ class LocalCluster:
         if self.spawn == "fork":
             from kernel import spawn
 
-            # What engines need, which the controller needs too: the
-            # controller is forked first and imports the rest of its own
-            # code while the engines are forked and start.
-            spawn.preload(spawn.ENGINE_PRELOAD)
+            # The controller is forked (first) once what both need is
+            # imported, and imports the rest of its own code while this
+            # process imports the engines' and forks them.
+            engine = plugin == "txkernel-engine"
+            spawn.preload(spawn.COMMON_PRELOAD + (spawn.ENGINE_PRELOAD if engine else ()))
             return Process.fork(name, plugin, args, log_path, env, path)
         return Process(name, twist_argv(plugin, args, log_path), log_path, env)
 
