@@ -17,14 +17,21 @@ joined, and lands in the engine's namespace in the buffer it was received in.
   The engine is exposed as :class:`NativeEngineReferenceFromService`. A
   large pulled value (or task result) is replied from its own memory, not
   copied: the engine's queue starts nothing else until the reply is written
-  (see :class:`_Lender`).
+  (see :class:`_Lender`). A small reply to ``execute`` or ``run_task``
+  leaves from the engine's executor thread as the command ends
+  (:class:`~kernel.nativeproto.ThreadReply`), unless the command wrote
+  output (which goes first, through the reactor thread); the reactor thread
+  is not woken for it while no other command waits, and ends it when the
+  next call comes.
 - Controller process: :class:`NativeEngineRegistrar` registers each engine as
   ``PipelinedEngine(NativeEngineFromReference(reference), max_in_flight=PIPELINE)``:
   up to :data:`PIPELINE` commands are sent ahead to each engine, which runs
   them in order from a queue of its own, so the next command is already there
   when one ends (``queue_status`` and ``clear_queue`` keep their meaning).
   Lost connections and missed heartbeats unregister the engine as with
-  Foolscap.
+  Foolscap. An ``execute`` or ``apply`` made for a client's multiengine
+  call gets its reply unread (:class:`~kernel.nativeproto.Verbatim`), to
+  be passed on to the client as it came.
 """
 
 from __future__ import annotations
@@ -163,7 +170,8 @@ class _EngineSideQueue(QueuedEngine):
 
     def execute(self, lines: str, on_done: Callable[[dict], Any] | None = None) -> defer.Deferred:
         """Queue ``execute``; ``on_done`` as for :meth:`EngineService.execute`."""
-        return self._enqueue_command(_Command("execute", (lines,), {}, on_done=on_done))
+        extra = None if on_done is None else {"on_done": on_done}
+        return self._enqueue_command(_Command("execute", (lines,), {}, extra=extra))
 
     def run_task(
         self,
@@ -176,7 +184,8 @@ class _EngineSideQueue(QueuedEngine):
         """Queue a task (see :meth:`QueuedEngine.run_task`); ``on_done`` as
         for :meth:`EngineService.run_task`."""
         kwargs = {"clear_before": clear_before, "clear_after": clear_after}
-        return self._enqueue_task(_Command("run_task", (payload,), kwargs, key, on_done))
+        extra = None if on_done is None else {"on_done": on_done}
+        return self._enqueue_task(_Command("run_task", (payload,), kwargs, key, extra))
 
     def add_output_observer(self, observer: Callable[[str, str], Any]) -> None:
         self.engine.add_output_observer(observer)
@@ -317,6 +326,28 @@ class PipelinedEngine(QueuedEngine):
     :class:`~kernel.error.QueueCleared`).
     """
 
+    def execute(self, lines: str) -> defer.Deferred:
+        """Queue ``execute``. Made for a client's multiengine call (see
+        :data:`kernel.nativeproto.PASSING_ON`), its reply comes back unread
+        (a :class:`~kernel.nativeproto.Verbatim`), to be passed on as it is."""
+        extra = {"verbatim": True} if nativeproto.PASSING_ON.get() else None
+        return self._enqueue_command(_Command("execute", (lines,), {}, extra=extra))
+
+    def run_task(
+        self,
+        payload: Serialized,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        key: str | None = None,
+    ) -> defer.Deferred:
+        """Queue a task (see :meth:`QueuedEngine.run_task`). A multiengine
+        ``apply`` (no ``key``) made for a client's call comes back unread,
+        as :meth:`execute`."""
+        kwargs = {"clear_before": clear_before, "clear_after": clear_after}
+        verbatim = key is None and nativeproto.PASSING_ON.get()
+        extra = {"verbatim": True} if verbatim else None
+        return self._enqueue_task(_Command("run_task", (payload,), kwargs, key, extra))
+
     def queue_status(self) -> defer.Deferred:
         """Fire ``{'queue': [...], 'pending': description or None}``: what
         runs on the engine, then what waits there and here, in the order it
@@ -352,6 +383,23 @@ class NativeEngineFromReference(EngineFromReference):
     Serialized blobs sent and received as they are (never joined, never opened).
     """
 
+    def _call_verbatim(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:
+        """:meth:`_call`, with a success's value left unread
+        (:meth:`kernel.nativeproto.NativeRemote.callRemoteVerbatim`)."""
+        d = defer.maybeDeferred(self.reference.callRemoteVerbatim, method, *args, **kwargs)
+        if self._streaming:
+            d.addBoth(self._after_output)
+        d.addCallbacks(_open, self._translate)
+        return d
+
+    def execute(self, lines: str, verbatim: bool = False) -> defer.Deferred:
+        """Run ``lines`` on the engine; fire its result dict (with
+        ``verbatim``, a :class:`~kernel.nativeproto.Verbatim` of it, to be
+        passed on unread)."""
+        if verbatim:
+            return self._call_verbatim("execute", lines)
+        return self._call("execute", lines)
+
     def push_serialized(self, namespace: dict[str, Serialized]) -> defer.Deferred:
         """Push ``name: Serialized`` pairs, unopened."""
         return self._call("push_serialized", dict(namespace))
@@ -386,13 +434,17 @@ class NativeEngineFromReference(EngineFromReference):
         clear_before: bool = False,
         clear_after: bool = False,
         key: str | None = None,
+        verbatim: bool = False,
     ) -> defer.Deferred:
         """Queue a task body on the engine (behind its waiting commands);
         fires its result dict with ``result`` a Serialized (unopened).
 
         :param key: names the task for :meth:`abort_task`.
+        :param verbatim: fire a :class:`~kernel.nativeproto.Verbatim` of the
+            result dict instead, to be passed on unread.
         """
-        return self._call(
+        call = self._call_verbatim if verbatim else self._call
+        return call(
             "run_task",
             payload,
             clear_before=bool(clear_before),

@@ -623,7 +623,7 @@ class EngineService:
 class _Command:
     """One queued call: which method, its arguments and the caller's Deferred."""
 
-    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done", "key", "on_done")
+    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done", "key", "extra")
 
     def __init__(
         self,
@@ -631,7 +631,7 @@ class _Command:
         args: tuple,
         kwargs: dict,
         key: str | None = None,
-        on_done: Callable[[Any], Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ):
         self.name = name
         self.args = args
@@ -640,8 +640,9 @@ class _Command:
         self.deferred: Deferred = Deferred()
         self.done = False
         self.key = key  # a task's key (see IEngineTaskQueue)
-        #: passed on as the engine method's ``on_done`` (not part of the description)
-        self.on_done = on_done
+        #: more keyword arguments for the engine method, left out of the
+        #: description (how to run it, not what it is: e.g. ``on_done``)
+        self.extra = extra
 
     @property
     def is_task(self) -> bool:
@@ -774,8 +775,8 @@ class QueuedEngine:
                 kwargs = cmd.kwargs
                 if cmd.is_task and self._engine_queues_tasks:
                     kwargs = dict(kwargs, key=cmd.key)
-                if cmd.on_done is not None:
-                    kwargs = dict(kwargs, on_done=cmd.on_done)
+                if cmd.extra:
+                    kwargs = {**kwargs, **cmd.extra}
                 d = maybeDeferred(getattr(self.engine, cmd.name), *cmd.args, **kwargs)
                 d.addBoth(self._finished, cmd)
         finally:

@@ -73,6 +73,9 @@ MULTIENGINE = "multiengine"
 # A push's blob only travels on to engines, unopened: a controller forwards
 # its large buffers as they arrive (kernel.nativeproto, "Cut-through forwarding").
 nativeproto.allow_cut_through(SynchronousMultiEngineFromMultiEngine, ("push_serialized",))
+# What engines reply to execute and apply goes back to the client as it came,
+# never decoded and encoded again here (kernel.nativeproto.allow_verbatim).
+nativeproto.allow_verbatim(SynchronousMultiEngineFromMultiEngine, ("execute", "apply_serialized"))
 
 
 @implementer(

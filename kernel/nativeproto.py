@@ -136,6 +136,24 @@ so frames leave in sequence order whichever thread writes them), then waits
 for the reply, which the reactor thread receives as usual. Every frame is
 signed the same way whichever thread sends it.
 
+A thread may also send a *reply* itself (:class:`ThreadReply`, for remote
+methods registered with :func:`allow_thread_reply`): an engine's executor
+thread answers a small command as it ends, without waking the reactor
+thread, on the same terms (idle connection, small plain frame, write lock);
+the reactor thread then sends nothing for that call. Whichever of the two
+decides first under the lock sends the reply, exactly once.
+
+Passing replies on unread
+-------------------------
+A controller relaying what engines reply to a client's ``execute`` or
+``apply`` (methods registered with :func:`allow_verbatim`) asks for the
+engines' successful replies unread: the JSON text of the value and its
+buffers (:class:`Verbatim`), which it writes into its own reply as they
+came. The client receives the very bytes it would have got had the
+controller decoded and encoded the value again; the controller still
+parses every header it acts on (a reply's call id and envelope), and still
+decodes failures and any reply its own code reads.
+
 Writing without joining
 -----------------------
 Twisted's transports accept only ``bytes`` (``write``/``writeSequence``
@@ -223,12 +241,14 @@ to each engine: nothing is serialized again.
 from __future__ import annotations
 
 import collections
+import contextvars
 import errno
 import hashlib
 import hmac
 import itertools
 import json
 import os
+import re
 import secrets
 import struct
 import sys
@@ -270,6 +290,9 @@ __all__ = [
     "allow_cut_through",
     "allow_thread_reply",
     "ThreadReply",
+    "allow_verbatim",
+    "PASSING_ON",
+    "Verbatim",
     "arrived",
     "NativeProtocol",
     "NativeRemote",
@@ -1562,12 +1585,51 @@ def _exposable(obj: Any) -> bool:
     return any(name.startswith("remote_") for name in dir(type(obj)))
 
 
-class _Encoder:
-    """Turns one message's values into JSON-able data plus a list of buffers."""
+class Verbatim:
+    """A value received as it was written (JSON text and its buffers) and
+    passed on unread: a controller relaying an engine's reply to a client
+    (see :func:`allow_verbatim`). Sent over a native connection, its text is
+    written as it came, so the receiver gets the very bytes the first
+    sender encoded; :meth:`value` decodes it for anyone who must read it.
 
-    def __init__(self, proto: NativeProtocol | None):
+    :ivar text: the value's JSON text (UTF-8).
+    :ivar buffers: the buffers its text refers to, by index from 0.
+    """
+
+    __slots__ = ("text", "buffers")
+
+    def __init__(self, text: bytes, buffers: list[Any]):
+        self.text = text
+        self.buffers = buffers
+
+    def value(self) -> Any:
+        """The value itself, decoded.
+
+        :raises ProtocolError: the text is not well-formed.
+        """
+        return decode(self.text, list(self.buffers))
+
+    def __repr__(self) -> str:
+        return f"<Verbatim {len(self.text)} bytes, {len(self.buffers)} buffers>"
+
+
+#: Stands in the header text for a :class:`Verbatim` value until its own
+#: text replaces it (random: unknown to whoever made the rest of the message).
+_VERBATIM_MARK = "\0v" + secrets.token_hex(8)
+
+
+class _Encoder:
+    """Turns one message's values into JSON-able data plus a list of buffers.
+
+    A :class:`Verbatim` value met before any buffer is written as its own
+    text (its buffers keep their indices); any other is decoded first.
+    """
+
+    def __init__(self, proto: NativeProtocol | None, open_verbatim: bool = False):
         self.proto = proto
         self.buffers: list[Any] = []
+        self.open_verbatim = open_verbatim
+        self.verbatim: Verbatim | None = None
 
     def buffer(self, b: Any) -> int:
         self.buffers.append(b)
@@ -1601,6 +1663,12 @@ class _Encoder:
             return {_BYTEARRAY: self.buffer(o)}
         if t is Serialized:
             return {_SERIALIZED: [self.buffer(f) for f in o.frames()]}
+        if t is Verbatim:
+            if self.buffers or self.verbatim is not None or self.open_verbatim:
+                return self.enc(o.value())
+            self.verbatim = o
+            self.buffers.extend(o.buffers)
+            return _VERBATIM_MARK
         if t in _copiers:
             name, to_state = _copiers[t]
             return {_COPY: [name, self.enc(to_state(o))]}
@@ -1690,10 +1758,20 @@ class _Decoder:
 _JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=True).encode
 
 
+#: The mark as it appears in a header.
+_VERBATIM_JSON = _JSON_ENCODE(_VERBATIM_MARK).encode("utf-8")
+
+
 def encode(value: Any, proto: NativeProtocol | None = None) -> tuple[bytes, list[Any]]:
     """A message (any value the transport carries) as ``(header, buffers)``."""
     e = _Encoder(proto)
     header = _JSON_ENCODE(e.enc(value)).encode("utf-8")
+    if e.verbatim is not None:
+        if header.count(_VERBATIM_JSON) == 1:
+            return header.replace(_VERBATIM_JSON, e.verbatim.text), e.buffers
+        # (the mark also stands in some text of the message: decode instead)
+        e = _Encoder(proto, open_verbatim=True)
+        header = _JSON_ENCODE(e.enc(value)).encode("utf-8")
     return header, e.buffers
 
 
@@ -2173,6 +2251,8 @@ class NativeProtocol(protocol.Protocol):
         self.lost_reason: Failure | None = None
         #: Calls whose replies may be forwarded as they arrive.
         self._stream_replies: set[int] = set()
+        #: Calls whose successful replies are delivered unread (:class:`Verbatim`).
+        self._verbatim_calls: set[int] = set()
 
     #: A routing side forwards frames as they arrive (see "Cut-through
     #: forwarding"); off, it receives each frame whole first.
@@ -2227,12 +2307,33 @@ class NativeProtocol(protocol.Protocol):
                         self._early(item)
                     elif t is Aborted:
                         self._aborted(item)
-                    else:
+                    elif not self._verbatim_calls or not self._verbatim_reply(*item):
                         self._message(decode(item[0], item[1], self))
         if POOL.tracked_bytes:
             from twisted.internet import reactor
 
             POOL.keep_trimmed(reactor)
+
+    def _verbatim_reply(self, header: bytes, buffers: list[Any]) -> bool:
+        """Deliver a success reply to a call made with ``verbatim`` unread:
+        ``("ok", Verbatim(value text, buffers))``. False: decode it as usual."""
+        m = _REPLY_HEAD.match(header)
+        if m is None:
+            return False
+        call_id = int(m.group(1))
+        if call_id not in self._verbatim_calls:
+            return False
+        start = m.end()
+        if not header.startswith(_OK_HEAD, start) or not header.endswith(_OK_TAIL):
+            return False  # (a failure: read as usual)
+        self._verbatim_calls.discard(call_id)
+        d = self._calls.pop(call_id, None)
+        if self._stream_replies:
+            self._stream_replies.discard(call_id)
+        if d is not None:
+            text = header[start + len(_OK_HEAD) : -len(_OK_TAIL)]
+            d.callback(("ok", Verbatim(text, buffers)))
+        return True
 
     def _early(self, item: Early) -> None:
         """Act on a frame still arriving, if what it asks for only forwards
@@ -2284,6 +2385,7 @@ class NativeProtocol(protocol.Protocol):
         elif kind in ("r", "e"):
             d = self._calls.pop(call_id, None)
             self._stream_replies.discard(call_id)
+            self._verbatim_calls.discard(call_id)
             if d is not None:
                 from kernel.error import EngineError
 
@@ -2375,6 +2477,7 @@ class NativeProtocol(protocol.Protocol):
         self._exports.clear()
         self._export_ids.clear()
         self._stream_replies.clear()
+        self._verbatim_calls.clear()
         if self._reader is not None:
             self._reader.abandon()
         if self._outbox is not None:
@@ -2414,12 +2517,16 @@ class NativeProtocol(protocol.Protocol):
             d = self._calls.pop(msg[1], None)
             if self._stream_replies:
                 self._stream_replies.discard(msg[1])
+            if self._verbatim_calls:
+                self._verbatim_calls.discard(msg[1])
             if d is not None:
                 d.callback(msg[2])
         elif kind == "e":
             d = self._calls.pop(msg[1], None)
             if self._stream_replies:
                 self._stream_replies.discard(msg[1])
+            if self._verbatim_calls:
+                self._verbatim_calls.discard(msg[1])
             if d is not None:
                 d.errback(Failure(ProtocolError(f"the peer failed the call: {msg[2]}")))
         else:
@@ -2444,7 +2551,14 @@ class NativeProtocol(protocol.Protocol):
                 if call_id and self._outbox is not None and self._outbox.sock is not None:
                     thread_reply = ThreadReply(self, call_id)
                 kwargs = dict(kwargs, thread_reply=thread_reply)
-            d = defer.maybeDeferred(func, *args, **kwargs)
+            if method in _verbatim_methods.get(type(target), ()):
+                token = PASSING_ON.set(True)
+                try:
+                    d = defer.maybeDeferred(func, *args, **kwargs)
+                finally:
+                    PASSING_ON.reset(token)
+            else:
+                d = defer.maybeDeferred(func, *args, **kwargs)
         except Exception:
             d = defer.fail()
         if call_id:
@@ -2524,12 +2638,15 @@ class NativeProtocol(protocol.Protocol):
         kwargs: dict,
         reply: bool = True,
         stream_reply: bool = False,
+        verbatim: bool = False,
     ):
         """Send a call; fire its (decoded) reply when ``reply``.
 
         :param stream_reply: a routing side may act on the reply before its
             large buffers have arrived (only forwarding them: see "Cut-through
             forwarding").
+        :param verbatim: a reply that is a success envelope fires as
+            ``("ok", Verbatim(...))``, its value unread (see :func:`allow_verbatim`).
         """
         if not self.connected_ or not self._auth_done:
             return defer.fail(error.ConnectionLost("the connection to the peer is closed"))
@@ -2542,11 +2659,14 @@ class NativeProtocol(protocol.Protocol):
             self._calls[call_id] = d
             if stream_reply:
                 self._stream_replies.add(call_id)
+            if verbatim:
+                self._verbatim_calls.add(call_id)
             try:
                 self._send(["c", call_id, oid, method, list(args), kwargs])
             except Exception:
                 self._calls.pop(call_id, None)
                 self._stream_replies.discard(call_id)
+                self._verbatim_calls.discard(call_id)
                 raise
             return d
         except Exception:
@@ -2779,6 +2899,36 @@ def allow_cut_through(cls: type, methods: Any) -> None:
     _cut_through_methods[cls] = frozenset(_cut_through_methods.get(cls, ())) | frozenset(methods)
 
 
+#: True while a remote method registered with :func:`allow_verbatim` runs
+#: (its synchronous part): engine replies it asks for may stay unread.
+PASSING_ON: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "txkernel_native_passing_on", default=False
+)
+
+#: type -> names of its remote methods that pass engine replies on unread
+#: (see :func:`allow_verbatim`).
+_verbatim_methods: dict[type, frozenset[str]] = {}
+
+
+def allow_verbatim(cls: type, methods: Any) -> None:
+    """Say that ``remote_<method>`` of ``cls`` instances, for each of
+    ``methods``, replies with what engines replied, unread (inside a
+    success envelope and a list per engine, as a multiengine does).
+
+    While such a method runs, :data:`PASSING_ON` is true: an engine call
+    made then may ask for its reply as a :class:`Verbatim`
+    (:meth:`NativeRemote.callRemoteVerbatim`), which the controller sends on
+    without decoding and encoding it again.
+    """
+    _verbatim_methods[cls] = frozenset(_verbatim_methods.get(cls, ())) | frozenset(methods)
+
+
+#: A reply frame's header up to its value: the call id.
+_REPLY_HEAD = re.compile(rb'\["r",(\d+),')
+#: How a success envelope's text starts and (with the message) ends.
+_OK_HEAD = b'{"\\u0000t":["ok",'
+_OK_TAIL = b"]}]"
+
 #: type -> names of its remote methods that may answer from another thread
 #: (see :func:`allow_thread_reply`).
 _thread_reply_methods: dict[type, frozenset[str]] = {}
@@ -2888,6 +3038,11 @@ class NativeRemote:
         """:meth:`callRemote`, letting a controller forward the reply's large
         buffers as they arrive (see :meth:`NativeProtocol.call`)."""
         return self.proto.call(self.oid, method, args, kwargs, stream_reply=True)
+
+    def callRemoteVerbatim(self, method: str, *args: Any, **kwargs: Any) -> defer.Deferred:  # noqa: N802
+        """:meth:`callRemote`; a successful reply fires as ``("ok",
+        Verbatim(...))``, its value unread (see :func:`allow_verbatim`)."""
+        return self.proto.call(self.oid, method, args, kwargs, verbatim=True)
 
     def callRemoteOnly(self, method: str, *args: Any, **kwargs: Any) -> None:  # noqa: N802
         """Call without waiting for (or getting) a reply."""
