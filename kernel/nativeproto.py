@@ -1775,18 +1775,34 @@ def encode(value: Any, proto: NativeProtocol | None = None) -> tuple[bytes, list
     return header, e.buffers
 
 
+#: The message being decoded, per thread (see :func:`decode`).
+_decoding = threading.local()
+
+
+def _decoding_hook(o: dict) -> Any:
+    return _decoding.current.hook(o)
+
+
+#: One JSON decoder for every header (making one per message costs more
+#: than the small messages it decodes); its hook reads this thread's message.
+_JSON_DECODE = json.JSONDecoder(object_hook=_decoding_hook).decode
+
+
 def decode(header: bytes, buffers: list[bytearray], proto: NativeProtocol | None = None) -> Any:
     """Inverse of :func:`encode`.
 
     :raises ProtocolError: the header is not well-formed.
     """
-    hook = _Decoder(proto, buffers).hook
+    previous = getattr(_decoding, "current", None)
+    _decoding.current = _Decoder(proto, buffers)
     try:
-        return json.JSONDecoder(object_hook=hook).decode(header.decode("utf-8"))
+        return _JSON_DECODE(header.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ProtocolError(f"a frame's header is not JSON: {e}") from None
     except RecursionError:
         raise ProtocolError("a frame's header nests too deeply") from None
+    finally:
+        _decoding.current = previous
 
 
 # ---------------------------------------------------------------------------

@@ -173,3 +173,50 @@ async def test_the_controllers_own_callers_and_tasks_get_decoded_results(loop):
 def test_the_native_multiengine_front_end_passes_execute_and_apply_on_unread():
     methods = nativeproto._verbatim_methods[multiengineremote.SynchronousMultiEngineFromMultiEngine]
     assert methods == {"execute", "apply_serialized"}
+
+
+# -- the shared decoder ----------------------------------------------------------------
+
+
+class _Nested:
+    def __init__(self, inner):
+        self.inner = inner
+
+
+def test_decoding_inside_a_decode_leaves_the_outer_message_intact():
+    """One JSON decoder serves every message: a value rebuilt while a message
+    is decoded may decode a message of its own."""
+    inner_header, inner_buffers = encode({"b": b"inner"})
+    nativeproto.register_copyable(
+        _Nested,
+        "test.nested",
+        lambda o: o.inner,
+        lambda state: _Nested(decode(inner_header, [bytearray(b) for b in inner_buffers])),
+    )
+    header, buffers = encode([b"outer", _Nested(None), {"x": b"after"}])
+    out = decode(header, [bytearray(b) for b in buffers])
+    assert out[0] == b"outer" and out[2] == {"x": b"after"}
+    assert out[1].inner == {"b": b"inner"}
+
+
+def test_threads_decode_at_once_each_with_its_own_buffers():
+    import threading
+
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for j in range(300):
+                header, buffers = encode([i, j, bytes([i]) * (j % 7 + 1)])
+                got = decode(header, [bytearray(b) for b in buffers])
+                assert got == [i, j, bytes([i]) * (j % 7 + 1)]
+            results[i] = True
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert not errors and len(results) == 4
