@@ -1622,14 +1622,16 @@ class _Encoder:
     """Turns one message's values into JSON-able data plus a list of buffers.
 
     A :class:`Verbatim` value met before any buffer is written as its own
-    text (its buffers keep their indices); any other is decoded first.
+    text (its buffers keep their indices: a multiengine's reply from one
+    engine, or from several that replied without buffers); any other is
+    decoded first.
     """
 
     def __init__(self, proto: NativeProtocol | None, open_verbatim: bool = False):
         self.proto = proto
         self.buffers: list[Any] = []
         self.open_verbatim = open_verbatim
-        self.verbatim: Verbatim | None = None
+        self.verbatim: list[Verbatim] = []
 
     def buffer(self, b: Any) -> int:
         self.buffers.append(b)
@@ -1664,11 +1666,11 @@ class _Encoder:
         if t is Serialized:
             return {_SERIALIZED: [self.buffer(f) for f in o.frames()]}
         if t is Verbatim:
-            if self.buffers or self.verbatim is not None or self.open_verbatim:
+            if self.buffers or self.open_verbatim:
                 return self.enc(o.value())
-            self.verbatim = o
+            self.verbatim.append(o)
             self.buffers.extend(o.buffers)
-            return _VERBATIM_MARK
+            return f"{_VERBATIM_MARK}{len(self.verbatim)}"
         if t in _copiers:
             name, to_state = _copiers[t]
             return {_COPY: [name, self.enc(to_state(o))]}
@@ -1758,18 +1760,35 @@ class _Decoder:
 _JSON_ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=True).encode
 
 
-#: The mark as it appears in a header.
-_VERBATIM_JSON = _JSON_ENCODE(_VERBATIM_MARK).encode("utf-8")
+def _spliced(header: bytes, verbatim: list[Verbatim]) -> bytes | None:
+    """``header`` with the text of each :class:`Verbatim` where its mark
+    stands, or None if a mark is not there exactly once (the message holds
+    text that looks like one)."""
+    places = []
+    for i, v in enumerate(verbatim, 1):
+        mark = _JSON_ENCODE(f"{_VERBATIM_MARK}{i}").encode("utf-8")
+        if header.count(mark) != 1:
+            return None
+        at = header.find(mark)
+        places.append((at, at + len(mark), v.text))
+    places.sort()
+    parts, pos = [], 0
+    for at, end, text in places:
+        parts += (header[pos:at], text)
+        pos = end
+    parts.append(header[pos:])
+    return b"".join(parts)
 
 
 def encode(value: Any, proto: NativeProtocol | None = None) -> tuple[bytes, list[Any]]:
     """A message (any value the transport carries) as ``(header, buffers)``."""
     e = _Encoder(proto)
     header = _JSON_ENCODE(e.enc(value)).encode("utf-8")
-    if e.verbatim is not None:
-        if header.count(_VERBATIM_JSON) == 1:
-            return header.replace(_VERBATIM_JSON, e.verbatim.text), e.buffers
-        # (the mark also stands in some text of the message: decode instead)
+    if e.verbatim:
+        spliced = _spliced(header, e.verbatim)
+        if spliced is not None:
+            return spliced, e.buffers
+        # (a mark also stands in some text of the message: decode instead)
         e = _Encoder(proto, open_verbatim=True)
         header = _JSON_ENCODE(e.enc(value)).encode("utf-8")
     return header, e.buffers

@@ -220,3 +220,13 @@ def test_threads_decode_at_once_each_with_its_own_buffers():
     for t in threads:
         t.join(WAIT)
     assert not errors and len(results) == 4
+
+
+def test_several_values_without_buffers_are_each_passed_on_unread(monkeypatch):
+    replies = [{"id": i, "input": "x = 1", "stdout": "", "stderr": ""} for i in range(12)]
+    relayed = [Verbatim(*_received(r)) for r in replies]
+    expected = encode(["r", 4, package_success(replies)])
+    monkeypatch.setattr(Verbatim, "value", lambda self: pytest.fail("decoded"))
+    header, buffers = encode(["r", 4, package_success(relayed)])
+    _same_frame((header, buffers), expected)
+    assert all(header.count(v.text) == 1 for v in relayed) and not buffers
