@@ -151,7 +151,7 @@ try:
         "controller_log": cluster.controller.log(100_000),
         "engine_log": cluster.engines[0].log(100_000),
         # SIGTERM: each ends by that signal, as under twist
-        "statuses": [p.stop() for p in [*cluster.engines, cluster.controller]],
+        "statuses": [p.stop(60) for p in [*cluster.engines, cluster.controller]],
     }))
 finally:
     cluster.stop()
