@@ -125,3 +125,67 @@ def test_threads_taking_at_once_never_get_the_same_free_buffer():
         t.join(timeout=60)
     assert len(got) == 64
     assert len({id(b) for b in got}) == 64  # every buffer handed out is held: all distinct
+
+
+# -- new large buffers on huge pages ---------------------------------------------
+
+
+def _recording_madvise(monkeypatch):
+    """Replace madvise (only) with a recorder; returns the calls it saw."""
+    from kernel import bufferpool
+
+    calls = bufferpool._huge_calls()
+    if not calls:
+        return None
+    seen = []
+    ctypes, resize, _ = calls
+    monkeypatch.setattr(bufferpool, "_huge", (ctypes, resize, lambda *a: seen.append(a) or 0))
+    return seen
+
+
+def test_a_new_large_buffer_is_asked_onto_huge_pages_and_is_zero_filled(monkeypatch):
+    import ctypes
+    import sys
+
+    from kernel.bufferpool import HUGE_BYTES, allocate
+
+    seen = _recording_madvise(monkeypatch)
+    if sys.platform.startswith("linux"):
+        assert seen is not None  # (CPython on Linux: the calls are there)
+    size = HUGE_BYTES + 12345
+    buf = allocate(Routed, size)
+    assert type(buf) is Routed and len(buf) == size
+    assert buf.count(0) == size  # zero-filled, like Routed(size)
+    buf[-1] = 7  # and writable
+    if seen is not None:
+        ((start, length, advice),) = seen
+        addr = ctypes.addressof((ctypes.c_char * size).from_buffer(buf))
+        assert advice == 14  # MADV_HUGEPAGE
+        assert start % 4096 == 0 and start <= addr and start + length == addr + size
+
+
+def test_a_buffer_under_the_huge_size_is_a_plain_one(monkeypatch):
+    from kernel.bufferpool import HUGE_BYTES, allocate
+
+    seen = _recording_madvise(monkeypatch)
+    buf = allocate(bytearray, HUGE_BYTES - 1)
+    assert type(buf) is bytearray and len(buf) == HUGE_BYTES - 1 and buf.count(0) == len(buf)
+    assert not seen
+
+
+def test_where_huge_pages_cannot_be_asked_for_a_new_buffer_is_made_the_plain_way(monkeypatch):
+    from kernel import bufferpool
+
+    monkeypatch.setattr(bufferpool, "_huge", False)
+    buf = bufferpool.allocate(Routed, bufferpool.HUGE_BYTES)
+    assert type(buf) is Routed and len(buf) == bufferpool.HUGE_BYTES and buf.count(0) == len(buf)
+
+
+def test_the_pool_makes_its_new_large_buffers_with_allocate(monkeypatch):
+    from kernel import bufferpool
+
+    made = []
+    monkeypatch.setattr(bufferpool, "allocate", lambda kind, size: made.append(size) or kind(size))
+    pool, _ = make_pool()
+    buf = pool.take(bytearray, SIZE)
+    assert made == [SIZE] and len(buf) == SIZE
