@@ -15,12 +15,6 @@ array built on it, a ``Serialized`` blob, an outbox slice being written)
 holds a reference to the buffer object, so a buffer whose reference count is
 the pool's own is unreachable from anywhere else and cannot be reached again.
 
-A new large buffer (:func:`allocate`, :data:`HUGE_BYTES` or more) is asked
-to live on transparent huge pages where the kernel offers them (Linux,
-``madvise(MADV_HUGEPAGE)``) before it is zero-filled: faulting in 100 MB of
-2 MiB pages costs a fraction of 4 KiB ones (the first, cold, transfer of a
-new size pays it in every process that receives).
-
 Free buffers are not kept forever: :meth:`BufferPool.trim` drops those idle
 for :data:`IDLE_SECONDS`, and the pool never tracks more than
 :data:`LIMIT_BYTES` in all.
@@ -34,20 +28,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = [
-    "MIN_BYTES",
-    "HUGE_BYTES",
-    "LIMIT_BYTES",
-    "IDLE_SECONDS",
-    "BufferPool",
-    "POOL",
-    "allocate",
-]
+__all__ = ["MIN_BYTES", "LIMIT_BYTES", "IDLE_SECONDS", "BufferPool", "POOL"]
 
 #: Buffers smaller than this are allocated fresh each time (cheap enough).
 MIN_BYTES = 1 << 20
-#: New buffers this large or larger are put on huge pages (see :func:`allocate`).
-HUGE_BYTES = 8 << 20
 #: Most bytes the pool tracks at once (in use or free).
 LIMIT_BYTES = 512 << 20
 #: A free buffer unused this long is released by :meth:`BufferPool.trim`.
@@ -57,59 +41,6 @@ IDLE_SECONDS = 10.0
 def _refs(entry: list) -> int:
     """The reference count of the buffer in ``entry``, as seen from here."""
     return sys.getrefcount(entry[0])
-
-
-_MADV_HUGEPAGE = 14
-_PAGE = 4096
-#: (resize, madvise, memset) once looked up; False where unavailable.
-_huge: Any = None
-
-
-def _huge_calls() -> Any:
-    global _huge
-    if _huge is None:
-        _huge = False
-        try:
-            import ctypes
-            import platform
-
-            if sys.platform.startswith("linux") and platform.python_implementation() == "CPython":
-                madvise = ctypes.CDLL(None, use_errno=True).madvise
-                madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-                resize = ctypes.pythonapi.PyByteArray_Resize
-                resize.argtypes = [ctypes.py_object, ctypes.c_ssize_t]
-                resize.restype = ctypes.c_int
-                _huge = (ctypes, resize, madvise)
-        except Exception:  # pragma: no cover - no libc symbols to call
-            _huge = False
-    return _huge
-
-
-def allocate(kind: type, size: int) -> Any:
-    """A new zero-filled ``kind(size)``; one of :data:`HUGE_BYTES` or more
-    asked to live on transparent huge pages first (Linux, CPython; elsewhere,
-    or if that fails, simply ``kind(size)``).
-
-    :param kind: ``bytearray`` or a subclass of it.
-    """
-    calls = _huge_calls() if size >= HUGE_BYTES else False
-    if not calls:
-        return kind(size)
-    ctypes, resize, madvise = calls
-    try:
-        buf = kind()
-        resize(buf, size)  # (room, not yet written: no page is touched)
-        view = (ctypes.c_char * size).from_buffer(buf)
-        try:
-            addr = ctypes.addressof(view)
-            start = addr & ~(_PAGE - 1)
-            madvise(start, addr + size - start, _MADV_HUGEPAGE)  # (a hint: may be refused)
-            ctypes.memset(addr, 0, size)
-        finally:
-            del view
-    except Exception:  # pragma: no cover - the plain way always works
-        return kind(size)
-    return buf
 
 
 # What _refs sees for a buffer held by its entry alone (measured, not assumed:
@@ -162,7 +93,7 @@ class BufferPool:
                     entry[1] = now
                     return entry[0]
             self._trim(now, size)
-        buf = allocate(kind, size)  # (outside the lock: it may take a while)
+        buf = kind(size)  # (allocated outside the lock: it may take a while)
         with self._lock:
             if self._bytes + size <= self.limit:
                 self._entries.append([buf, now])
