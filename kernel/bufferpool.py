@@ -15,6 +15,12 @@ array built on it, a ``Serialized`` blob, an outbox slice being written)
 holds a reference to the buffer object, so a buffer whose reference count is
 the pool's own is unreachable from anywhere else and cannot be reached again.
 
+A new buffer is not zero-filled either (:func:`allocate`): a receive
+overwrites it, as it does a reused one, and a large allocation then costs
+nothing until its pages are written. That matters most in a controller,
+which may forward a buffer socket to socket without ever writing it (see
+:mod:`kernel.splicerelay`): its pages are never faulted in at all.
+
 Free buffers are not kept forever: :meth:`BufferPool.trim` drops those idle
 for :data:`IDLE_SECONDS`, and the pool never tracks more than
 :data:`LIMIT_BYTES` in all.
@@ -28,7 +34,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MIN_BYTES", "LIMIT_BYTES", "IDLE_SECONDS", "BufferPool", "POOL"]
+__all__ = ["MIN_BYTES", "LIMIT_BYTES", "IDLE_SECONDS", "BufferPool", "POOL", "allocate"]
 
 #: Buffers smaller than this are allocated fresh each time (cheap enough).
 MIN_BYTES = 1 << 20
@@ -41,6 +47,47 @@ IDLE_SECONDS = 10.0
 def _refs(entry: list) -> int:
     """The reference count of the buffer in ``entry``, as seen from here."""
     return sys.getrefcount(entry[0])
+
+
+#: CPython's ``PyByteArray_Resize`` once looked up; False where unavailable.
+_resize: Any = None
+
+
+def _resizer() -> Any:
+    global _resize
+    if _resize is None:
+        _resize = False
+        try:
+            import ctypes
+            import platform
+
+            if platform.python_implementation() == "CPython":
+                resize = ctypes.pythonapi.PyByteArray_Resize
+                resize.argtypes = [ctypes.py_object, ctypes.c_ssize_t]
+                resize.restype = ctypes.c_int
+                _resize = resize
+        except Exception:  # pragma: no cover - no C API to call
+            _resize = False
+    return _resize
+
+
+def allocate(kind: type, size: int) -> Any:
+    """A new ``kind(size)`` whose bytes are not zero-filled (undefined, like
+    a reused buffer's), for a receive to overwrite: a large one then costs
+    nothing until its pages are written. Where that is not possible, a
+    plain (zero-filled) ``kind(size)``.
+
+    :param kind: ``bytearray`` or a subclass of it.
+    """
+    resize = _resizer() if size >= MIN_BYTES else False
+    if not resize:
+        return kind(size)
+    buf = kind()
+    try:
+        resize(buf, size)
+    except Exception:  # pragma: no cover - out of memory: as kind(size) would
+        return kind(size)
+    return buf
 
 
 # What _refs sees for a buffer held by its entry alone (measured, not assumed:
@@ -80,7 +127,8 @@ class BufferPool:
 
     def take(self, kind: type, size: int) -> Any:
         """A buffer ``kind(size)``: a free tracked one of that type and size
-        if there is one (its content is left as it was), else a new one.
+        if there is one (its content is left as it was), else a new one
+        (:func:`allocate`: its content is undefined).
 
         :param kind: ``bytearray`` or a subclass of it.
         """
@@ -93,7 +141,7 @@ class BufferPool:
                     entry[1] = now
                     return entry[0]
             self._trim(now, size)
-        buf = kind(size)  # (allocated outside the lock: it may take a while)
+        buf = allocate(kind, size)  # (outside the lock: it may take a while)
         with self._lock:
             if self._bytes + size <= self.limit:
                 self._entries.append([buf, now])

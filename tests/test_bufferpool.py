@@ -125,3 +125,49 @@ def test_threads_taking_at_once_never_get_the_same_free_buffer():
         t.join(timeout=60)
     assert len(got) == 64
     assert len({id(b) for b in got}) == 64  # every buffer handed out is held: all distinct
+
+
+# -- new buffers -------------------------------------------------------------------
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_new_large_buffer_is_not_zero_filled_so_its_pages_cost_nothing_until_written():
+    import sys
+
+    from kernel.bufferpool import allocate
+
+    size = 256 * MIN_BYTES
+    before = _resident_bytes() if sys.platform.startswith("linux") else None
+    buf = allocate(Routed, size)
+    assert type(buf) is Routed and len(buf) == size
+    if before is not None:
+        assert _resident_bytes() - before < size // 4  # (bytearray(size) would touch all)
+    buf[-1] = 7  # writable to the end
+    buf[:3] = b"abc"
+    assert buf[:3] == b"abc" and buf[-1] == 7
+
+
+def test_small_new_buffers_and_those_without_the_c_api_are_plain_zero_filled_ones(monkeypatch):
+    from kernel import bufferpool
+
+    small = bufferpool.allocate(bytearray, MIN_BYTES - 1)
+    assert type(small) is bytearray and small.count(0) == len(small) == MIN_BYTES - 1
+    monkeypatch.setattr(bufferpool, "_resize", False)
+    plain = bufferpool.allocate(Routed, SIZE)
+    assert type(plain) is Routed and plain.count(0) == len(plain) == SIZE
+
+
+def test_the_pool_makes_its_new_buffers_with_allocate(monkeypatch):
+    from kernel import bufferpool
+
+    made = []
+    monkeypatch.setattr(bufferpool, "allocate", lambda kind, size: made.append(size) or kind(size))
+    pool, _ = make_pool()
+    buf = pool.take(bytearray, SIZE)
+    assert made == [SIZE] and len(buf) == SIZE
