@@ -22,7 +22,10 @@ joined, and lands in the engine's namespace in the buffer it was received in.
   (:class:`~kernel.nativeproto.ThreadReply`), unless the command wrote
   output (which goes first, through the reactor thread); the reactor thread
   is not woken for it while no other command waits, and ends it when the
-  next call comes.
+  next call comes. Tasks sent ahead wait on the engine thread itself
+  (:meth:`~kernel.engineservice.EngineService.run_task_ahead`), which runs
+  them back to back; a command, an abort or a hold takes back those that
+  have not started (see :class:`_EngineSideQueue`).
 - Controller process: :class:`NativeEngineRegistrar` registers each engine as
   ``PipelinedEngine(NativeEngineFromReference(reference), max_in_flight=PIPELINE)``:
   up to :data:`PIPELINE` commands are sent ahead to each engine, which runs
@@ -52,7 +55,14 @@ from kernel.engineremote import (
     EngineRegistrar,
     _open,
 )
-from kernel.engineservice import QueuedEngine, _Command
+from kernel.engineservice import (
+    FINISHED,
+    INTERRUPTED,
+    RUNNING,
+    WITHDRAWN,
+    QueuedEngine,
+    _Command,
+)
 from kernel.envelope import package_success
 from kernel.error import ConnectionError
 from kernel.interfaces import IEngineBase, IEngineInterrupt, IEngineTaskQueue
@@ -73,6 +83,8 @@ PIPELINE = 8
 #: A reply viewing at least this many bytes of live objects is sent from
 #: their memory, holding the engine's queue meanwhile; a smaller one is copied.
 LEND_BYTES = 1 << 20
+#: Tasks on an engine's thread at once (the running one and those sent ahead).
+ENGINE_THREAD_TASKS = 8
 #: How often an engine that has never registered looks for its controller, seconds.
 STARTUP_POLL = 0.01
 #: For how long after it starts an engine looks that often, seconds.
@@ -108,11 +120,13 @@ class _Lender:
     :param queue: the engine-side queue to hold.
     """
 
-    __slots__ = ("queue", "release")
+    __slots__ = ("queue", "release", "paused", "finished")
 
     def __init__(self, queue: _EngineSideQueue):
         self.queue = queue
         self.release: Callable[[], None] | None = None
+        self.paused: Callable[[], None] | None = None  # resumes the engine thread
+        self.finished = False
 
     def lend(self, blobs: list[Serialized]) -> list[Serialized]:
         """The blobs to reply with (runs as the command ends, before the queue
@@ -122,9 +136,38 @@ class _Lender:
         self.release = self.queue.hold()
         return blobs
 
+    def finish_task(self, result: dict) -> dict:
+        """On the engine thread, as a task sent ahead ends (before the next
+        one starts there): copy a small result; for a large one, pause the
+        engine thread until the reply is written."""
+        self.finished = True
+        blob = result["result"]
+        if _lent_bytes([blob]) < LEND_BYTES:
+            result["result"] = _owned(blob)
+        else:
+            self.paused = self.queue.engine.pause_engine_thread()
+        return result
+
+    def task_result(self, result: dict) -> dict:
+        """The result dict to reply with (reactor thread)."""
+        if not self.finished:  # (not sent ahead: lend it here)
+            return dict(result, result=self.lend([result["result"]])[0])
+        if self.paused is not None:
+            hold, resume = self.queue.hold(), self.paused
+            self.paused = None
+
+            def release() -> None:
+                resume()
+                hold()
+
+            self.release = release
+        return result
+
     def reply(self, reply: Any) -> Any:
         """The reply, wrapped so the queue is released once it is written."""
         release, self.release = self.release, None
+        if release is None:
+            release, self.paused = self.paused, None
         if release is None:
             return reply
         if isinstance(reply, Failure):
@@ -137,12 +180,22 @@ class _EngineSideQueue(QueuedEngine):
     """The engine process's own FIFO of the commands sent ahead to it, so
     that ``clear_queue`` can still drop those that have not started.
 
+    Tasks go on to the engine thread while no command waits or runs (up to
+    :data:`ENGINE_THREAD_TASKS` there), so it starts the next as soon as one
+    ends. A command that comes takes back those that have not started
+    (:meth:`~kernel.engineservice.EngineService.withdraw_task`), so it
+    waits for the running one only; :meth:`abort_task` withdraws a task
+    there that has not started, and interrupts it only while it is the one
+    running.
+
     :meth:`hold` keeps the next command from starting (see :class:`_Lender`).
     """
 
     def __init__(self, engine: Any):
         super().__init__(engine)
         self._holds = 0
+        #: the engine takes tasks ahead on its thread
+        self._ahead = callable(getattr(engine, "run_task_ahead", None))
 
     def hold(self) -> Callable[[], None]:
         """Start no command until the returned function is called (once)."""
@@ -173,19 +226,97 @@ class _EngineSideQueue(QueuedEngine):
         extra = None if on_done is None else {"on_done": on_done}
         return self._enqueue_command(_Command("execute", (lines,), {}, extra=extra))
 
+    def _next(self) -> _Command | None:
+        if not self._ahead:
+            return super()._next()
+        if self._holds or self.is_lost:
+            return None
+        in_flight = self._in_flight
+        if self._queue:
+            if in_flight:
+                self._take_back()
+                if in_flight:
+                    return None  # after the one running
+            return self._queue.popleft()
+        if (
+            self._tasks
+            and len(in_flight) < ENGINE_THREAD_TASKS
+            and (not in_flight or in_flight[0].is_task)
+        ):
+            return self._tasks.popleft()
+        return None
+
+    def _take_back(self) -> None:
+        """Take back the tasks on the engine thread behind the oldest that
+        have not started (newest first), to wait here again in their order.
+        (The oldest counts as running, as on an engine without this queue.)"""
+        in_flight = self._in_flight
+        while len(in_flight) > 1:
+            cmd = in_flight[-1]
+            if not (cmd.is_task and cmd.sent is not None and self.engine.withdraw_task(cmd.sent)):
+                return
+            in_flight.pop()
+            cmd.sent = None
+            self._tasks.appendleft(cmd)
+
+    def _start(self, cmd: _Command) -> defer.Deferred:
+        if not (cmd.is_task and self._ahead):
+            return super()._start(cmd)
+        return self.engine.run_task_ahead(*cmd.args, **cmd.kwargs, **(cmd.extra or {}))
+
     def run_task(
         self,
         payload: Serialized,
         clear_before: bool = False,
         clear_after: bool = False,
         key: str | None = None,
+        finish: Callable[[dict], dict] | None = None,
         on_done: Callable[[dict], Any] | None = None,
     ) -> defer.Deferred:
-        """Queue a task (see :meth:`QueuedEngine.run_task`); ``on_done`` as
-        for :meth:`EngineService.run_task`."""
+        """Queue a task (see :meth:`QueuedEngine.run_task`).
+
+        :param finish: passed to
+            :meth:`~kernel.engineservice.EngineService.run_task_ahead`
+            (unused by an engine without it).
+        :param on_done: as for :meth:`EngineService.run_task`.
+        """
         kwargs = {"clear_before": clear_before, "clear_after": clear_after}
-        extra = None if on_done is None else {"on_done": on_done}
-        return self._enqueue_task(_Command("run_task", (payload,), kwargs, key, extra))
+        extra = {"finish": finish} if finish is not None and self._ahead else {}
+        if on_done is not None:
+            extra["on_done"] = on_done
+        return self._enqueue_task(_Command("run_task", (payload,), kwargs, key, extra or None))
+
+    def abort_task(self, key: str, interrupt: bool = True) -> defer.Deferred:
+        """Withdraw the task ``key`` if it has not started (here or on the
+        engine thread); interrupt it if it runs and ``interrupt``."""
+        if self._ahead and key is not None and not self.is_lost:
+            for cmd in self._in_flight:
+                if cmd.key == key and cmd.sent is not None:
+                    if self.engine.withdraw_task(cmd.sent):
+                        self._in_flight.remove(cmd)
+                        self._withdrawn(cmd)
+                        self._pump()
+                        return defer.succeed(WITHDRAWN)
+                    if not interrupt:
+                        return defer.succeed(RUNNING)
+                    interrupted = self.engine.interrupt_task(cmd.sent)
+                    return defer.succeed(INTERRUPTED if interrupted else FINISHED)
+        return super().abort_task(key, interrupt)
+
+    def queue_status(self) -> defer.Deferred:
+        """As :meth:`QueuedEngine.queue_status`, the tasks on the engine
+        thread behind the running one counted as waiting."""
+        if not self._ahead or self.is_lost:
+            return super().queue_status()
+        in_flight = self._in_flight
+        return defer.succeed(
+            {
+                "queue": [cmd.description for cmd in self._queue]
+                + [cmd.description for cmd in in_flight[1:]]
+                + [cmd.description for cmd in self._tasks],
+                "pending": in_flight[0].description if in_flight else None,
+            }
+        )
 
     def add_output_observer(self, observer: Callable[[str, str], Any]) -> None:
         self.engine.add_output_observer(observer)
@@ -292,10 +423,6 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
         self, payload, clear_before=False, clear_after=False, key=None, thread_reply=None
     ):
         lender = _Lender(self.engine)
-
-        def convert(result):
-            return dict(result, result=lender.lend([result["result"]])[0])
-
         on_done = self._reply_from_thread(thread_reply)
         d = self._call(
             "run_task",
@@ -303,7 +430,8 @@ class NativeEngineReferenceFromService(EngineReferenceFromService):
             clear_before=bool(clear_before),
             clear_after=bool(clear_after),
             key=key if isinstance(key, str) else None,
-            convert=convert,
+            finish=lender.finish_task,
+            convert=lender.task_result,
             **({} if on_done is None else {"on_done": on_done}),
         )
         d.addBoth(lender.reply)

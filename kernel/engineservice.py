@@ -273,12 +273,16 @@ class EngineService:
         )
 
     def _submit(
-        self, fn: Callable[[], Any], on_done: Callable[[Any], Any] | None = None
+        self,
+        fn: Callable[[], Any],
+        on_done: Callable[[Any], Any] | None = None,
+        revocable: bool = False,
     ) -> Deferred:
         """Run ``fn`` on the engine thread; failures carry the engine's info.
 
         :param on_done: called on the engine thread with what ``fn`` returned,
             as soon as it returned (see :meth:`kernel.executor.ThreadExecutor.submit`).
+        :param revocable: as for :meth:`kernel.executor.ThreadExecutor.submit`.
         """
         if self._killed:
             return fail(self._stopped_error())
@@ -290,7 +294,7 @@ class EngineService:
                 attach_engine_info(e, self._id, format_user_traceback(e))
                 raise
 
-        d = self._executor.submit(run, on_done)
+        d = self._executor.submit(run, on_done, revocable)
         d.addErrback(self._ensure_engine_info)
         return d
 
@@ -594,6 +598,15 @@ class EngineService:
         :param on_done: called on the engine thread with the result dict as
             soon as it is made (before the Deferred fires), as for :meth:`execute`.
         """
+        return self._submit(self._task_body(payload, clear_before, clear_after), on_done)
+
+    def _task_body(
+        self,
+        payload: serialized.Serialized,
+        clear_before: bool,
+        clear_after: bool,
+        finish: Callable[[dict], dict] | None = None,
+    ) -> Callable[[], dict]:
         properties = plain_property("", self.properties)
 
         def run():
@@ -606,7 +619,7 @@ class EngineService:
                 with capture.capturing(sink):
                     value = body.run(self._namespace, properties)
                 completed = time.time()
-                return {
+                result = {
                     "result": serialized.serialize(value),
                     "stdout": sink.stdout.getvalue(),
                     "stderr": sink.stderr.getvalue(),
@@ -616,14 +629,65 @@ class EngineService:
             finally:
                 if clear_after:
                     self._reset_namespace()
+            return result if finish is None else finish(result)
 
-        return self._submit(run, on_done)
+        return run
+
+    # -- tasks sent ahead to the engine thread -------------------------------
+
+    def run_task_ahead(
+        self,
+        payload: serialized.Serialized,
+        clear_before: bool = False,
+        clear_after: bool = False,
+        finish: Callable[[dict], dict] | None = None,
+        on_done: Callable[[dict], Any] | None = None,
+    ) -> Deferred:
+        """:meth:`run_task`, queued on the engine thread so that it starts as
+        soon as what runs there ends, with no round trip through the reactor
+        thread; :meth:`withdraw_task` takes it back until it starts.
+
+        :param finish: called with the result dict on the engine thread
+            when the task ends, before anything else starts there; returns
+            the result to fire (e.g. copies of buffers the next task could
+            change, or the result as it is after :meth:`pause_engine_thread`).
+        :param on_done: as for :meth:`run_task` (called after ``finish``).
+        :returns: as :meth:`run_task`.
+        """
+        run = self._task_body(payload, clear_before, clear_after, finish)
+        return self._submit(run, on_done, revocable=True)
+
+    def withdraw_task(self, d: Deferred) -> bool:
+        """Take back a task sent with :meth:`run_task_ahead` (``d`` its
+        Deferred) if it has not started: True, and it never runs (``d``
+        never fires); False if it has started."""
+        return self._executor.revoke(d)
+
+    def interrupt_task(self, d: Deferred) -> bool:
+        """Interrupt the task sent with :meth:`run_task_ahead` (``d`` its
+        Deferred) if it is the one running: True if it was sent the interrupt."""
+        return self._executor.interrupt(only=d)
+
+    def pause_engine_thread(self) -> Callable[[], None]:
+        """From a task's ``finish`` (on the engine thread): start nothing
+        after it until the returned function is called (from any thread)."""
+        return self._executor.pause()
 
 
 class _Command:
     """One queued call: which method, its arguments and the caller's Deferred."""
 
-    __slots__ = ("name", "args", "kwargs", "_description", "deferred", "done", "key", "extra")
+    __slots__ = (
+        "name",
+        "args",
+        "kwargs",
+        "_description",
+        "deferred",
+        "done",
+        "key",
+        "extra",
+        "sent",
+    )
 
     def __init__(
         self,
@@ -643,6 +707,7 @@ class _Command:
         #: more keyword arguments for the engine method, left out of the
         #: description (how to run it, not what it is: e.g. ``on_done``)
         self.extra = extra
+        self.sent: Deferred | None = None  # the engine's Deferred, once sent
 
     @property
     def is_task(self) -> bool:
@@ -680,8 +745,9 @@ class QueuedEngine:
     no command waits, so a command waits for at most the task running when
     it came, never for the tasks the task controller has sent ahead. If the
     wrapped engine keeps such a queue itself (it has ``abort_task``: the
-    engine side of a pipelining transport), tasks are sent on as slots allow
-    and it orders them; otherwise a task is sent only to an idle engine and
+    engine side of a pipelining transport), tasks are sent on as slots allow,
+    always leaving one for a command (when ``max_in_flight`` is above 1), and
+    it orders them; otherwise a task is sent only to an idle engine and
     nothing else is sent while it runs, so :meth:`abort_task` knows without
     asking that a task in flight is the one running.
 
@@ -759,9 +825,15 @@ class QueuedEngine:
             return None  # a task runs alone on an engine that cannot withdraw it
         if self._queue:
             return self._queue.popleft()
-        if self._tasks and (self._engine_queues_tasks or not self._in_flight):
-            return self._tasks.popleft()
-        return None
+        if not self._tasks:
+            return None
+        if not self._engine_queues_tasks:
+            return None if self._in_flight else self._tasks.popleft()
+        # tasks leave a slot free, so a command is sent at once, however
+        # many tasks wait (it then waits only for the one running there)
+        if self.max_in_flight > 1 and len(self._in_flight) >= self.max_in_flight - 1:
+            return None
+        return self._tasks.popleft()
 
     def _pump(self) -> None:
         # Re-entrant calls (a command that completes synchronously, a
@@ -772,15 +844,26 @@ class QueuedEngine:
         try:
             while (cmd := self._next()) is not None:
                 self._in_flight.append(cmd)
-                kwargs = cmd.kwargs
-                if cmd.is_task and self._engine_queues_tasks:
-                    kwargs = dict(kwargs, key=cmd.key)
-                if cmd.extra:
-                    kwargs = {**kwargs, **cmd.extra}
-                d = maybeDeferred(getattr(self.engine, cmd.name), *cmd.args, **kwargs)
+                d = cmd.sent = self._start(cmd)
                 d.addBoth(self._finished, cmd)
         finally:
             self._pumping = False
+
+    def _start(self, cmd: _Command) -> Deferred:
+        """Send ``cmd`` to the engine; its Deferred."""
+        kwargs = cmd.kwargs
+        if cmd.is_task and self._engine_queues_tasks:
+            kwargs = dict(kwargs, key=cmd.key)
+        if cmd.extra:
+            kwargs = {**kwargs, **cmd.extra}
+        return maybeDeferred(getattr(self.engine, cmd.name), *cmd.args, **kwargs)
+
+    def _withdrawn(self, cmd: _Command) -> None:
+        """Fail a task taken back before it started with TaskWithdrawn."""
+        cmd.done = True
+        cmd.deferred.errback(
+            TaskWithdrawn(f"task {cmd.key} was taken back from engine {self.id} before it started")
+        )
 
     def _finished(self, result: Any, cmd: _Command) -> None:
         if cmd.done:  # failed already because the engine was lost: ignore
@@ -985,12 +1068,7 @@ class QueuedEngine:
         for cmd in self._tasks:
             if cmd.key == key:
                 self._tasks.remove(cmd)
-                cmd.done = True
-                cmd.deferred.errback(
-                    TaskWithdrawn(
-                        f"task {key} was taken back from engine {self.id} before it started"
-                    )
-                )
+                self._withdrawn(cmd)
                 return succeed(WITHDRAWN)
         for cmd in self._in_flight:
             if cmd.key == key:

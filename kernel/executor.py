@@ -7,6 +7,13 @@ with ``PyThreadState_SetAsyncExc``. Python checks for such an exception
 between bytecodes, so a thread blocked in one long C call (``time.sleep``,
 a blocking ``socket.recv``, a long NumPy operation) is interrupted only when
 that call returns.
+
+Work can be sent ahead: a callable submitted with ``revocable=True`` can be
+taken back (:meth:`ThreadExecutor.revoke`) until it starts, so the thread
+goes from one to the next without waiting for the reactor thread. A
+callable may :meth:`~ThreadExecutor.pause` the thread after it, until the
+reactor thread releases it (e.g. once its result, which views live memory,
+has been written).
 """
 
 from __future__ import annotations
@@ -73,6 +80,11 @@ class ThreadExecutor:
         self._waiting: list[tuple[Deferred, Any]] = []
         self._urgent = False
         self._waiting_lock = threading.Lock()
+        # revocable callables not started yet, and those taken back (by Deferred)
+        self._revocable: set[Deferred] = set()
+        self._revoked: set[Deferred] = set()
+        self._current: Deferred | None = None  # the Deferred of the running callable
+        self._gate: threading.Event | None = None  # set by pause()
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -85,7 +97,10 @@ class ThreadExecutor:
         return self._running
 
     def submit(
-        self, fn: Callable[[], Any], on_done: Callable[[Any], Any] | None = None
+        self,
+        fn: Callable[[], Any],
+        on_done: Callable[[Any], Any] | None = None,
+        revocable: bool = False,
     ) -> Deferred:
         """Queue ``fn`` to run on the thread.
 
@@ -100,6 +115,7 @@ class ThreadExecutor:
             (from :meth:`deliver_waiting`) while ``on_done`` runs, so both
             must agree on who acts (see :class:`kernel.nativeproto.ThreadReply`).
             What it raises is logged.
+        :param revocable: :meth:`revoke` may take ``fn`` back until it starts.
         :returns: a Deferred firing with ``fn()``'s return value, or failing
             with what it raised (:class:`ExecutorStopped` if the executor
             stops before ``fn`` runs).
@@ -111,8 +127,38 @@ class ThreadExecutor:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
+        if revocable:
+            with self._lock:
+                self._revocable.add(d)
         self._queue.put((fn, d, on_done))
         return d
+
+    def revoke(self, d: Deferred) -> bool:
+        """Take back the callable submitted with ``revocable=True`` whose
+        Deferred is ``d``, if it has not started.
+
+        :returns: True if it will never run (``d`` is left unfired: the
+            caller decides what it means); False if it has started (or
+            finished, or was not revocable).
+        """
+        with self._lock:
+            if d not in self._revocable:
+                return False
+            self._revocable.discard(d)
+            self._revoked.add(d)
+            return True
+
+    def is_running(self, d: Deferred) -> bool:
+        """Is the callable whose Deferred is ``d`` executing now?"""
+        with self._lock:
+            return self._running and self._current is d
+
+    def pause(self) -> Callable[[], None]:
+        """Start nothing after the running callable until the returned
+        function is called (from any thread). Call it from the running
+        callable; :meth:`stop` releases the pause too."""
+        gate = self._gate = threading.Event()
+        return gate.set
 
     def deliver_waiting(self) -> None:
         """Fire, in order, the Deferreds of the results that were left to
@@ -132,16 +178,19 @@ class ThreadExecutor:
                 return
         self.deliver_waiting()
 
-    def interrupt(self) -> bool:
+    def interrupt(self, only: Deferred | None = None) -> bool:
         """Raise ``KeyboardInterrupt`` in the running callable.
 
         At most one interrupt is sent per callable.
 
+        :param only: interrupt only the callable whose Deferred this is.
         :returns: True if a callable was running and has been sent the
-            interrupt, False if the thread was idle.
+            interrupt, False if the thread was idle (or ran another one).
         """
         with self._lock:
             if not self._running or self._interrupted or self._thread is None:
+                return False
+            if only is not None and self._current is not only:
                 return False
             self._interrupted = True
             _set_async_exc(self._thread.ident, KeyboardInterrupt)
@@ -164,8 +213,15 @@ class ThreadExecutor:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
+            with self._lock:
+                if item[1] in self._revoked:
+                    self._revoked.discard(item[1])
+                    continue  # taken back: not ours to fail
+                self._revocable.discard(item[1])
             dropped.append(item[1])
         self._queue.put(_STOP)
+        if self._gate is not None:
+            self._gate.set()
         if self._thread is None:
             self._exit()
         for d in dropped:
@@ -191,8 +247,15 @@ class ThreadExecutor:
                 item = self._queue.get()
                 if item is _STOP:
                     break
+                gate = self._gate
+                if gate is not None:
+                    gate.wait()
+                    self._gate = None
                 fn, d, on_done = item
-                ok, value = self._call(fn)
+                outcome = self._call(fn, d)
+                if outcome is None:
+                    continue  # revoked: it does not run
+                ok, value = outcome
                 if ok and on_done is not None:
                     # Waiting before on_done acts, so that whatever the
                     # reactor thread does once on_done's effect is seen
@@ -219,14 +282,21 @@ class ThreadExecutor:
             log.err(None, f"{self.name}: a callable's on_done hook failed")
             return False
 
-    def _call(self, fn: Callable[[], Any]) -> tuple[bool, Any]:
+    def _call(self, fn: Callable[[], Any], d: Deferred) -> tuple[bool, Any] | None:
         # An interrupt can only be sent while _running is set, and _disarm
         # clears both the flag and any not-yet-delivered interrupt under the
         # lock, so no KeyboardInterrupt escapes past this method.
+        # None: fn was revoked, and does not run.
         try:
             with self._lock:
+                if self._revocable or self._revoked:
+                    if d in self._revoked:
+                        self._revoked.discard(d)
+                        return None
+                    self._revocable.discard(d)
                 self._running = True
                 self._interrupted = False
+                self._current = d
             try:
                 value = fn()
             finally:
@@ -243,6 +313,7 @@ class ThreadExecutor:
             if self._running and self._interrupted:
                 _set_async_exc(threading.get_ident(), None)
             self._running = False
+            self._current = None
 
     # -- the reactor thread -----------------------------------------------
 

@@ -477,7 +477,7 @@ def test_abort_task_of_an_unknown_or_finished_task_does_nothing(tfake, tqueued):
 
 def test_an_engine_with_a_task_queue_is_sent_tasks_ahead_with_their_keys():
     fake = QueueingTaskFake()
-    queued = QueuedEngine(fake, max_in_flight=2)
+    queued = QueuedEngine(fake, max_in_flight=3)  # two tasks and a command
     queued.run_task("t1", key="1")
     queued.run_task("t2", key="2")
     queued.run_task("t3", key="3")
@@ -488,6 +488,16 @@ def test_an_engine_with_a_task_queue_is_sent_tasks_ahead_with_their_keys():
     n = len(fake.calls)
     assert queued.abort_task("3").result == "withdrawn"
     assert len(fake.calls) == n  # decided here, the engine never saw it
+
+
+def test_tasks_leave_a_slot_for_a_command_on_an_engine_with_a_task_queue():
+    fake = QueueingTaskFake()
+    queued = QueuedEngine(fake, max_in_flight=3)
+    for i in range(5):
+        queued.run_task(f"t{i}", key=str(i))
+    assert [c[0] for c in fake.calls] == ["run_task", "run_task"]
+    queued.execute("cmd")  # sent at once, not after a task returns
+    assert [c[0] for c in fake.calls] == ["run_task", "run_task", "execute"]
 
 
 def test_clear_queue_leaves_waiting_tasks(tfake, tqueued):
