@@ -33,7 +33,13 @@ The life of a task::
   withdrawn there (if it has not started) and placed again, so a long task
   does not hold back the one sent after it. ``pipeline=1`` sends one task
   at a time. An engine without a task queue (no ``abort_task``) is always
-  sent one at a time.
+  sent one at a time. While an engine's tasks are short (the last one ran
+  under :data:`SHORT_TASK` seconds there), it is sent up to
+  ``short_pipeline`` (:data:`DEFAULT_SHORT_PIPELINE`) at once: a deeper
+  queue keeps it busy while the controller is slow to answer, and lets
+  several tasks and results share one network write. The next task that
+  runs longer brings the depth back to ``pipeline``, so tasks of unknown
+  length are balanced as before.
 
 Every change is written to the task DB (:mod:`kernel.taskdb`); a finished
 task's result lives only there.
@@ -85,6 +91,8 @@ __all__ = [
     "normalize_flags",
     "DEFAULT_FLAGS",
     "DEFAULT_PIPELINE",
+    "DEFAULT_SHORT_PIPELINE",
+    "SHORT_TASK",
     "MAX_RESERVED_TASKIDS",
 ]
 
@@ -95,6 +103,14 @@ MAX_RESERVED_TASKIDS = 1_000_000
 #: next, so an engine starts its next task without waiting for a round
 #: trip to the controller (see the module docstring).
 DEFAULT_PIPELINE = 2
+
+#: Tasks sent to one engine at once while its tasks are short (see the
+#: module docstring), by default.
+DEFAULT_SHORT_PIPELINE = 8
+
+#: A task that ran for less than this, seconds (by its engine's clock), is
+#: short: its engine may be sent ``short_pipeline`` tasks at once.
+SHORT_TASK = 0.002
 
 #: The flags of a task spec and their defaults.
 DEFAULT_FLAGS: dict[str, Any] = {
@@ -202,8 +218,9 @@ class _Worker:
         self.assigned: collections.deque[_Task] = collections.deque()
         #: tasks sent to the engine and not yet back, oldest first -> attempt token
         self.sent: dict[_Task, int] = {}
-        #: the most tasks sent to the engine at once
-        self.depth = 1
+        #: the most tasks sent to the engine at once: now, for tasks of
+        #: unknown length, and while its tasks are short
+        self.depth = self.base_depth = self.short_depth = 1
         #: whether the engine has a task queue (IEngineTaskQueue)
         self.queues_tasks = False
         #: a task being taken back from the engine to run elsewhere
@@ -248,6 +265,10 @@ class TaskController(MapperMixin, service.Service):
         time (default :data:`DEFAULT_PIPELINE`); 1 sends the next only when
         one finishes. An engine without a task queue (no ``abort_task``) is
         sent one at a time.
+    :param short_pipeline: the most tasks sent to one engine's task queue
+        at a time while its tasks are short (see the module docstring;
+        default :data:`DEFAULT_SHORT_PIPELINE`); never fewer than
+        ``pipeline``, and unused when ``pipeline`` is 1.
     :param db: the :class:`~kernel.interfaces.ITaskDB` to record tasks in
         (default: a new :class:`~kernel.taskdb.memory.DictDB`).
     :param clock: an ``IReactorTime`` for timeouts (default: the reactor).
@@ -271,6 +292,7 @@ class TaskController(MapperMixin, service.Service):
         clock: Any = None,
         first_taskid: int = 0,
         pipeline: int = DEFAULT_PIPELINE,
+        short_pipeline: int = DEFAULT_SHORT_PIPELINE,
     ):
         if clock is None:
             from twisted.internet import reactor as clock
@@ -279,8 +301,15 @@ class TaskController(MapperMixin, service.Service):
         self.db = DictDB() if db is None else db
         if not isinstance(pipeline, int) or isinstance(pipeline, bool) or pipeline < 1:
             raise ValueError(f"pipeline must be an int >= 1, got {pipeline!r}")
+        if (
+            not isinstance(short_pipeline, int)
+            or isinstance(short_pipeline, bool)
+            or short_pipeline < 1
+        ):
+            raise ValueError(f"short_pipeline must be an int >= 1, got {short_pipeline!r}")
         self._hwm = hwm
         self.pipeline = pipeline
+        self.short_pipeline = short_pipeline
         self._table = LoadTable(scheme, 0 if hwm is None else hwm)
         self._first_taskid = self._next_taskid = first_taskid
         #: blocks of taskids granted to clients: start -> [first unused, stop]
@@ -709,9 +738,12 @@ class TaskController(MapperMixin, service.Service):
             self._retire(old, "it was replaced by a new engine with the same id")
         worker = _Worker(next(self._serials), id, engine)
         worker.queues_tasks = callable(getattr(engine, "abort_task", None))
-        worker.depth = self.pipeline if worker.queues_tasks else 1
+        base = self.pipeline if worker.queues_tasks else 1
+        short = max(base, self.short_pipeline) if base > 1 else base
         if self._hwm:
-            worker.depth = min(worker.depth, self._hwm)
+            base, short = min(base, self._hwm), min(short, self._hwm)
+        worker.depth = worker.base_depth = base
+        worker.short_depth = short
         self._workers[worker.serial] = worker
         self._by_id[id] = worker
         self._table.add_engine(worker.serial, worker.depth if self._hwm is None else None)
@@ -1008,6 +1040,20 @@ class TaskController(MapperMixin, service.Service):
                     continue
                 break
 
+    def _adapt_depth(self, worker: _Worker, result: Any) -> None:
+        """Send ``worker`` more tasks at once while its tasks are short,
+        fewer once one is not (see the module docstring)."""
+        try:
+            short = result["completed"] - result["started"] < SHORT_TASK
+        except (KeyError, TypeError):
+            short = False  # no times: treat it as long
+        depth = worker.short_depth if short else worker.base_depth
+        if depth != worker.depth:
+            worker.depth = depth
+            if self._hwm is None:
+                self._table.add_engine(worker.serial, depth)  # its new cap
+            self._to_feed.add(worker)
+
     def _take_back(self, worker: _Worker, state: _Task) -> None:
         """Ask ``worker``'s engine to withdraw ``state`` if it has not started."""
         worker.moving = state
@@ -1023,6 +1069,8 @@ class TaskController(MapperMixin, service.Service):
 
     def _on_result(self, result: dict, state: _Task, worker: _Worker, token: int) -> None:
         self._release(worker, state, token)
+        if worker.short_depth != worker.base_depth and not worker.lost:
+            self._adapt_depth(worker, result)
         if state.stage == "sent" and state.attempt == token:
             self._finish(state, "succeeded", result=result, worker=worker)  # and kicks
         else:

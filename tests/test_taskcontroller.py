@@ -27,7 +27,13 @@ from kernel.error import (
 )
 from kernel.interfaces import IMapper, ITaskController
 from kernel.serialized import Serialized
-from kernel.taskcontroller import DEFAULT_PIPELINE, TaskController, normalize_flags
+from kernel.taskcontroller import (
+    DEFAULT_PIPELINE,
+    DEFAULT_SHORT_PIPELINE,
+    SHORT_TASK,
+    TaskController,
+    normalize_flags,
+)
 from kernel.taskdb.memory import DictDB
 
 
@@ -691,6 +697,70 @@ def test_bad_pipeline_is_refused():
         make(1, pipeline=0)
 
 
+def short(call):
+    """Finish ``call`` as a task that ran for less than SHORT_TASK."""
+    call.succeed(started=100.0, completed=100.0 + SHORT_TASK / 2)
+
+
+def test_an_engine_running_short_tasks_is_sent_up_to_short_pipeline():
+    tc, (engine,), _ = make_pipelined(pipeline=2, short_pipeline=5)
+    ids = [submit(tc) for _ in range(10)]
+    assert len(engine.calls) == 2  # length unknown yet: the pipeline depth
+    short(engine.calls[0])
+    assert len(engine.calls) == 5  # short tasks: deeper
+    assert len({c.key for c in engine.calls}) == 5
+    status = tc.queue_status(verbose=True).result
+    assert status["running"] == ids[1:2] and status["pending"] == ids[2:]
+
+
+def test_a_long_task_brings_the_depth_back_to_pipeline():
+    tc, (engine,), _ = make_pipelined(pipeline=2, short_pipeline=5)
+    [submit(tc) for _ in range(10)]
+    short(engine.calls[0])
+    assert len(engine.calls) == 5
+    engine.calls[0].succeed(started=100.0, completed=100.0 + 2 * SHORT_TASK)
+    # four still out, above the depth of 2: nothing more is sent ...
+    assert len(engine.calls) == 4
+    engine.calls[0].succeed(started=100.0, completed=101.0)
+    engine.calls[0].succeed(started=100.0, completed=101.0)
+    assert len(engine.calls) == 2
+    engine.calls[0].succeed(started=100.0, completed=101.0)
+    assert len(engine.calls) == 2  # ... until it is below: then one for one
+
+
+def test_a_result_without_times_counts_as_long():
+    tc, (engine,), _ = make_pipelined(pipeline=2, short_pipeline=5)
+    [submit(tc) for _ in range(10)]
+    engine.calls[0].succeed(started=None, completed=None)
+    assert len(engine.calls) == 2
+
+
+def test_short_pipeline_is_capped_by_hwm_and_unused_with_pipeline_one():
+    tc, (engine,), _ = make_pipelined(pipeline=2, short_pipeline=5, hwm=3)
+    [submit(tc) for _ in range(10)]
+    short(engine.calls[0])
+    assert len(engine.calls) == 3
+    tc, (engine,), _ = make_pipelined(pipeline=1, short_pipeline=5)
+    [submit(tc) for _ in range(10)]
+    short(engine.calls[0])
+    assert len(engine.calls) == 1
+
+
+def test_an_engine_without_a_task_queue_gets_one_short_task_at_a_time():
+    controller, tc, engines, _ = make(0)
+    engine = FakeEngine()
+    controller.register_engine(engine)
+    [submit(tc) for _ in range(5)]
+    short(engine.calls[0])
+    assert len(engine.calls) == 1
+
+
+def test_short_pipeline_defaults_deeper_than_pipeline_and_bad_values_are_refused():
+    assert DEFAULT_SHORT_PIPELINE > DEFAULT_PIPELINE
+    with pytest.raises(ValueError, match="short_pipeline"):
+        make(1, short_pipeline=0)
+
+
 def test_abort_of_a_task_sent_ahead_withdraws_it_and_frees_its_slot():
     tc, (engine,), clock = make_pipelined(pipeline=2)
     first, second, third = submit(tc), submit(tc), submit(tc)
@@ -802,6 +872,44 @@ def test_engine_lost_with_several_tasks_in_flight_retries_each_once():
         call.succeed()
     assert {outcome(tc, t).status for t in ids} == {"succeeded"}
     assert all(outcome(tc, t).engine_id == 1 for t in ids)
+
+
+def test_engine_lost_with_a_short_task_pipeline_in_flight_retries_each_task_once():
+    controller = ControllerService()
+    tc = TaskController(controller, clock=Clock(), pipeline=2, short_pipeline=5)
+    engines = [QueueingFakeEngine(), QueueingFakeEngine()]
+    for e in engines:
+        controller.register_engine(e)
+    first = [submit(tc, retries=1) for _ in range(4)]
+    short(engines[0].calls[0])  # engine 0 now takes up to 5
+    ids = [submit(tc, retries=1) for _ in range(8)]
+    in_flight = {int(c.key.split(".")[0]) for c in engines[0].calls}
+    assert len(in_flight) == 5
+    controller.unregister_engine(0)
+    while engines[1].calls:
+        engines[1].calls[0].succeed()
+    for taskid in in_flight:
+        record = tc.db.get_record(taskid).result
+        assert record["attempts"] == 2  # sent twice: once to each engine
+        assert record["status"] == "succeeded" and record["engine_id"] == 1
+    assert {outcome(tc, t).status for t in first + ids} == {"succeeded"}
+
+
+def test_abort_of_one_task_in_a_short_task_pipeline_withdraws_only_that_one():
+    tc, (engine,), _ = make_pipelined(pipeline=2, short_pipeline=5)
+    ids = [submit(tc) for _ in range(8)]
+    short(engine.calls[0])
+    keys = [c.key for c in engine.calls]
+    assert len(keys) == 5
+    victim = ids[3]
+    tc.abort(victim)
+    assert engine.aborts == [keys[2]]  # ids[1] runs; ids[3] is the third out
+    assert outcome(tc, victim).status == "aborted"
+    while engine.calls:
+        short(engine.calls[0])
+    statuses = {t: outcome(tc, t).status for t in ids}
+    assert statuses.pop(victim) == "aborted"
+    assert set(statuses.values()) == {"succeeded"}
 
 
 def test_abort_polling_stops_when_the_task_finishes_anyway():
