@@ -139,3 +139,53 @@ async def test_wrong_key_is_refused_and_no_task_runs(loop):
     tc = await loop.task_client()
     status = await tc.queue_status()
     assert sum(status.values()) == 0
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_an_engine_killed_with_a_short_task_pipeline_in_flight_reruns_each_task_once(
+    processes, tmp_path
+):
+    """After short tasks every engine is sent several tasks at once (they
+    wait on its engine thread); when one dies, each of its tasks, running
+    or waiting, runs again elsewhere exactly once."""
+    from twisted.internet import reactor
+
+    from tests.contract.task import WAIT, gate_code, open_gate, read_lines, until
+
+    cluster = processes
+    await cluster.reset()
+    tc, me = cluster.task_controller, cluster.multiengine
+    warm = [await tc.run(StringTask("pass")) for _ in range(20 * cluster.n_engines)]
+    await tc.barrier(warm).addTimeout(WAIT, reactor)
+    gate, log = str(tmp_path / "gate"), str(tmp_path / "log")
+    n = cluster.n_engines
+    taskids = []
+    for i in range(5 * n):
+        code = f"open({log!r}, 'a').write(f'{i} {{id}}\\n')\n" + gate_code(gate)
+        taskids.append(await tc.run(StringTask(code, retries=1)))
+
+    async def started():
+        return len(read_lines(log)) == n
+
+    await until(started, "a task to start on every engine")
+    victim = int(read_lines(log)[0].split()[1])
+
+    async def several_waiting_on_victim():
+        statuses = dict(await me.queue_status())
+        waiting = [q for q in statuses[victim]["queue"] if str(q).startswith("run_task(")]
+        return len(waiting) >= 2  # deeper than the pipeline of 2 for long tasks
+
+    await until(several_waiting_on_victim, "several tasks waiting on one engine")
+    await cluster.kill_engine(victim)
+    open_gate(gate)
+    await tc.barrier(taskids).addTimeout(WAIT, reactor)
+    for t in taskids:
+        tr = await tc.get_task_result(t)
+        assert tr.status == "succeeded" and tr.engine_id != victim
+    runs = [line.split() for line in read_lines(log)]
+    on_victim = [tag for tag, engine in runs if int(engine) == victim]
+    elsewhere = [tag for tag, engine in runs if int(engine) != victim]
+    assert len(on_victim) == 1  # only its running task had started there
+    assert sorted(elsewhere, key=int) == [str(i) for i in range(5 * n)]
+    await cluster.add_engine()
