@@ -78,13 +78,16 @@ __all__ = [
     "NativeEngineConnector",
 ]
 
-#: Commands in flight per engine (sent ahead; the engine runs them in order).
-PIPELINE = 8
+#: Commands and tasks in flight per engine (sent ahead; the engine runs them
+#: in order): one more than the task controller sends an engine running short
+#: tasks (:data:`kernel.taskcontroller.DEFAULT_SHORT_PIPELINE`), as tasks
+#: leave one slot free for a command.
+PIPELINE = 17
 #: A reply viewing at least this many bytes of live objects is sent from
 #: their memory, holding the engine's queue meanwhile; a smaller one is copied.
 LEND_BYTES = 1 << 20
 #: Tasks on an engine's thread at once (the running one and those sent ahead).
-ENGINE_THREAD_TASKS = 8
+ENGINE_THREAD_TASKS = 16
 #: How often an engine that has never registered looks for its controller, seconds.
 STARTUP_POLL = 0.01
 #: For how long after it starts an engine looks that often, seconds.

@@ -106,7 +106,7 @@ DEFAULT_PIPELINE = 2
 
 #: Tasks sent to one engine at once while its tasks are short (see the
 #: module docstring), by default.
-DEFAULT_SHORT_PIPELINE = 8
+DEFAULT_SHORT_PIPELINE = 16
 
 #: A task that ran for less than this, seconds (by its engine's clock), is
 #: short: its engine may be sent ``short_pipeline`` tasks at once.
