@@ -3288,31 +3288,6 @@ def _pinned_tls(certificate: str) -> Any:
     return ssl.CertificateOptions(trustRoot=ssl.trustRootFromCertificates([pinned]))
 
 
-def _port_is_free(interface: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((interface, port))
-        except OSError:
-            return False
-    return True
-
-
-def _choose_port(cd: Any, interface: str, port: int) -> int:
-    """``port``, else the port of the last run if still free, else a free one
-    (remembered in the cluster directory for the next run)."""
-    from kernel.tap import free_port
-
-    if not port:
-        remembered = cd.get_port("native")
-        port = remembered if remembered and _port_is_free(interface, remembered) else 0
-        port = port or free_port(interface)
-    cd.set_port("native", port)
-    return port
-
-
 def serve_controller(
     cd: Any,
     registrar: Any,
@@ -3345,12 +3320,15 @@ def serve_controller(
     """
     import socket
 
-    from twisted.application import internet, service
+    from twisted.application import service
+
+    from kernel import ports
 
     old = cd.read_json(NATIVE_FILE) or {}
+    reservation = ports.reserve(cd, "native", interface, port)
     info = {
         "host": socket.getfqdn() if interface in ("", "0.0.0.0") else interface,
-        "port": _choose_port(cd, interface, port),
+        "port": reservation.port,
         "key": old.get("key") or generate_key(),
     }
     services: dict[str, Any] = {"registrar": registrar}
@@ -3367,16 +3345,14 @@ def serve_controller(
 
     top = service.MultiService()
     factory = NativeServerFactory(info["key"], services)
+    tls_options = None
     if tls:
         from kernel import pbutil
 
         cert = pbutil.controller_certificate(cd)
         info["certificate"] = pbutil.public_pem(cert)
-        internet.SSLServer(
-            info["port"], factory, cert.options(), interface=interface
-        ).setServiceParent(top)
-    else:
-        internet.TCPServer(info["port"], factory, interface=interface).setServiceParent(top)
+        tls_options = cert.options()
+    ports.listening_service(reservation, factory, tls_options).setServiceParent(top)
     ConnectionFile(cd, info).setServiceParent(top)
     top.info = info
     top.factory = factory

@@ -59,7 +59,7 @@ from typing import Any
 
 from foolscap.api import Violation
 from foolscap.remoteinterface import RemoteInterfaceConstraint, getRemoteInterface
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.cred import credentials as cred_credentials
 from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
@@ -963,31 +963,6 @@ def connect_client(
 # ---------------------------------------------------------------------------
 
 
-def _port_is_free(interface: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((interface, port))
-        except OSError:
-            return False
-    return True
-
-
-def _choose_port(cd: Any, name: str, interface: str, port: int) -> int:
-    """``port``, else the port remembered for ``name`` if still free, else a
-    free one; remembered in the cluster directory for the next run."""
-    from kernel.tap import free_port
-
-    if not port:
-        remembered = cd.get_port(name)
-        port = remembered if remembered and _port_is_free(interface, remembered) else 0
-        port = port or free_port(interface)
-    cd.set_port(name, port)
-    return port
-
-
 class ConnectionFile(service.Service):
     """Writes ``pb.json`` (mode 0600, atomically) once the listeners are up.
 
@@ -1033,14 +1008,16 @@ def serve_controller(
     """
     import socket
 
-    from kernel import enginepb
+    from kernel import enginepb, ports
 
     old = cd.read_json(PB_FILE) or {}
     cert = controller_certificate(cd)
+    engine_at = ports.reserve(cd, "pb-engine", interface, engine_port)
+    client_at = ports.reserve(cd, "pb-client", interface, client_port)
     info = {
         "host": socket.getfqdn() if interface in ("", "0.0.0.0") else interface,
-        "engine_port": _choose_port(cd, "pb-engine", interface, engine_port),
-        "client_port": _choose_port(cd, "pb-client", interface, client_port),
+        "engine_port": engine_at.port,
+        "client_port": client_at.port,
         "engine_secret": old.get("engine_secret") or generate_secret(),
         "client_secret": old.get("client_secret") or generate_secret(),
         "certificate": public_pem(cert),
@@ -1058,8 +1035,8 @@ def serve_controller(
     top = service.MultiService()
     engines = server_factory(enginepb.engine_portal(registrar, info["engine_secret"]))
     tls = cert.options()
-    internet.SSLServer(info["engine_port"], engines, tls, interface=interface).setServiceParent(top)
+    ports.listening_service(engine_at, engines, tls).setServiceParent(top)
     clients = server_factory(make_portal(CLIENT_USER, info["client_secret"], services))
-    internet.SSLServer(info["client_port"], clients, tls, interface=interface).setServiceParent(top)
+    ports.listening_service(client_at, clients, tls).setServiceParent(top)
     ConnectionFile(cd, info).setServiceParent(top)
     return top

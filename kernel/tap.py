@@ -29,9 +29,7 @@ import types
 from typing import Any
 
 from twisted.application import service
-from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.python import log, usage
-from zope.interface import implementer
 
 from kernel import clusterdir
 from kernel.clusterdir import ClusterDir
@@ -232,23 +230,6 @@ class EngineOptions(usage.Options):
 # ---------------------------------------------------------------------------
 
 
-def free_port(interface: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``interface`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((interface, 0))
-        return s.getsockname()[1]
-
-
-def _port_is_free(interface: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((interface, port))
-        except OSError:
-            return False
-    return True
-
-
 #: Seconds a stopping controller waits for its peers to close their
 #: connections before it exits anyway.
 STOP_GRACE = 2.0
@@ -294,16 +275,14 @@ def make_tub(cd: ClusterDir, name: str, interface: str = "127.0.0.1", port: int 
     tub = Tub(certData=cert)
     if cert is None:
         cd.write_cert(name, tub.getCertData())
-    if not port:
-        remembered = cd.get_port(name)
-        port = remembered if remembered and _port_is_free(interface, remembered) else 0
-        port = port or free_port(interface)
-    tub.listenOn(_RecordingEndpoint(interface, port))
+    from kernel import ports
+
+    reservation = ports.reserve(cd, name, interface, port)
+    tub.listenOn(ports.PortEndpoint(reservation, keep_failure=True))
     host = socket.getfqdn() if interface in ("", "0.0.0.0") else interface
-    tub.setLocation(f"{host}:{port}")
+    tub.setLocation(f"{host}:{reservation.port}")
     tub.setOption("logLocalFailures", False)
     _bounded_stop(tub)
-    cd.set_port(name, port)
     return tub
 
 
@@ -330,27 +309,6 @@ def register_furl(tub: Any, ref: Any, cd: ClusterDir, filename: str) -> str:
 # ---------------------------------------------------------------------------
 # The controller
 # ---------------------------------------------------------------------------
-
-
-@implementer(IStreamServerEndpoint)
-class _RecordingEndpoint:
-    """A TCP server endpoint that keeps its listening failure instead of
-    leaving it unhandled (Foolscap adds no errback; :class:`ListeningCheck`
-    reports it)."""
-
-    def __init__(self, interface: str, port: int):
-        from twisted.internet import reactor
-        from twisted.internet.endpoints import TCP4ServerEndpoint
-
-        self._endpoint = TCP4ServerEndpoint(reactor, port, interface=interface)
-        self.failure: Any = None
-
-    def listen(self, factory: Any) -> Any:
-        def keep(failure):
-            self.failure = failure
-            return None  # the listener sees no port, which ListeningCheck reports
-
-        return self._endpoint.listen(factory).addErrback(keep)
 
 
 class ListeningCheck(service.Service):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import pytest_twisted
 from twisted.application import service
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
@@ -116,16 +117,13 @@ def test_plugin_file_is_lazy():
     assert out.stdout.split() == ["False", "False"]
 
 
-def test_free_port_is_bindable():
-    port = tap.free_port()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
-
-
-def test_make_tub_keeps_certificate_and_port(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_make_tub_keeps_certificate_and_port(tmp_path):
     cd = ClusterDir(tmp_path / "c").create()
     first = tap.make_tub(cd, "engine")
     port = cd.get_port("engine")
+    first.startService()  # the first run listens, then ends
+    await first.stopService()
     second = tap.make_tub(cd, "engine")
     assert first.getTubID() == second.getTubID()
     assert cd.get_port("engine") == port
@@ -143,13 +141,15 @@ def test_make_tub_moves_off_a_taken_port(tmp_path):
         assert cd.get_port("engine") != taken
 
 
-def test_register_furl_keeps_swissnum_for_same_tub(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_register_furl_keeps_swissnum_for_same_tub(tmp_path):
     from foolscap.api import Referenceable
 
     cd = ClusterDir(tmp_path / "c").create()
-    furl = tap.register_furl(
-        tap.make_tub(cd, "engine"), Referenceable(), cd, clusterdir.ENGINE_FURL
-    )
+    first = tap.make_tub(cd, "engine")
+    furl = tap.register_furl(first, Referenceable(), cd, clusterdir.ENGINE_FURL)
+    first.startService()  # the first run listens, then ends
+    await first.stopService()
     again = tap.register_furl(
         tap.make_tub(cd, "engine"), Referenceable(), cd, clusterdir.ENGINE_FURL
     )
