@@ -37,6 +37,9 @@ from kernel.clusterdir import ClusterDir
 #: ``--pipeline``'s default: :data:`kernel.taskcontroller.DEFAULT_PIPELINE`
 #: (not imported here, to keep option parsing light; a test keeps them equal).
 DEFAULT_PIPELINE = 2
+#: ``--short-pipeline``'s default: :data:`kernel.taskcontroller.DEFAULT_SHORT_PIPELINE`
+#: (likewise).
+DEFAULT_SHORT_PIPELINE = 16
 
 #: The native transport's connection file (see :mod:`kernel.nativeproto`).
 NATIVE_FILE = clusterdir.NATIVE_FILE
@@ -120,6 +123,15 @@ class ControllerOptions(usage.Options):
             "a round trip to the controller. 1: send the next only when one finishes.",
             int,
         ],
+        [
+            "short-pipeline",
+            None,
+            DEFAULT_SHORT_PIPELINE,
+            "Most tasks sent to one engine at once while its tasks are short (under 2 ms): "
+            "it then never waits for the controller between them. Never fewer than "
+            "--pipeline; unused with --pipeline 1.",
+            int,
+        ],
         ["task-db", None, "sqlite", "Task database: sqlite (in the cluster directory) or memory."],
     ]
     optFlags = [
@@ -147,6 +159,10 @@ class ControllerOptions(usage.Options):
             raise usage.UsageError(f"--hwm must be 0 (no limit) or positive, got {self['hwm']}")
         if self["pipeline"] < 1:
             raise usage.UsageError(f"--pipeline must be at least 1, got {self['pipeline']}")
+        if self["short-pipeline"] < 1:
+            raise usage.UsageError(
+                f"--short-pipeline must be at least 1, got {self['short-pipeline']}"
+            )
         if self["max-missed"] < 1:
             raise usage.UsageError(f"--max-missed must be at least 1, got {self['max-missed']}")
         if self["task-db"] not in ("sqlite", "memory"):
@@ -462,6 +478,7 @@ def _build_frontends(
         db=db,
         first_taskid=first_taskid,
         pipeline=options["pipeline"],
+        short_pipeline=options["short-pipeline"],
     )
     return MultiEngine(controller), task_controller
 

@@ -33,6 +33,8 @@ def test_controller_defaults_listen_on_loopback():
     assert o["hwm"] is None
     # tasks sent ahead by default, as the task controller's own default
     assert o["pipeline"] == tap.DEFAULT_PIPELINE == taskcontroller.DEFAULT_PIPELINE > 1
+    assert o["short-pipeline"] == tap.DEFAULT_SHORT_PIPELINE
+    assert tap.DEFAULT_SHORT_PIPELINE == taskcontroller.DEFAULT_SHORT_PIPELINE
 
 
 def test_pipeline_one_is_still_available():
@@ -49,9 +51,11 @@ def test_controller_options_parse_values():
         "--scheme=lru",
         "--hwm=3",
         "--pipeline=4",
+        "--short-pipeline=6",
     )
     assert (o["cluster-dir"], o["engine-port"], o["client-port"]) == ("/x", 4000, 4001)
     assert (o["heartbeat"], o["scheme"], o["hwm"], o["pipeline"]) == (0.5, "lru", 3, 4)
+    assert o["short-pipeline"] == 6
 
 
 @pytest.mark.parametrize(
@@ -61,6 +65,7 @@ def test_controller_options_parse_values():
         (["--scheme=fastest"], "choose one of lru"),
         (["--hwm=-1"], "--hwm must be 0"),
         (["--pipeline=0"], "--pipeline must be at least 1"),
+        (["--short-pipeline=0"], "--short-pipeline must be at least 1"),
         (["--max-missed=0"], "--max-missed must be at least 1"),
         (["--task-db=mongo"], "use --task-db sqlite or memory"),
         (["--engine-port=5000", "--client-port=5000"], "must differ"),
@@ -219,6 +224,20 @@ def test_default_controller_service_tree_serves_the_native_transport_only(tmp_pa
         )
     finally:
         top.stopService()
+
+
+def test_the_controller_gives_its_task_controller_both_pipeline_depths(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    top = tap.make_controller_service(
+        parse(
+            tap.ControllerOptions,
+            f"--cluster-dir={cd.path}",
+            "--task-db=memory",
+            "--pipeline=3",
+            "--short-pipeline=5",
+        )
+    )
+    assert (top.task_controller.pipeline, top.task_controller.short_pipeline) == (3, 5)
 
 
 def test_controller_service_tree_writes_engine_furl(tmp_path):
