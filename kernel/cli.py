@@ -134,9 +134,12 @@ def _spawn_mode(args: argparse.Namespace) -> str:
     return "exec"
 
 
-def start_cluster(args: argparse.Namespace, cd: ClusterDir):
+def start_cluster(args: argparse.Namespace, cd: ClusterDir, spawn: str):
     """Start a controller and ``args.n`` engines in ``cd``; return the
-    :class:`~kernel.testing.processes.LocalCluster` once all are registered."""
+    :class:`~kernel.testing.processes.LocalCluster` once all are registered.
+
+    :param spawn: how to start them, from :func:`_spawn_mode`.
+    """
     if args.n < 1:
         raise CommandError("-n must be at least 1 engine", 2)
     pid = controller_pid(cd)
@@ -152,7 +155,7 @@ def start_cluster(args: argparse.Namespace, cd: ClusterDir):
         timeout=args.timeout,
         heartbeat=args.heartbeat,
         controller_args=[f"--adapter={args.adapter}"] if args.adapter else [],
-        spawn=_spawn_mode(args),
+        spawn=spawn,
     )
     try:
         cluster.start(args.n)
@@ -165,9 +168,9 @@ def start_cluster(args: argparse.Namespace, cd: ClusterDir):
 def cmd_cluster_start(args: argparse.Namespace) -> int:
     # What the forks need first: the cluster directory's code is part of it,
     # and preload imports it more cheaply.
-    _spawn_mode(args)
+    spawn = _spawn_mode(args)
     cd = _cluster_dir(args, create=True)
-    cluster = start_cluster(args, cd)
+    cluster = start_cluster(args, cd, spawn)
     ids = sorted(cluster.registered())
     print(
         f"txkernel cluster running in {cd.path}: controller pid {cluster.controller.pid}, "
@@ -303,7 +306,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not os.path.isfile(args.script):
         raise CommandError(f"no such script: {args.script}", 2)
-    _spawn_mode(args)
+    spawn = _spawn_mode(args)
     from kernel import clusterdir
     from kernel.clusterdir import ClusterDir
     from kernel.testing.processes import subprocess_env
@@ -314,7 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cd = ClusterDir(temp).create()
     else:
         cd = _cluster_dir(args, create=True)
-    cluster = start_cluster(args, cd)
+    cluster = start_cluster(args, cd, spawn)
     try:
         env = subprocess_env()
         env[clusterdir.ENV_VAR] = cd.path
