@@ -342,10 +342,11 @@ def test_controller_start_fails_when_its_port_is_taken(tmp_path):
             child.stopService()
 
 
-def test_engine_without_connection_files_waits_for_them_then_uses_their_adapter(tmp_path):
+def _started_watch(cd, adapter=None):
+    """An AdapterWatch on a fake clock, started; its connectors are plain
+    services, and the adapters they were made for are listed in ``made``."""
     from twisted.internet import task
 
-    cd = ClusterDir(tmp_path / "c").create()
     clock = task.Clock()
     made = []
 
@@ -353,8 +354,14 @@ def test_engine_without_connection_files_waits_for_them_then_uses_their_adapter(
         made.append(adapter)
         return service.Service()
 
-    watch = tap.AdapterWatch(cd, make_connector, clock=clock)
+    watch = tap.AdapterWatch(cd, make_connector, clock=clock, adapter=adapter)
     watch.startService()
+    return watch, clock, made
+
+
+def test_engine_without_connection_files_waits_for_them_then_uses_their_adapter(tmp_path):
+    cd = ClusterDir(tmp_path / "c").create()
+    watch, clock, made = _started_watch(cd)
     try:
         clock.advance(tap.WATCH_POLL * 4)
         assert made == [] and watch.connector is None
@@ -381,18 +388,8 @@ def test_engine_service_waits_for_a_controller_when_the_directory_is_empty(tmp_p
 
 
 def test_engine_given_an_adapter_waits_for_connection_files_then_uses_that_adapter(tmp_path):
-    from twisted.internet import task
-
     cd = ClusterDir(tmp_path / "c").create()
-    clock = task.Clock()
-    made = []
-
-    def make_connector(adapter):
-        made.append(adapter)
-        return service.Service()
-
-    watch = tap.AdapterWatch(cd, make_connector, clock=clock, adapter="native")
-    watch.startService()
+    watch, clock, made = _started_watch(cd, adapter="native")
     try:
         clock.advance(tap.WATCH_POLL * 4)
         assert made == [] and watch.connector is None
