@@ -2,8 +2,6 @@
 
 import os
 import socket
-import subprocess
-import sys
 
 import pytest
 import pytest_twisted
@@ -15,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from kernel import clusterdir, tap, taskcontroller
 from kernel.clusterdir import ClusterDir
-from kernel.testing.processes import ROOT, subprocess_env
+from kernel.testing.processes import python_output
 
 
 def parse(options_class, *argv):
@@ -111,15 +109,7 @@ def test_plugin_file_is_lazy():
         "import sys; import twisted.plugins.txkernel_plugins; "
         "print('kernel.tap' in sys.modules, 'twisted.internet.reactor' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        check=True,
-    )
-    assert out.stdout.split() == ["False", "False"]
+    assert python_output(code).split() == ["False", "False"]
 
 
 @pytest_twisted.ensureDeferred
