@@ -2361,10 +2361,7 @@ class NativeProtocol(protocol.Protocol):
         start = m.end()
         if not header.startswith(_OK_HEAD, start) or not header.endswith(_OK_TAIL):
             return False  # (a failure: read as usual)
-        self._verbatim_calls.discard(call_id)
-        d = self._calls.pop(call_id, None)
-        if self._stream_replies:
-            self._stream_replies.discard(call_id)
+        d = self._pop_call(call_id)
         if d is not None:
             text = header[start + len(_OK_HEAD) : -len(_OK_TAIL)]
             d.callback(("ok", Verbatim(text, buffers)))
@@ -2418,9 +2415,7 @@ class NativeProtocol(protocol.Protocol):
         if kind == "c":
             self._send(["e", call_id, ABORTED_CALL])
         elif kind in ("r", "e"):
-            d = self._calls.pop(call_id, None)
-            self._stream_replies.discard(call_id)
-            self._verbatim_calls.discard(call_id)
+            d = self._pop_call(call_id)
             if d is not None:
                 from kernel.error import EngineError
 
@@ -2549,23 +2544,24 @@ class NativeProtocol(protocol.Protocol):
             _, oid, method, args, kwargs = msg
             self._dispatch(0, oid, method, args, kwargs)
         elif kind == "r":
-            d = self._calls.pop(msg[1], None)
-            if self._stream_replies:
-                self._stream_replies.discard(msg[1])
-            if self._verbatim_calls:
-                self._verbatim_calls.discard(msg[1])
+            d = self._pop_call(msg[1])
             if d is not None:
                 d.callback(msg[2])
         elif kind == "e":
-            d = self._calls.pop(msg[1], None)
-            if self._stream_replies:
-                self._stream_replies.discard(msg[1])
-            if self._verbatim_calls:
-                self._verbatim_calls.discard(msg[1])
+            d = self._pop_call(msg[1])
             if d is not None:
                 d.errback(Failure(ProtocolError(f"the peer failed the call: {msg[2]}")))
         else:
             raise ProtocolError(f"unknown message kind {kind!r}")
+
+    def _pop_call(self, call_id: Any) -> Any:
+        # The call's reply came (or it was never sent): forget it; its
+        # Deferred (or thread waiter), if one still waits.
+        if self._stream_replies:
+            self._stream_replies.discard(call_id)
+        if self._verbatim_calls:
+            self._verbatim_calls.discard(call_id)
+        return self._calls.pop(call_id, None)
 
     def _dispatch(self, call_id: int, oid: Any, method: Any, args: Any, kwargs: Any) -> None:
         thread_reply = None
@@ -2699,9 +2695,7 @@ class NativeProtocol(protocol.Protocol):
             try:
                 self._send(["c", call_id, oid, method, list(args), kwargs])
             except Exception:
-                self._calls.pop(call_id, None)
-                self._stream_replies.discard(call_id)
-                self._verbatim_calls.discard(call_id)
+                self._pop_call(call_id)
                 raise
             return d
         except Exception:
