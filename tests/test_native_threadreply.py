@@ -325,12 +325,13 @@ async def test_an_engine_killed_mid_call_fails_the_blocking_apply_and_the_rest_g
     engine and the controller go on."""
     code = textwrap.dedent(
         """
-        import os, signal, threading
+        import os, signal, tempfile, threading, time
         from kernel import client
         from kernel.error import CompositeError
         from kernel.testing.processes import LocalCluster
 
         cluster = LocalCluster(heartbeat=0.5, max_missed=2, controller_args=["--adapter=native"])
+        scratch = tempfile.TemporaryDirectory()
         try:
             pids = cluster.start(2)
             mec = client.get_multiengine_client(
@@ -340,16 +341,31 @@ async def test_an_engine_killed_mid_call_fails_the_blocking_apply_and_the_rest_g
             print(mec.apply(os.getpid, targets=survivor, block=True) == [pids[survivor]])
             mec.execute("import time", targets=victim, block=True)
             mec.execute("started = True", targets=victim, block=True)
-            timer = threading.Timer(1.0, os.kill, (pids[victim], signal.SIGKILL))
-            timer.start()
+            running = os.path.join(scratch.name, "running")
+
+            def run_then_sleep(path):
+                import time
+
+                open(path, "w").close()
+                time.sleep(600)
+
+            def kill_once_running():
+                # (the call has reached the engine: kill it mid-call)
+                deadline = time.monotonic() + 100
+                while not os.path.exists(running) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                os.kill(pids[victim], signal.SIGKILL)
+
+            threading.Thread(target=kill_once_running, daemon=True).start()
             try:
-                mec.apply(__import__("time").sleep, 600, targets=victim, block=True)
+                mec.apply(run_then_sleep, running, targets=victim, block=True)
                 print("no error")
             except CompositeError as e:
                 print([x.ename for x in e.elist])
             print(mec.apply(divmod, 7, 2, targets=survivor, block=True))
         finally:
             cluster.stop()
+            scratch.cleanup()
         """
     )
     out = await threads.deferToThread(python_output, code, 120)
