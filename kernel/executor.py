@@ -264,12 +264,11 @@ class ThreadExecutor:
                         may_wait = not self._urgent
                         if may_wait:
                             self._waiting.append((d, value))
-                    if self._done(on_done, value) or not may_wait:
-                        if may_wait:
-                            continue
-                    else:
-                        # It waits already: the reactor thread must end it now.
-                        self._reactor.callFromThread(self.deliver_waiting)
+                    done = self._done(on_done, value)
+                    if may_wait:
+                        if not done:
+                            # It waits already: the reactor thread must end it now.
+                            self._reactor.callFromThread(self.deliver_waiting)
                         continue
                 self._reactor.callFromThread(self._deliver, d, ok, value)
         finally:
