@@ -299,14 +299,9 @@ class TaskController(MapperMixin, service.Service):
         self.controller = controller
         self.clock = clock
         self.db = DictDB() if db is None else db
-        if not isinstance(pipeline, int) or isinstance(pipeline, bool) or pipeline < 1:
-            raise ValueError(f"pipeline must be an int >= 1, got {pipeline!r}")
-        if (
-            not isinstance(short_pipeline, int)
-            or isinstance(short_pipeline, bool)
-            or short_pipeline < 1
-        ):
-            raise ValueError(f"short_pipeline must be an int >= 1, got {short_pipeline!r}")
+        for name, depth in (("pipeline", pipeline), ("short_pipeline", short_pipeline)):
+            if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {depth!r}")
         self._hwm = hwm
         self.pipeline = pipeline
         self.short_pipeline = short_pipeline
