@@ -979,12 +979,7 @@ class TaskController(MapperMixin, service.Service):
         kwargs = {"clear_before": flags["clear_before"], "clear_after": flags["clear_after"]}
         if worker.queues_tasks:
             kwargs["key"] = _task_key(state.taskid, token)
-        try:
-            d = worker.engine.run_task(state.payload, **kwargs)
-        except Exception:
-            d = fail()
-        if not isinstance(d, Deferred):
-            d = maybeDeferred(lambda: d)  # a plain value or a coroutine
+        d = maybeDeferred(worker.engine.run_task, state.payload, **kwargs)
         d.addCallbacks(
             self._on_result,
             self._on_failure,
