@@ -151,7 +151,13 @@ async def test_an_engine_killed_with_a_short_task_pipeline_in_flight_reruns_each
     or waiting, runs again elsewhere exactly once."""
     from twisted.internet import reactor
 
-    from tests.contract.task import WAIT, gate_code, open_gate, read_lines, until
+    from tests.contract.task import (
+        WAIT,
+        gate_code,
+        kill_then_check_each_task_ran_once_elsewhere,
+        read_lines,
+        until,
+    )
 
     cluster = processes
     await cluster.reset()
@@ -177,15 +183,4 @@ async def test_an_engine_killed_with_a_short_task_pipeline_in_flight_reruns_each
         return len(waiting) >= 2  # deeper than the pipeline of 2 for long tasks
 
     await until(several_waiting_on_victim, "several tasks waiting on one engine")
-    await cluster.kill_engine(victim)
-    open_gate(gate)
-    await tc.barrier(taskids).addTimeout(WAIT, reactor)
-    for t in taskids:
-        tr = await tc.get_task_result(t)
-        assert tr.status == "succeeded" and tr.engine_id != victim
-    runs = [line.split() for line in read_lines(log)]
-    on_victim = [tag for tag, engine in runs if int(engine) == victim]
-    elsewhere = [tag for tag, engine in runs if int(engine) != victim]
-    assert len(on_victim) == 1  # only its running task had started there
-    assert sorted(elsewhere, key=int) == [str(i) for i in range(5 * n)]
-    await cluster.add_engine()
+    await kill_then_check_each_task_ran_once_elsewhere(cluster, taskids, victim, gate, log)
